@@ -1,0 +1,3 @@
+"""Remote-vertex cache: policies, statistics, the fetch interface. Never imports dask, pipeline/ or gnn/."""
+
+from __future__ import annotations

@@ -16,7 +16,8 @@ from pipeline import __version__
 from pipeline.rundir import StageError
 
 COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
-    # stage modules are added here as they land
+    "pipeline.split",
+    "pipeline.graph",
 )
 
 

@@ -1,12 +1,15 @@
-"""Terminal progress for long stages: a one-line bar on stderr over a set of Dask futures."""
+"""Observability of long stages: a one-line progress bar over Dask futures, and the dashboard span."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import distributed
 from distributed import as_completed
 
 
@@ -31,3 +34,19 @@ def track(futures: Iterable[Any], label: str, *, stream: Any = None, every: floa
         yield fut
     if tty:
         out.write("\n")
+
+
+@contextlib.contextmanager
+def stage_span(name: str) -> Iterator[str]:
+    """``distributed.span(name)`` for a stage (it tags the stage's tasks on the dashboard).
+
+    Dask DataFrame collections built inside a span warn that "annotations will be ignored when using
+    query-planning"; the span still applies, because the client reads the active annotations when the
+    graph is *submitted* (``Client._graph_to_futures``), so that one warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dask annotations .* detected", category=UserWarning)
+        warnings.filterwarnings("ignore", message="An error occurred while calling the read_parquet",
+                                category=UserWarning)
+        with distributed.span(name) as span_id:
+            yield span_id

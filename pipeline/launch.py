@@ -1,0 +1,158 @@
+"""Run one long-lived task per Dask worker, as the ranks of a torch.distributed job (ARCHITECTURE.md, 3).
+
+Rank ``r`` is pinned to the ``r``-th worker (sorted by address) with ``workers=[addr],
+allow_other_workers=False, pure=False``. The rendezvous address is the rank-0 worker's host and a port
+that worker found free (never hard-coded). :func:`run_ranks` watches the futures *and* the cluster's
+membership: the first rank that raises, or a worker that leaves the cluster while its rank runs, ends
+the whole job with that rank's error (:class:`RankFailed`) instead of a hang. Surviving ranks blocked in
+a collective give up after the process group's ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from distributed import Client, Future, wait
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class RankFailed(RuntimeError):
+    """A rank of a distributed job raised, or its worker left the cluster."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a rank needs to join the process group."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    worker: str
+    backend: str = "gloo"
+    timeout_s: float = 120.0
+
+    @property
+    def init_method(self) -> str:
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+
+def _free_port() -> tuple[str, int]:
+    """(host, port) of a TCP port free on this worker's machine, on the interface Dask uses."""
+    from distributed import get_worker
+
+    host = get_worker().address.split("://", 1)[-1].rsplit(":", 1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return host, int(s.getsockname()[1])
+
+
+def worker_addresses(client: Client, n_ranks: int | None = None) -> list[str]:
+    """The addresses of the first ``n_ranks`` workers (all by default), sorted; a clear error if too few."""
+    workers = sorted(client.nthreads())
+    n = len(workers) if n_ranks is None else n_ranks
+    if n < 1 or len(workers) < n:
+        raise ValueError(
+            f"workers={n}: the cluster has {len(workers)} worker(s); start more (--workers) or ask for fewer"
+        )
+    return workers[:n]
+
+
+def rank_infos(client: Client, n_ranks: int | None = None, *, backend: str = "gloo",
+               timeout_s: float = 120.0) -> list[RankInfo]:
+    """One :class:`RankInfo` per rank, with a rendezvous port found free on the rank-0 worker."""
+    workers = worker_addresses(client, n_ranks)
+    host, port = client.submit(_free_port, workers=[workers[0]], allow_other_workers=False, pure=False).result()
+    return [RankInfo(r, len(workers), host, port, w, backend, timeout_s) for r, w in enumerate(workers)]
+
+
+def run_ranks(
+    client: Client,
+    fn: Callable[..., R],
+    infos: Sequence[RankInfo],
+    *,
+    args: Sequence[tuple[Any, ...]] | None = None,
+    poll_s: float = 0.5,
+) -> list[R]:
+    """Call ``fn(info, *args[r])`` on each rank's worker; return the results in rank order.
+
+    Raises :class:`RankFailed` with the failing rank's error as soon as one rank fails or its worker
+    leaves; the other ranks' futures are cancelled.
+    """
+    args = args if args is not None else [() for _ in infos]
+    if len(args) != len(infos):
+        raise ValueError(f"args has {len(args)} entries for {len(infos)} ranks: give one tuple per rank")
+    tag = uuid.uuid4().hex[:8]
+    futures: list[Future] = [
+        client.submit(fn, info, *a, key=f"rank-{info.rank}-{tag}", workers=[info.worker],
+                      allow_other_workers=False, pure=False, retries=0)
+        for info, a in zip(infos, args, strict=True)
+    ]
+    try:
+        while True:
+            running = [f for f in futures if not f.done()]
+            with contextlib.suppress(TimeoutError):
+                wait(running, timeout=poll_s, return_when="FIRST_COMPLETED")
+            for info, fut in zip(infos, futures, strict=True):
+                if fut.status == "error":
+                    exc = fut.exception()
+                    raise RankFailed(f"rank {info.rank} on {info.worker} failed: {type(exc).__name__}: {exc}") \
+                        from exc
+                if fut.status == "cancelled":
+                    raise RankFailed(f"rank {info.rank} on {info.worker} was cancelled")
+            if all(f.status == "finished" for f in futures):
+                return [f.result() for f in futures]
+            alive = set(client.nthreads())
+            for info, fut in zip(infos, futures, strict=True):
+                if info.worker not in alive and not fut.done():
+                    raise RankFailed(
+                        f"rank {info.rank}: its worker {info.worker} left the cluster (killed or out of memory); "
+                        "the job was stopped — restart it, from the last checkpoint if there is one"
+                    )
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+
+
+@contextlib.contextmanager
+def process_group(info: RankInfo) -> Iterator[None]:
+    """``torch.distributed`` process group of ``info`` for the duration of the block, then destroyed."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        info.backend,
+        init_method=info.init_method,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=info.timeout_s),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def worker_pid() -> int:
+    """The process id of the worker running this (for tests that kill a worker)."""
+    return os.getpid()
+
+
+def wait_for_workers(client: Client, n: int, timeout_s: float = 60.0) -> None:
+    """Block until the cluster has ``n`` workers, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while len(client.nthreads()) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the cluster has {len(client.nthreads())} of {n} workers after {timeout_s}s")
+        time.sleep(0.1)

@@ -51,7 +51,7 @@ class Histories:
             raise ValueError(f"user ids must lie in [0, n_users={n_users})")
         if items.size and (items.min() < 0 or items.max() >= n_items):
             raise ValueError(f"item ids must lie in [0, n_items={n_items})")
-        keys = [*(np.asarray(k) for k in order), np.arange(users.shape[0]), users]
+        keys = [np.arange(users.shape[0]), *(np.asarray(k) for k in order), users]
         perm = np.lexsort(keys)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(users, minlength=n_users), out=indptr[1:])

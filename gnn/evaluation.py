@@ -31,6 +31,14 @@ from gnn.pairs import EvalPairs
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 1024
+_BLOCK_SCORES = 1 << 26  # at most 64M scores (256 MB float32) per block, whatever block_size says
+
+
+def _block(block_size: int, n_items: int) -> int:
+    """Rows per block: ``block_size``, fewer when a block would exceed the score budget."""
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size}: pass 1 or more")
+    return max(1, min(block_size, _BLOCK_SCORES // max(n_items, 1)))
 
 
 def _scores(block: np.ndarray, n_items: int, who: str) -> np.ndarray:
@@ -68,6 +76,7 @@ def evaluate_item_to_item(scorer: Scorer, pairs: EvalPairs, *, ks: Sequence[int]
         keep &= ~seen_pos
     acc.n_excluded = int((~keep).sum())
     user, query, positive = pairs.user[keep], pairs.query[keep], pairs.positive[keep]
+    block_size = _block(block_size, n)
     for lo in range(0, query.shape[0], block_size):
         q = query[lo : lo + block_size]
         local = np.arange(q.shape[0])
@@ -132,6 +141,7 @@ def evaluate_user_to_item(scorer: Scorer, history: Histories, holdout: Histories
     acc = MetricAccumulator(n_excluded=int((~found).sum()))
     cand, pos = cand[found], pos[found]
     n = scorer.n_items
+    block_size = _block(block_size, n)
     for lo in range(0, cand.shape[0], block_size):
         u, p = cand[lo : lo + block_size], pos[lo : lo + block_size]
         s = _scores(scorer.score_users(history, u), n, scorer.name)
@@ -185,19 +195,21 @@ def leave_last_out(users: np.ndarray, items: np.ndarray, *, n_users: int, n_item
 
 
 def evaluate_leave_last_out(scorer: Scorer, split: LeaveLastOut, *, target: str = "test", ks: Sequence[int] = (10,),
-                            block_size: int = DEFAULT_BLOCK) -> dict[str, Any]:
+                            block_size: int = DEFAULT_BLOCK, users: np.ndarray | None = None) -> dict[str, Any]:
     """Protocol (B): hit@K of the user's ``target`` ("test" or "valid") item, query = latest training item,
     candidates = all items minus the user's training items. Users without the target or without training
-    items are excluded and counted."""
+    items are excluded and counted. ``users``: evaluate only these (e.g. a seeded sample; default all)."""
     if target not in ("test", "valid"):
         raise ValueError(f"target={target!r}: pass 'test' or 'valid'")
     goal = split.test if target == "test" else split.valid
-    users = np.flatnonzero((goal >= 0) & (split.train.lengths() > 0))
+    cand = np.arange(goal.shape[0]) if users is None else np.asarray(users, dtype=np.int64)
+    users = cand[(goal[cand] >= 0) & (split.train.lengths(cand) > 0)]
     last = split.train.last_items(users)
     pairs = EvalPairs(users, last, goal[users], np.zeros(users.shape[0], bool))
     started = time.perf_counter()
-    acc = MetricAccumulator(n_excluded=int(goal.shape[0] - users.shape[0]))
+    acc = MetricAccumulator(n_excluded=int(cand.shape[0] - users.shape[0]))
     n = scorer.n_items
+    block_size = _block(block_size, n)
     for lo in range(0, len(pairs), block_size):
         u, q = pairs.user[lo : lo + block_size], pairs.query[lo : lo + block_size]
         s = _scores(scorer.score_items(q), n, scorer.name)

@@ -227,8 +227,9 @@ def evaluate_leave_last_out(scorer: Scorer, split: LeaveLastOut, *, target: str 
 ScorerFactory = Callable[[Histories], Scorer]
 
 
-def baseline_factories(*, seed: int = 0, cooc_normalize: str = "count", popularity_tiebreak: bool = True,
-                       user_mode: str = "last", recent: int = 10) -> dict[str, ScorerFactory]:
+def baseline_factories(*, seed: int = 0, cooc_normalize: str = "count", cooc_window: int | None = None,
+                       popularity_tiebreak: bool = True, user_mode: str = "last", recent: int = 10
+                       ) -> dict[str, ScorerFactory]:
     """The standard baselines as ``name -> (training histories -> scorer)``."""
     from gnn.baselines import PopularityScorer, RandomScorer, cooccurrence, item_cf
 
@@ -238,6 +239,6 @@ def baseline_factories(*, seed: int = 0, cooc_normalize: str = "count", populari
         "random": lambda h: RandomScorer(h.n_items, seed=seed),
         "popularity": PopularityScorer.from_histories,
         "itemcf": lambda h: item_cf(h, popularity_tiebreak=popularity_tiebreak, user_mode=um, recent=recent),
-        "cooccurrence": lambda h: cooccurrence(h, normalize=norm, popularity_tiebreak=popularity_tiebreak,
-                                               user_mode=um, recent=recent),
+        "cooccurrence": lambda h: cooccurrence(h, normalize=norm, window=cooc_window,
+                                               popularity_tiebreak=popularity_tiebreak, user_mode=um, recent=recent),
     }

@@ -62,6 +62,8 @@ class EvalConfig:
     baselines: tuple[str, ...] = field(default=BASELINES, metadata={"help": "baselines to score"})
     cooc_normalize: Literal["count", "cosine"] = field(default="count", metadata={
         "help": "co-occurrence scores: raw user counts or cosine-normalised"})
+    cooc_window: int | None = field(default=None, metadata={
+        "help": "co-occurrence within this many sequence positions; none = anywhere in the user's history"})
     popularity_tiebreak: bool = field(default=True, metadata={
         "help": "order equal item-CF / co-occurrence counts by popularity instead of tying them"})
     user_mode: UserMode = field(default="last", metadata={
@@ -86,6 +88,8 @@ class EvalConfig:
               "pass seconds >= 0 or none")
         check(all(b in BASELINES for b in self.baselines), "evaluate.baselines", self.baselines,
               f"choose among {', '.join(BASELINES)}")
+        check(self.cooc_window is None or self.cooc_window >= 1, "evaluate.cooc_window", self.cooc_window,
+              "pass a number of positions >= 1 or none")
         check(self.recent >= 1, "evaluate.recent", self.recent, "pass 1 or more")
         for name in ("max_queries", "max_users"):
             v = getattr(self, name)
@@ -125,7 +129,7 @@ def _sample(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _scorers(cfg: EvalConfig, train: Histories, embeddings: np.ndarray | None) -> dict[str, Scorer]:
-    factories = baseline_factories(seed=cfg.seed, cooc_normalize=cfg.cooc_normalize,
+    factories = baseline_factories(seed=cfg.seed, cooc_normalize=cfg.cooc_normalize, cooc_window=cfg.cooc_window,
                                    popularity_tiebreak=cfg.popularity_tiebreak, user_mode=cfg.user_mode,
                                    recent=cfg.recent)
     out: dict[str, Scorer] = {name: factories[name](train) for name in cfg.baselines}

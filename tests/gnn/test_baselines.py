@@ -130,6 +130,7 @@ def read_amazon(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return df["user"].to_numpy() - 1, df["item"].to_numpy() - 1
 
 
+@pytest.mark.slow
 def test_protocol_b_reproduces_the_amazon_calibration(amazon_videogames: Path) -> None:
     """ANCHORS.md: HR@10 random 0.0004, popularity 0.019, item-CF 0.086, co-occurrence 0.088 (validation item)."""
     users, items = read_amazon(amazon_videogames)
@@ -141,3 +142,11 @@ def test_protocol_b_reproduces_the_amazon_calibration(amazon_videogames: Path) -
         # 3 binomial standard errors at n = 30,901 users (0.0016 at 0.088), at least 0.0004
         tol = max(3 * np.sqrt(want[name] * (1 - want[name]) / got["n_evaluated"]), 0.0004)
         assert got["hit@10"] == pytest.approx(want[name], abs=tol), name
+
+
+def test_evaluation_is_deterministic_for_a_seeded_random_scorer() -> None:
+    split = leave_last_out(np.repeat(np.arange(20), 6), np.arange(120) % 17, n_users=20, n_items=17)
+    runs = [evaluate_leave_last_out(RandomScorer(17, seed=3), split, target="test", ks=(5,), block_size=7)
+            for _ in range(2)]
+    assert runs[0]["hit@5"] == runs[1]["hit@5"] and runs[0]["mrr"] == runs[1]["mrr"]
+    assert runs[0]["n_evaluated"] == 20

@@ -224,10 +224,13 @@ def format_table(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for h, part in report.get("protocol_a", {}).items():
         i2i, u2i = part["item_to_item"], part["user_to_item"]
-        rows = {m: {**{f"i2i hit@{kk}": i2i[m][f"hit@{kk}"] for kk in ks}, "i2i mrr": i2i[m]["mrr"],
-                    f"P@{k}": u2i[m][f"precision@{k}"], f"R@{k}": u2i[m][f"recall@{k}"],
-                    f"NDCG@{k}": u2i[m][f"ndcg@{k}"], f"u2i hit@{k}": u2i[m][f"hit@{k}"]}
-                for m in _model_order(list(i2i))}
+        names = {**{f"i2i hit@{kk}": ("i2i", f"hit@{kk}") for kk in ks}, "i2i mrr": ("i2i", "mrr"),
+                 f"P@{k}": ("u2i", f"precision@{k}"), f"R@{k}": ("u2i", f"recall@{k}"),
+                 f"NDCG@{k}": ("u2i", f"ndcg@{k}"), f"u2i hit@{k}": ("u2i", f"hit@{k}")}
+        source = {"i2i": i2i, "u2i": u2i}
+        # a holdout without pairs or users has no averages: those cells print "-"
+        rows = {m: {col: source[kind][m][metric] for col, (kind, metric) in names.items()
+                    if metric in source[kind].get(m, {})} for m in _model_order(list(i2i))}
         cols = [*(f"i2i hit@{kk}" for kk in ks), "i2i mrr", f"P@{k}", f"R@{k}", f"NDCG@{k}", f"u2i hit@{k}"]
         title = (f"protocol A, holdout {h}: {part['n_pairs']} item→item pairs, "
                  f"{next(iter(u2i.values()))['n_evaluated'] if u2i else 0} users")

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.evaluate import EMBEDDINGS, REPORT, EvalConfig, evaluate, format_table, read_report
+from pipeline.evaluate import EMBEDDINGS, REPORT, EvalConfig, evaluate, evaluate_tables, format_table, read_report
 from pipeline.rundir import StageError, run_stage
 from pipeline.schema import INTERACTION_COLUMNS
 
@@ -109,3 +109,16 @@ def test_cli_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "i2i hit@5" in printed and "itemcf" in printed and "report:" in printed
     assert main(["evaluate", "--run-dir", str(tmp_path), "--ks", "0"]) == 2
     assert "evaluate.ks" in capsys.readouterr().err
+
+
+def test_an_empty_holdout_is_reported_without_averages() -> None:
+    df = chain_interactions()
+    day = df["ts"] // DAY
+    report = evaluate_tables({"train": df[day <= 1], "valid": df[day > 5], "test": df[day == 2]},
+                             EvalConfig(ks=(5,), protocol_b=False))
+    valid = report["protocol_a"]["valid"]
+    assert valid["n_pairs"] == 0 and valid["item_to_item"]["itemcf"] == {"n_evaluated": 0, "n_excluded": 0,
+                                                                         "seconds": pytest.approx(0.0, abs=1.0)}
+    assert "hit@5" in report["protocol_a"]["test"]["item_to_item"]["itemcf"]
+    lines = format_table(report).splitlines()
+    assert any(line.startswith("itemcf") and line.split()[1:] == ["-"] * 6 for line in lines)

@@ -237,9 +237,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines += [*_table(title, rows, cols), ""]
     if "protocol_b" in report:
         b = report["protocol_b"]
-        names = _model_order(sorted({m for part in b.values() for m in part["models"]}))
-        rows = {m: {f"HR@10 {t}": part["models"][m]["hit@10"] for t, part in b.items() if m in part["models"]}
-                for m in names}
+        models = _model_order(sorted({m for part in b.values() for m in part["models"]}))
+        rows = {m: {f"HR@10 {t}": part["models"][m]["hit@10"] for t, part in b.items()
+                    if "hit@10" in part["models"].get(m, {})}
+                for m in models}
         lines += _table("protocol B (DGL leave-last-out, query = last training item)", rows,
                         [f"HR@10 {t}" for t in b])
     return "\n".join(lines).rstrip()

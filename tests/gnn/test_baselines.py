@@ -25,6 +25,7 @@ from gnn.evaluation import (
     leave_last_out,
     relevant_items,
 )
+from gnn.metrics import multi_target_metrics, rank_counts
 from gnn.pairs import EvalPairs
 
 # user 0: 0 1 2, user 1: 0 1, user 2: 1 2 3; item 4 never seen
@@ -150,3 +151,25 @@ def test_evaluation_is_deterministic_for_a_seeded_random_scorer() -> None:
             for _ in range(2)]
     assert runs[0]["hit@5"] == runs[1]["hit@5"] and runs[0]["mrr"] == runs[1]["mrr"]
     assert runs[0]["n_evaluated"] == 20
+
+
+def test_user_to_item_top_threshold_shortcut_matches_full_counting() -> None:
+    """Integer embeddings make many ties; the partition shortcut must give the full-count metrics exactly."""
+    rng = np.random.default_rng(5)
+    n_users, n_items = 12, 30
+    emb = rng.integers(0, 3, size=(n_items, 2)).astype(np.float32)
+    hist = Histories.from_arrays(rng.integers(0, n_users, 60), rng.integers(0, n_items, 60),
+                                 n_users=n_users, n_items=n_items)
+    hold = Histories.from_arrays(rng.integers(0, n_users, 80), rng.integers(0, n_items, 80),
+                                 n_users=n_users, n_items=n_items)
+    scorer = EmbeddingScorer(emb)
+    got = evaluate_user_to_item(scorer, hist, hold, ks=(3, 7), block_size=5)
+    users, indptr, items = relevant_items(hist, hold)
+    s = scorer.score_users(hist, users)
+    r, i = hist.rows(users)
+    s[r, i] = -np.inf
+    owner = np.repeat(np.arange(users.shape[0]), np.diff(indptr))
+    want = multi_target_metrics(owner, *rank_counts(s, owner, items), np.diff(indptr), ks=(3, 7))
+    assert got["n_evaluated"] == users.shape[0]
+    for name, per_user in want.items():
+        assert got[name] == pytest.approx(per_user.mean()), name

@@ -18,6 +18,7 @@ from pipeline.rundir import StageError
 COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
     "pipeline.split",
     "pipeline.graph",
+    "pipeline.evaluate",
 )
 
 

@@ -18,8 +18,10 @@ from cache.transport import (
     LocalOwnerTable,
     OwnerTraffic,
     RowFetcher,
+    RowSource,
     TableFetcher,
     TransportStats,
+    as_row_block,
 )
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "RemoteRowCache",
     "RowBlock",
     "RowFetcher",
+    "RowSource",
     "TableFetcher",
     "TransportStats",
+    "as_row_block",
     "count_accesses",
     "remote_items",
     "row_nbytes",

@@ -87,14 +87,36 @@ class LocalOwnerTable:
         return f"LocalOwnerTable(owner={self.owner}, n_items={self.n_items}, F={self.n_features}, T={self.n_neighbors})"
 
 
+class RowSource(Protocol):
+    """An owner: ``take(ids)`` answers the rows of ``ids`` as a :class:`RowBlock`, a ``(features, neighbors,
+    neighbor_weights)`` tuple (``pipeline.rowserver.ShardServer``), or a future-like with ``result()`` giving
+    either (a Dask ``ActorFuture`` of a ShardServer actor)."""
+
+    def take(self, ids: np.ndarray) -> Any: ...
+
+
+def as_row_block(ids: np.ndarray, answer: Any) -> RowBlock:
+    """The :class:`RowBlock` of an owner's answer for ``ids`` (see :class:`RowSource`)."""
+    if hasattr(answer, "result") and not isinstance(answer, RowBlock | tuple):
+        answer = answer.result()
+    if isinstance(answer, RowBlock):
+        return answer
+    if isinstance(answer, tuple | list):
+        return RowBlock.from_arrays(ids, answer)
+    raise TypeError(f"an owner answered {type(answer).__name__}: take(ids) must give a RowBlock or a "
+                    "(features, neighbors, neighbor_weights) tuple")
+
+
 class TableFetcher:
-    """In-process transport over owner tables: ``tables[owner].take(ids)``.
+    """Transport over owner objects: ``tables[owner].take(ids)`` (:class:`LocalOwnerTable` in one process, or
+    ``ShardServer`` actors on a Dask cluster — anything matching :class:`RowSource`).
 
     ``max_workers`` (default 0): 0 answers ``fetch_async`` at once with a finished future; > 0 runs the takes on a
-    thread pool of that size (to exercise real concurrency in tests). Call :meth:`close` to stop the pool.
+    thread pool of that size, so that the calls to several owners overlap (use it with actors, whose ``take``
+    returns a future to wait on). Call :meth:`close` to stop the pool.
     """
 
-    def __init__(self, tables: Mapping[int, LocalOwnerTable], *, max_workers: int = 0) -> None:
+    def __init__(self, tables: Mapping[int, RowSource], *, max_workers: int = 0) -> None:
         if max_workers < 0:
             raise ValueError(f"max_workers={max_workers}: must be >= 0 (0 = synchronous)")
         self.tables = dict(tables)
@@ -104,7 +126,8 @@ class TableFetcher:
         table = self.tables.get(int(owner))
         if table is None:
             raise KeyError(f"no owner table for shard {owner}: known shards are {sorted(self.tables)}")
-        return table.take(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        return as_row_block(ids, table.take(ids))
 
     def fetch_async(self, owner: int, ids: np.ndarray) -> Future[RowBlock]:
         if self._pool is not None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache import CountedFetcher, LocalOwnerTable, RowBlock, TableFetcher, TransportStats, row_nbytes
+from cache import (
+    CountedFetcher,
+    LocalOwnerTable,
+    RowBlock,
+    TableFetcher,
+    TransportStats,
+    as_row_block,
+    row_nbytes,
+)
 
 
 def table(owner: int, items: list[int], n_items: int = 10) -> LocalOwnerTable:
@@ -83,3 +91,31 @@ def test_counted_fetcher_counts_every_request_row_and_byte(max_workers: int) -> 
     assert merged.rows == 12 and merged.per_owner[1].failures == 2
     assert isinstance(merged, TransportStats)
     assert "requests=4" in repr(s)
+
+
+class TupleServer:
+    """An owner answering like pipeline.rowserver.ShardServer (a tuple), optionally through a future."""
+
+    def __init__(self, t: LocalOwnerTable, *, as_future: bool) -> None:
+        self.t, self.as_future = t, as_future
+
+    def take(self, ids: np.ndarray) -> object:
+        b = self.t.take(ids)
+        answer = (b.features, b.neighbors, b.neighbor_weights)
+        if not self.as_future:
+            return answer
+        from concurrent.futures import Future
+
+        fut: Future[object] = Future()
+        fut.set_result(answer)
+        return fut
+
+
+@pytest.mark.parametrize("as_future", [False, True])
+def test_fetcher_accepts_shard_server_style_owners(as_future: bool) -> None:
+    fetcher = TableFetcher({1: TupleServer(table(1, [1, 3, 5]), as_future=as_future)})
+    got = fetcher.fetch(1, np.array([5, 3]))
+    assert got.ids.tolist() == [5, 3] and got.features[:, 0].tolist() == [5, 3]
+    assert got.neighbors.tolist() == [[6, 7], [4, 5]]
+    with pytest.raises(TypeError, match="an owner answered int"):
+        as_row_block(np.array([1]), 7)

@@ -313,6 +313,16 @@ def load_owner(run_dir: str | Path) -> np.ndarray:
     return np.load(read_stage(run_dir, STAGE).path / "owner.npy", allow_pickle=False)
 
 
+def load_shard(run_dir: str | Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(items, halo)`` of ``shard`` from a finished partition stage: sorted int64 ids (memory-mapped)."""
+    out = read_stage(run_dir, STAGE)
+    d = out.path / f"shard-{shard}"
+    if not d.is_dir():
+        raise ValueError(f"shard={shard}: {out.path} holds shards 0..{out.report.get('parts', '?')}-1; "
+                         "re-run `pinsage partition --parts K` with more parts")
+    return np.load(d / "items.npy", mmap_mode="r"), np.load(d / "halo.npy", mmap_mode="r")
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 

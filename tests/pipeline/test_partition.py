@@ -12,6 +12,8 @@ from pipeline.config import ConfigError
 from pipeline.partition import (
     PartitionConfig,
     item_vertex_weights,
+    load_owner,
+    load_shard,
     partition_items,
     partition_report,
     random_partition,
@@ -183,5 +185,11 @@ def test_stage_writes_owner_shards_halos_and_report(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.load(out.path / f"shard-{k}" / "items.npy"), np.flatnonzero(owner == k))
         np.testing.assert_array_equal(np.load(out.path / f"shard-{k}" / "halo.npy"), halos[k])
     assert out.report["method"] == "metis"
+    items1, halo1 = load_shard(tmp_path, 1)
+    np.testing.assert_array_equal(items1, np.flatnonzero(owner == 1))
+    np.testing.assert_array_equal(halo1, halos[1])
+    np.testing.assert_array_equal(load_owner(tmp_path), owner)
+    with pytest.raises(ValueError, match="shard=2"):
+        load_shard(tmp_path, 2)
     assert sum(out.report["pairs"]["per_shard"]) == 2 * n
     assert main(["partition", "--run-dir", str(tmp_path), "--parts", "2"]) == 0  # up to date: a no-op

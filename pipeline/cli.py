@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
     "pipeline.split",
     "pipeline.graph",
     "pipeline.evaluate",
+    "pipeline.partition",
 )
 
 

@@ -17,6 +17,7 @@ from pipeline.rundir import StageError
 
 COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
     # stage modules are added here as they land
+    "pipeline.walks",
 )
 
 

@@ -1,0 +1,563 @@
+"""PinSage random-walk neighbourhoods, vertex importance and hard negatives over the memory-mapped graph store.
+
+From every item, ``n_walks`` walks of up to ``hops`` item→user→item traversals; the items they reach, ranked by
+visit count, give each item its top-T neighbourhood (importance pooling), the total visit counts give the vertex
+importance used by the cache, and a rank window of the same ranking gives hard negatives. CPU kernel in numba;
+``pipeline/walks.py`` spreads the starts over Dask workers, ``gnn/walks_gpu.py`` runs them on cuGraph.
+
+Walk semantics (``WalkConfig.mode``):
+
+* ``"stop"`` (DGL's PinSAGE sampler): a walk makes up to ``hops`` traversals; after each traversal but the last it
+  stops with probability ``stop_prob``. Expected visits of item j from start s:
+  ``n_walks * sum_t (1-p)^(t-1) (P^t)[s, j]`` with ``P`` the item→item two-step transition matrix.
+* ``"restart"`` (random walk with restart, PinSage's personalised PageRank): a walk makes exactly ``hops``
+  traversals; before each traversal it jumps back to its start with probability ``restart_prob``. Visits:
+  ``x_t = ((1-a) x_(t-1) + a e_s) P``, ``x_0 = e_s``; for long walks ``x_t`` converges to personalised PageRank.
+
+A visit is counted at every vertex a step arrives at (users in the middle of a traversal, items at its end); the
+start itself is not counted unless a walk comes back to it. Transitions are uniform or proportional to the edge
+weight (``bias="weight"``; behaviour weights from the graph store). Only a start item without interactions is a
+dead end (its walks end at once and its row is empty); every reached vertex has an edge back.
+
+Randomness is counter-based (splitmix64 of (seed, start item, walk, step)), so results are identical for any
+chunking, number of threads or Dask workers.
+
+Run ``compute_neighborhoods(load_graph_store(path), WalkConfig())`` for one process; ``pinsage walks`` for Dask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numba
+import numpy as np
+
+from gnn.graphstore import GRAPH_MANIFEST, GraphStore, load_graph_store
+
+log = logging.getLogger(__name__)
+
+WALKS_FORMAT = "pinsage-walks"
+WALKS_VERSION = 1
+WALKS_MANIFEST = "neighborhoods.json"
+_ARRAYS = ("indptr", "indices", "weights", "item_importance", "user_importance", "hard_negatives")
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class WalkConfig:
+    """Settings of the walks (section ``[walks]``); the defaults are PinSage-like, DGL's example is
+    ``n_walks=10, hops=2, stop_prob=0.5, top_t=3``.
+
+    * ``n_walks`` (50): walks from every item; ``hops`` (3): item→user→item traversals per walk (at most, in
+      ``"stop"`` mode); ``mode`` (``"stop"``): ``"stop"`` or ``"restart"`` (see the module docstring);
+      ``stop_prob`` (0.5) / ``restart_prob`` (0.3): used by the respective mode.
+    * ``bias`` (``"uniform"``): ``"uniform"`` or ``"weight"`` (transition probability proportional to the edge's
+      behaviour weight).
+    * ``top_t`` (20): neighbours kept per item; ``include_self`` (False): may an item be its own neighbour.
+    * ``n_hard_negatives`` (8) items sampled per item from ranks ``hard_negative_ranks`` (50, 500) (0-based,
+      half-open, self excluded) of its visit ranking; ranks below ``top_t`` are never used. When an item's walks
+      reach fewer items than the window starts at, the least-visited half of its items beyond the top-T is used
+      instead; rows are padded with -1.
+    * ``seed`` (0); ``chunk_items`` (16384): start items per task / thread chunk (never changes the result).
+    """
+
+    n_walks: int = 50
+    hops: int = 3
+    mode: Literal["stop", "restart"] = "stop"
+    stop_prob: float = 0.5
+    restart_prob: float = 0.3
+    bias: Literal["uniform", "weight"] = "uniform"
+    top_t: int = 20
+    include_self: bool = False
+    n_hard_negatives: int = 8
+    hard_negative_ranks: tuple[int, ...] = (50, 500)
+    seed: int = 0
+    chunk_items: int = 16384
+
+    def __post_init__(self) -> None:
+        for name in ("n_walks", "hops", "top_t", "chunk_items"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"walks.{name}={v!r}: must be a positive integer")
+        if self.n_hard_negatives < 0:
+            raise ValueError(f"walks.n_hard_negatives={self.n_hard_negatives!r}: must be 0 or more")
+        if self.mode not in ("stop", "restart"):
+            raise ValueError(f"walks.mode={self.mode!r}: must be 'stop' or 'restart'")
+        if self.bias not in ("uniform", "weight"):
+            raise ValueError(f"walks.bias={self.bias!r}: must be 'uniform' or 'weight'")
+        if not 0.0 <= self.stop_prob <= 1.0:
+            raise ValueError(f"walks.stop_prob={self.stop_prob!r}: must lie in [0, 1]")
+        if not 0.0 <= self.restart_prob < 1.0:
+            raise ValueError(f"walks.restart_prob={self.restart_prob!r}: must lie in [0, 1)")
+        r = tuple(self.hard_negative_ranks)
+        if len(r) != 2 or not 0 <= r[0] < r[1]:
+            raise ValueError(f"walks.hard_negative_ranks={r!r}: must be two ranks lo < hi, e.g. (50, 500)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"walks.seed={self.seed!r}: must lie in [0, 2**63)")
+        if self.n_walks * self.hops > 2**30:
+            raise ValueError(f"walks.n_walks*hops={self.n_walks * self.hops}: must stay below 2**30")
+
+    @property
+    def walk_prob(self) -> float:
+        return self.restart_prob if self.mode == "restart" else self.stop_prob
+
+
+# ----------------------------------------------------------------------------------------------- the results
+
+
+@dataclass(frozen=True)
+class Neighborhoods:
+    """Top-T random-walk neighbourhoods of every item, vertex importance and hard negatives.
+
+    Shapes: ``indptr`` (n_items+1,) int64; ``indices`` (nnz,) int64 neighbour items of each item by visit count
+    desc, ties by smaller id; ``weights`` (nnz,) float32 raw visit counts; ``item_importance`` (n_items,) and
+    ``user_importance`` (n_users,) float32 total visit counts normalised to sum 1 (all zeros when no walk moved);
+    ``hard_negatives`` (n_items, H) int64, -1 padded. An item without interactions has an empty row.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray
+    item_importance: np.ndarray
+    user_importance: np.ndarray
+    hard_negatives: np.ndarray
+
+    @property
+    def n_items(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    def neighbors(self, item: int) -> np.ndarray:
+        return np.asarray(self.indices[self.indptr[item] : self.indptr[item + 1]])
+
+    def neighbor_weights(self, item: int) -> np.ndarray:
+        return np.asarray(self.weights[self.indptr[item] : self.indptr[item + 1]])
+
+
+@dataclass(frozen=True)
+class NeighborhoodChunk:
+    """The result for start items ``[lo, hi)``: row lengths, rows, hard negatives, and raw visit counts (int64)
+    of every item / user by these starts' walks (summed over chunks, they give the importance exactly)."""
+
+    lo: int
+    hi: int
+    row_lengths: np.ndarray  # (hi-lo,) int64
+    indices: np.ndarray  # (sum row_lengths,) int64
+    weights: np.ndarray  # (sum row_lengths,) float32
+    hard_negatives: np.ndarray  # (hi-lo, H) int64
+    item_visits: np.ndarray  # (n_items,) int64
+    user_visits: np.ndarray  # (n_users,) int64
+    n_steps: int
+
+
+def save_neighborhoods(path: str | Path, nb: Neighborhoods) -> None:
+    """Write ``nb`` into directory ``path`` (``.npy`` per array, ``neighborhoods.json`` last, atomically)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    specs: dict[str, Any] = {}
+    for name in _ARRAYS:
+        arr = np.asarray(getattr(nb, name))
+        tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:8]}.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, out / f"{name}.npy")
+        specs[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+    manifest = {
+        "format": WALKS_FORMAT,
+        "version": WALKS_VERSION,
+        "n_items": nb.n_items,
+        "n_users": int(nb.user_importance.shape[0]),
+        "nnz": int(nb.indices.shape[0]),
+        "arrays": specs,
+    }
+    tmp = out / f".{WALKS_MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out / WALKS_MANIFEST)
+
+
+def load_neighborhoods(path: str | Path, *, mmap: bool = True) -> Neighborhoods:
+    """Open neighbourhoods written by :func:`save_neighborhoods`; memory-mapped read-only by default."""
+    root = Path(path)
+    mpath = root / WALKS_MANIFEST
+    if not mpath.is_file():
+        raise ValueError(f"{root}: no {WALKS_MANIFEST}; compute the neighbourhoods with `pinsage walks`")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format") != WALKS_FORMAT or manifest.get("version") != WALKS_VERSION:
+        raise ValueError(
+            f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this code reads "
+            f"{WALKS_FORMAT!r} version {WALKS_VERSION}; re-run `pinsage walks --force`"
+        )
+    arrays = {}
+    for name in _ARRAYS:
+        a = np.load(root / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        spec = manifest["arrays"][name]
+        if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
+            raise ValueError(f"{root}/{name}.npy does not match {WALKS_MANIFEST}; re-run `pinsage walks --force`")
+        arrays[name] = a
+    return Neighborhoods(**arrays)
+
+
+# ------------------------------------------------------------------------------------------ the numba kernel
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_NEG_SALT = np.uint64(0x6A09E667F3BCC909)
+_S27 = np.uint64(27)
+_S30 = np.uint64(30)
+_S31 = np.uint64(31)
+_S32 = np.uint64(32)
+_S11 = np.uint64(11)
+_INV53 = 1.0 / 9007199254740992.0
+
+
+@numba.njit(inline="always", cache=True)
+def _mix(z: np.uint64) -> np.uint64:  # splitmix64 finaliser
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@numba.njit(inline="always", cache=True)
+def _draw(key: np.uint64, counter: int) -> np.uint64:
+    return _mix(key + np.uint64(counter + 1) * _GOLD)
+
+
+@numba.njit(inline="always", cache=True)
+def _pick(idx, cum, off, deg, r, weighted):  # type: ignore[no-untyped-def]
+    """Neighbour of a row with ``deg`` edges from ``off``: uniform, or by weight with a binary search in the
+    global inclusive cumulative sum ``cum``. Returns -1 for a dead end (no edge, or all weights 0)."""
+    if deg == 0:
+        return -1
+    if not weighted:
+        return idx[off + np.int64(((r >> _S32) * np.uint64(deg)) >> _S32)]
+    base = cum[off - 1] if off > 0 else 0.0
+    total = cum[off + deg - 1] - base
+    if total <= 0.0:
+        return -1
+    target = base + np.float64(r >> _S11) * _INV53 * total
+    lo = off
+    hi = off + deg - 1
+    while lo < hi:  # first edge whose cumulative weight exceeds the target
+        mid = (lo + hi) >> 1
+        if cum[mid] > target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return idx[lo]
+
+
+@numba.njit(nogil=True, cache=True)
+def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts, n_walks, hops, restart,  # type: ignore[no-untyped-def]
+                prob, seed, trace, user_visits, count_users):
+    """Advance all ``len(starts) * n_walks`` walks together, one half-step (item→user or user→item) at a time
+    and each half-step in two passes (row offsets, then the neighbour), so that the loads of different walks are
+    independent and many cache misses are in flight. Fills ``trace`` (W, hops) with the item reached by each
+    traversal (-1 once a walk has ended); adds user visits into ``user_visits``. Returns the steps made."""
+    n_w = starts.shape[0] * n_walks
+    seed_u = np.uint64(seed)
+    cur = np.empty(n_w, np.int64)
+    key = np.empty(n_w, np.uint64)
+    off = np.empty(n_w, np.int64)
+    deg = np.empty(n_w, np.int64)
+    for w in range(n_w):
+        s = starts[w // n_walks]
+        cur[w] = s
+        key[w] = _mix(_mix(seed_u ^ (np.uint64(s) * _GOLD)) + np.uint64(w % n_walks))
+    steps = 0
+    for h in range(hops):
+        if h > 0 and prob > 0.0:
+            for w in range(n_w):
+                if cur[w] >= 0:
+                    u = np.float64(_draw(key[w], 3 * h + 2) >> _S11) * _INV53
+                    if u < prob:
+                        cur[w] = starts[w // n_walks] if restart else -1
+        # item -> user
+        for w in range(n_w):
+            c = cur[w]
+            if c >= 0:
+                a = iu_ptr[c]
+                off[w] = a
+                deg[w] = iu_ptr[c + 1] - a
+        for w in range(n_w):
+            if cur[w] >= 0:
+                v = _pick(iu_idx, iu_cum, off[w], deg[w], _draw(key[w], 3 * h), weighted)
+                cur[w] = v
+                if v >= 0:
+                    steps += 1
+                    if count_users:
+                        user_visits[v] += 1
+        # user -> item
+        for w in range(n_w):
+            c = cur[w]
+            if c >= 0:
+                a = ui_ptr[c]
+                off[w] = a
+                deg[w] = ui_ptr[c + 1] - a
+        for w in range(n_w):
+            if cur[w] >= 0:
+                v = _pick(ui_idx, ui_cum, off[w], deg[w], _draw(key[w], 3 * h + 1), weighted)
+                cur[w] = v
+                if v >= 0:
+                    steps += 1
+            trace[w, h] = cur[w]
+    return steps
+
+
+@numba.njit(nogil=True, cache=True)
+def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_self, neg_lo, neg_hi, seed,  # type: ignore[no-untyped-def]
+                row_len, top_idx, top_cnt, negs):
+    """Per start: count the items its walks reached (dense ``scratch``, reset afterwards), rank them by count
+    desc then id, keep the top-T and sample hard negatives from the rank window. Outputs are per start row."""
+    n_items = scratch.shape[0]
+    per = n_walks * trace.shape[1]
+    touched = np.empty(per, np.int64)
+    n_neg = negs.shape[1]
+    for b in range(starts.shape[0]):
+        s = starts[b]
+        nt = 0
+        for w in range(b * n_walks, (b + 1) * n_walks):
+            for h in range(trace.shape[1]):
+                it = trace[w, h]
+                if it < 0:
+                    break
+                if scratch[it] == 0:
+                    touched[nt] = it
+                    nt += 1
+                scratch[it] += 1
+        keys = np.empty(nt, np.int64)
+        nk = 0
+        for k in range(nt):
+            it = touched[k]
+            c = scratch[it]
+            item_visits[it] += c
+            if include_self or it != s:
+                keys[nk] = np.int64(per - c) * n_items + it  # count desc, then smaller id
+                nk += 1
+            scratch[it] = 0
+        keys = np.sort(keys[:nk])
+        m = min(top_t, nk)
+        row_len[b] = m
+        for k in range(m):
+            top_idx[b, k] = keys[k] % n_items
+            top_cnt[b, k] = per - keys[k] // n_items
+        for k in range(n_neg):
+            negs[b, k] = -1
+        if n_neg == 0 or nk <= top_t:
+            continue
+        lo = max(neg_lo, top_t)
+        hi = min(neg_hi, nk)
+        if lo >= hi:  # walks reached too few items: least-visited half beyond the top-T
+            lo = top_t + (nk - top_t) // 2
+            hi = nk
+        pool = keys[lo:hi].copy()
+        rk = _mix(np.uint64(seed) ^ _NEG_SALT ^ (np.uint64(s) * _GOLD))
+        take = min(n_neg, pool.shape[0])
+        for k in range(take):  # partial Fisher-Yates
+            j = k + np.int64(((_draw(rk, k) >> _S32) * np.uint64(pool.shape[0] - k)) >> _S32)
+            pool[k], pool[j] = pool[j], pool[k]
+            negs[b, k] = pool[k] % n_items
+
+
+# ------------------------------------------------------------------------------------------ Python wrappers
+
+
+@dataclass(frozen=True)
+class WalkGraph:
+    """The arrays a walk needs, memory-mapped from the store, plus (only for ``bias="weight"``) each CSR's
+    inclusive cumulative edge weights (float64, built once per process)."""
+
+    store: GraphStore
+    iu_cum: np.ndarray
+    ui_cum: np.ndarray
+
+    @classmethod
+    def build(cls, store: GraphStore, *, weighted: bool) -> WalkGraph:
+        if not weighted:
+            empty = np.zeros(0, np.float64)
+            return cls(store, empty, empty)
+        cums = []
+        for name in ("item_users", "user_items"):
+            w = np.asarray(getattr(store, name).weights)
+            if w.shape[0] and float(w.min()) < 0:
+                raise ValueError(f"graph store {name}.weights has negative weights: bias='weight' needs weights >= 0")
+            cums.append(np.cumsum(w, dtype=np.float64))
+        return cls(store, cums[0], cums[1])
+
+
+_CACHE: dict[tuple[str, str, bool], WalkGraph] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def store_token(path: str | Path) -> str:
+    """Digest of a store's manifest: identifies one written version of the store."""
+    return hashlib.sha256((Path(path) / GRAPH_MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def cached_walk_graph(path: str | Path, token: str, *, weighted: bool) -> WalkGraph:
+    """The store at ``path`` memory-mapped once per process (keyed by path, manifest digest, bias)."""
+    key = (str(Path(path).resolve()), token, weighted)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is None:
+            now = store_token(path)
+            if now != token:
+                raise ValueError(f"graph store {path} changed while the walks ran (manifest {now} != {token})")
+            hit = WalkGraph.build(load_graph_store(path), weighted=weighted)
+            _CACHE.clear()  # one store per process at a time
+            _CACHE[key] = hit
+        return hit
+
+
+def _batch_starts(cfg: WalkConfig) -> int:
+    return max(1, 8192 // cfg.n_walks)  # ~8k walks in flight: their state stays in L2
+
+
+def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int) -> NeighborhoodChunk:
+    """Neighbourhoods of start items ``[lo, hi)`` (see :class:`NeighborhoodChunk`)."""
+    g = graph if isinstance(graph, WalkGraph) else WalkGraph.build(graph, weighted=cfg.bias == "weight")
+    st = g.store
+    if not 0 <= lo <= hi <= st.n_items:
+        raise ValueError(f"start items [{lo}, {hi}) must lie within [0, {st.n_items})")
+    iu, ui = st.item_users, st.user_items
+    n = hi - lo
+    t, n_neg = cfg.top_t, cfg.n_hard_negatives
+    row_len = np.zeros(n, np.int64)
+    top_idx = np.zeros((n, t), np.int64)
+    top_cnt = np.zeros((n, t), np.int64)
+    negs = np.full((n, n_neg), -1, np.int64)
+    item_visits = np.zeros(st.n_items, np.int64)
+    user_visits = np.zeros(st.n_users, np.int64)
+    scratch = np.zeros(st.n_items, np.int32)
+    bs = _batch_starts(cfg)
+    trace = np.empty((bs * cfg.n_walks, cfg.hops), np.int64)
+    steps = 0
+    weighted = cfg.bias == "weight"
+    neg_lo, neg_hi = (int(x) for x in cfg.hard_negative_ranks)
+    for b0 in range(lo, hi, bs):
+        b1 = min(b0 + bs, hi)
+        starts = np.arange(b0, b1, dtype=np.int64)
+        tr = trace[: (b1 - b0) * cfg.n_walks]
+        steps += _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum, weighted, starts,
+                             cfg.n_walks, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob), cfg.seed, tr,
+                             user_visits, True)
+        r0, r1 = b0 - lo, b1 - lo
+        _rank_batch(starts, cfg.n_walks, tr, scratch, item_visits, t, cfg.include_self, neg_lo, neg_hi, cfg.seed,
+                    row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1])
+    mask = np.arange(t)[None, :] < row_len[:, None]  # (n, T)
+    return NeighborhoodChunk(lo, hi, row_len, top_idx[mask], top_cnt[mask].astype(np.float32), negs,
+                             item_visits, user_visits, int(steps))
+
+
+def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConfig, *,
+                count_users: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """One walk per entry of ``starts`` (item ids; repeat an id for more walks, each repeat is walk 0 of that
+    item, so pass distinct ``cfg.seed`` s or use :func:`walk_chunk` for independent walks of one item).
+
+    Returns ``(item_visits (n_items,) int64, user_visits (n_users,) int64, steps)``; ``cfg.n_walks`` is ignored.
+    """
+    g = graph if isinstance(graph, WalkGraph) else WalkGraph.build(graph, weighted=cfg.bias == "weight")
+    st = g.store
+    starts = np.asarray(starts, dtype=np.int64)
+    if starts.size and (starts.min() < 0 or starts.max() >= st.n_items):
+        raise ValueError(f"starts must be item ids in [0, {st.n_items})")
+    iu, ui = st.item_users, st.user_items
+    item_visits = np.zeros(st.n_items, np.int64)
+    user_visits = np.zeros(st.n_users, np.int64)
+    bs = 8192
+    trace = np.empty((bs, cfg.hops), np.int64)
+    steps = 0
+    for b0 in range(0, starts.shape[0], bs):
+        s = starts[b0 : b0 + bs]
+        tr = trace[: s.shape[0]]
+        steps += _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum,
+                             cfg.bias == "weight", s, 1, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob),
+                             cfg.seed, tr, user_visits, count_users)
+        v = tr[tr >= 0]
+        if count_users:
+            item_visits += np.bincount(v, minlength=st.n_items)
+    return item_visits, user_visits, int(steps)
+
+
+def chunk_bounds(n_items: int, chunk_items: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + chunk_items, n_items)) for lo in range(0, n_items, chunk_items)]
+
+
+def merge_chunks(chunks: list[NeighborhoodChunk], *, n_items: int, n_users: int,
+                 n_hard_negatives: int) -> Neighborhoods:
+    """Stitch chunks (any order, covering ``[0, n_items)`` once) into :class:`Neighborhoods`."""
+    chunks = sorted(chunks, key=lambda c: c.lo)
+    pos = 0
+    for c in chunks:
+        if c.lo != pos:
+            raise ValueError(f"chunks do not tile the items: expected a chunk starting at {pos}, got {c.lo}")
+        pos = c.hi
+    if pos != n_items:
+        raise ValueError(f"chunks cover items [0, {pos}) but the graph has {n_items}")
+    item_visits = np.zeros(n_items, np.int64)
+    user_visits = np.zeros(n_users, np.int64)
+    for c in chunks:
+        item_visits += c.item_visits
+        user_visits += c.user_visits
+    return assemble(chunks, item_visits, user_visits, n_hard_negatives=n_hard_negatives)
+
+
+def assemble(chunks: list[NeighborhoodChunk], item_visits: np.ndarray, user_visits: np.ndarray, *,
+             n_hard_negatives: int) -> Neighborhoods:
+    """Neighbourhoods from tiled chunks (sorted by ``lo``) and total visit counts."""
+    lengths = np.concatenate([c.row_lengths for c in chunks]) if chunks else np.zeros(0, np.int64)
+    indptr = np.zeros(lengths.shape[0] + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    cat = np.concatenate
+    return Neighborhoods(
+        indptr=indptr,
+        indices=cat([c.indices for c in chunks]) if chunks else np.zeros(0, np.int64),
+        weights=cat([c.weights for c in chunks]) if chunks else np.zeros(0, np.float32),
+        item_importance=normalise(item_visits),
+        user_importance=normalise(user_visits),
+        hard_negatives=(cat([c.hard_negatives for c in chunks]) if chunks
+                        else np.zeros((0, n_hard_negatives), np.int64)),
+    )
+
+
+def normalise(counts: np.ndarray) -> np.ndarray:
+    """Counts as float32 shares summing to 1 (all zeros when there is no count)."""
+    total = float(counts.sum())
+    if total == 0:
+        return np.zeros(counts.shape, np.float32)
+    return (counts / total).astype(np.float32)
+
+
+def compute_neighborhoods(store: GraphStore, cfg: WalkConfig, *, n_threads: int = 1,
+                          backend: Literal["cpu", "gpu"] = "cpu") -> Neighborhoods:
+    """Neighbourhoods of every item in this process.
+
+    ``n_threads`` (1): chunks of ``cfg.chunk_items`` starts run on that many threads (the kernel releases the
+    GIL); ``backend`` (``"cpu"``): ``"gpu"`` runs cuGraph (``gnn/walks_gpu.py``). The result does not depend on
+    ``n_threads`` or ``chunk_items``.
+    """
+    if n_threads < 1:
+        raise ValueError(f"n_threads={n_threads!r}: must be at least 1")
+    if backend == "gpu":
+        from gnn.walks_gpu import gpu_neighborhoods
+
+        return gpu_neighborhoods(store, cfg)
+    if store.n_items == 0:
+        raise ValueError("the graph store has no items: nothing to walk from; check the graph stage's input")
+    g = WalkGraph.build(store, weighted=cfg.bias == "weight")
+    bounds = chunk_bounds(store.n_items, cfg.chunk_items)
+    if n_threads == 1:
+        chunks = [walk_chunk(g, cfg, lo, hi) for lo, hi in bounds]
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            chunks = list(pool.map(lambda b: walk_chunk(g, cfg, b[0], b[1]), bounds))
+    return merge_chunks(chunks, n_items=store.n_items, n_users=store.n_users, n_hard_negatives=cfg.n_hard_negatives)

@@ -233,27 +233,59 @@ def _draw(key: np.uint64, counter: int) -> np.uint64:
 
 
 @numba.njit(inline="always", cache=True)
-def _pick(idx, cum, off, deg, r, weighted):  # type: ignore[no-untyped-def]
-    """Neighbour of a row with ``deg`` edges from ``off``: uniform, or by weight with a binary search in the
-    global inclusive cumulative sum ``cum``. Returns -1 for a dead end (no edge, or all weights 0)."""
-    if deg == 0:
-        return -1
-    if not weighted:
-        return idx[off + np.int64(((r >> _S32) * np.uint64(deg)) >> _S32)]
-    base = cum[off - 1] if off > 0 else 0.0
-    total = cum[off + deg - 1] - base
-    if total <= 0.0:
-        return -1
-    target = base + np.float64(r >> _S11) * _INV53 * total
-    lo = off
-    hi = off + deg - 1
-    while lo < hi:  # first edge whose cumulative weight exceeds the target
-        mid = (lo + hi) >> 1
-        if cum[mid] > target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return idx[lo]
+def _row_offsets(ptr, cur, off, deg):  # type: ignore[no-untyped-def]
+    """Pass 1 of a half-step: every live walk's row start and degree (independent loads, many in flight)."""
+    for w in range(cur.shape[0]):
+        c = cur[w]
+        if c >= 0:
+            a = ptr[c]
+            off[w] = a
+            deg[w] = ptr[c + 1] - a
+
+
+@numba.njit(inline="always", cache=True)
+def _step_uniform(idx, cur, key, off, deg, counter):  # type: ignore[no-untyped-def]
+    """Pass 2, uniform: move every live walk to a uniformly drawn neighbour (-1 at a dead end). No scatter
+    writes here: a store to a random address would keep the next walks' loads from starting early."""
+    steps = 0
+    for w in range(cur.shape[0]):
+        if cur[w] >= 0:
+            d = deg[w]
+            r = _draw(key[w], counter)
+            v = idx[off[w] + np.int64(((r >> _S32) * np.uint64(d)) >> _S32)] if d > 0 else -1
+            cur[w] = v
+            steps += v >= 0
+    return steps
+
+
+@numba.njit(inline="always", cache=True)
+def _step_weighted(idx, cum, cur, key, off, deg, counter):  # type: ignore[no-untyped-def]
+    """Pass 2, by weight: binary search in the global inclusive cumulative weights ``cum`` of the row
+    (-1 at a dead end: no edge, or all weights 0)."""
+    steps = 0
+    for w in range(cur.shape[0]):
+        if cur[w] < 0:
+            continue
+        a = off[w]
+        d = deg[w]
+        v = -1
+        if d > 0:
+            base = cum[a - 1] if a > 0 else 0.0
+            total = cum[a + d - 1] - base
+            if total > 0.0:
+                target = base + np.float64(_draw(key[w], counter) >> _S11) * _INV53 * total
+                lo = a
+                hi = a + d - 1
+                while lo < hi:  # first edge whose cumulative weight exceeds the target
+                    mid = (lo + hi) >> 1
+                    if cum[mid] > target:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                v = idx[lo]
+        cur[w] = v
+        steps += v >= 0
+    return steps
 
 
 @numba.njit(nogil=True, cache=True)
@@ -266,13 +298,20 @@ def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts
     n_w = starts.shape[0] * n_walks
     seed_u = np.uint64(seed)
     cur = np.empty(n_w, np.int64)
+    home = np.empty(n_w, np.int64)
     key = np.empty(n_w, np.uint64)
     off = np.empty(n_w, np.int64)
     deg = np.empty(n_w, np.int64)
-    for w in range(n_w):
-        s = starts[w // n_walks]
-        cur[w] = s
-        key[w] = _mix(_mix(seed_u ^ (np.uint64(s) * _GOLD)) + np.uint64(w % n_walks))
+    users = np.empty(n_w, np.int64)
+    w = 0
+    for b in range(starts.shape[0]):
+        s = starts[b]
+        k0 = _mix(seed_u ^ (np.uint64(s) * _GOLD))
+        for j in range(n_walks):
+            cur[w] = s
+            home[w] = s
+            key[w] = _mix(k0 + np.uint64(j))
+            w += 1
     steps = 0
     for h in range(hops):
         if h > 0 and prob > 0.0:
@@ -280,36 +319,26 @@ def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts
                 if cur[w] >= 0:
                     u = np.float64(_draw(key[w], 3 * h + 2) >> _S11) * _INV53
                     if u < prob:
-                        cur[w] = starts[w // n_walks] if restart else -1
-        # item -> user
+                        cur[w] = home[w] if restart else -1
+        _row_offsets(iu_ptr, cur, off, deg)  # item -> user
+        if weighted:
+            steps += _step_weighted(iu_idx, iu_cum, cur, key, off, deg, 3 * h)
+        else:
+            steps += _step_uniform(iu_idx, cur, key, off, deg, 3 * h)
+        if count_users:
+            users[:] = cur
+        _row_offsets(ui_ptr, cur, off, deg)  # user -> item
+        if weighted:
+            steps += _step_weighted(ui_idx, ui_cum, cur, key, off, deg, 3 * h + 1)
+        else:
+            steps += _step_uniform(ui_idx, cur, key, off, deg, 3 * h + 1)
         for w in range(n_w):
-            c = cur[w]
-            if c >= 0:
-                a = iu_ptr[c]
-                off[w] = a
-                deg[w] = iu_ptr[c + 1] - a
-        for w in range(n_w):
-            if cur[w] >= 0:
-                v = _pick(iu_idx, iu_cum, off[w], deg[w], _draw(key[w], 3 * h), weighted)
-                cur[w] = v
-                if v >= 0:
-                    steps += 1
-                    if count_users:
-                        user_visits[v] += 1
-        # user -> item
-        for w in range(n_w):
-            c = cur[w]
-            if c >= 0:
-                a = ui_ptr[c]
-                off[w] = a
-                deg[w] = ui_ptr[c + 1] - a
-        for w in range(n_w):
-            if cur[w] >= 0:
-                v = _pick(ui_idx, ui_cum, off[w], deg[w], _draw(key[w], 3 * h + 1), weighted)
-                cur[w] = v
-                if v >= 0:
-                    steps += 1
             trace[w, h] = cur[w]
+        if count_users:  # a separate pass of scatter increments (see _step_uniform)
+            for w in range(n_w):
+                u = users[w]
+                if u >= 0:
+                    user_visits[u] += 1
     return steps
 
 
@@ -321,6 +350,8 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
     n_items = scratch.shape[0]
     per = n_walks * trace.shape[1]
     touched = np.empty(per, np.int64)
+    keys = np.empty(per, np.int64)  # reused for every start: no allocation per start
+    pool = np.empty(per, np.int64)
     n_neg = negs.shape[1]
     for b in range(starts.shape[0]):
         s = starts[b]
@@ -334,7 +365,6 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
                     touched[nt] = it
                     nt += 1
                 scratch[it] += 1
-        keys = np.empty(nt, np.int64)
         nk = 0
         for k in range(nt):
             it = touched[k]
@@ -344,14 +374,21 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
                 keys[nk] = np.int64(per - c) * n_items + it  # count desc, then smaller id
                 nk += 1
             scratch[it] = 0
-        keys = np.sort(keys[:nk])
+        if nk <= 48:  # few distinct items (DGL's settings): insertion sort beats a library sort call
+            for k in range(1, nk):
+                x = keys[k]
+                j = k - 1
+                while j >= 0 and keys[j] > x:
+                    keys[j + 1] = keys[j]
+                    j -= 1
+                keys[j + 1] = x
+        else:
+            keys[:nk].sort()
         m = min(top_t, nk)
         row_len[b] = m
         for k in range(m):
             top_idx[b, k] = keys[k] % n_items
             top_cnt[b, k] = per - keys[k] // n_items
-        for k in range(n_neg):
-            negs[b, k] = -1
         if n_neg == 0 or nk <= top_t:
             continue
         lo = max(neg_lo, top_t)
@@ -359,13 +396,15 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
         if lo >= hi:  # walks reached too few items: least-visited half beyond the top-T
             lo = top_t + (nk - top_t) // 2
             hi = nk
-        pool = keys[lo:hi].copy()
+        n_pool = hi - lo
+        pool[:n_pool] = keys[lo:hi]
         rk = _mix(np.uint64(seed) ^ _NEG_SALT ^ (np.uint64(s) * _GOLD))
-        take = min(n_neg, pool.shape[0])
-        for k in range(take):  # partial Fisher-Yates
-            j = k + np.int64(((_draw(rk, k) >> _S32) * np.uint64(pool.shape[0] - k)) >> _S32)
-            pool[k], pool[j] = pool[j], pool[k]
-            negs[b, k] = pool[k] % n_items
+        for k in range(min(n_neg, n_pool)):  # partial Fisher-Yates
+            j = k + np.int64(((_draw(rk, k) >> _S32) * np.uint64(n_pool - k)) >> _S32)
+            x = pool[j]
+            pool[j] = pool[k]
+            pool[k] = x
+            negs[b, k] = x % n_items
 
 
 # ------------------------------------------------------------------------------------------ Python wrappers

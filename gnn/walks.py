@@ -400,9 +400,9 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
         pool[:n_pool] = keys[lo:hi]
         rk = _mix(np.uint64(seed) ^ _NEG_SALT ^ (np.uint64(s) * _GOLD))
         for k in range(min(n_neg, n_pool)):  # partial Fisher-Yates
-            j = k + np.int64(((_draw(rk, k) >> _S32) * np.uint64(n_pool - k)) >> _S32)
-            x = pool[j]
-            pool[j] = pool[k]
+            pick = k + np.int64(((_draw(rk, k) >> _S32) * np.uint64(n_pool - k)) >> _S32)
+            x = pool[pick]
+            pool[pick] = pool[k]
             pool[k] = x
             negs[b, k] = x % n_items
 

@@ -245,16 +245,21 @@ def _row_offsets(ptr, cur, off, deg):  # type: ignore[no-untyped-def]
 
 @numba.njit(inline="always", cache=True)
 def _step_uniform(idx, cur, key, off, deg, counter):  # type: ignore[no-untyped-def]
-    """Pass 2, uniform: move every live walk to a uniformly drawn neighbour (-1 at a dead end). No scatter
-    writes here: a store to a random address would keep the next walks' loads from starting early."""
+    """Pass 2 and 3, uniform: compute every walk's edge position (arithmetic only, into ``off``), then gather
+    the neighbours in a loop that does nothing else, so the out-of-order core keeps many loads in flight.
+    -1 at a dead end. No scatter writes here: a store to a random address would hold the loads back."""
+    for w in range(cur.shape[0]):
+        d = deg[w]
+        if cur[w] >= 0 and d > 0:
+            off[w] += np.int64(((_draw(key[w], counter) >> _S32) * np.uint64(d)) >> _S32)
+        else:
+            off[w] = -1
     steps = 0
     for w in range(cur.shape[0]):
-        if cur[w] >= 0:
-            d = deg[w]
-            r = _draw(key[w], counter)
-            v = idx[off[w] + np.int64(((r >> _S32) * np.uint64(d)) >> _S32)] if d > 0 else -1
-            cur[w] = v
-            steps += v >= 0
+        p = off[w]
+        v = idx[p] if p >= 0 else -1
+        cur[w] = v
+        steps += v >= 0
     return steps
 
 
@@ -474,8 +479,11 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
     top_idx = np.zeros((n, t), np.int64)
     top_cnt = np.zeros((n, t), np.int64)
     negs = np.full((n, n_neg), -1, np.int64)
-    item_visits = np.zeros(st.n_items, np.int64)
-    user_visits = np.zeros(st.n_users, np.int64)
+    if n * cfg.n_walks * cfg.hops >= 2**31:
+        raise ValueError(f"walks.chunk_items={cfg.chunk_items}: chunk_items*n_walks*hops must stay below 2**31 "
+                         "(per-chunk visit counts are int32, which keeps them in the L2 cache); lower it")
+    item_visits = np.zeros(st.n_items, np.int32)  # int32: half the cache footprint of the scatter increments
+    user_visits = np.zeros(st.n_users, np.int32)
     scratch = np.zeros(st.n_items, np.int32)
     bs = _batch_starts(cfg)
     trace = np.empty((bs * cfg.n_walks, cfg.hops), np.int64)
@@ -494,7 +502,7 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
                     row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1])
     mask = np.arange(t)[None, :] < row_len[:, None]  # (n, T)
     return NeighborhoodChunk(lo, hi, row_len, top_idx[mask], top_cnt[mask].astype(np.float32), negs,
-                             item_visits, user_visits, int(steps))
+                             item_visits.astype(np.int64), user_visits.astype(np.int64), int(steps))
 
 
 def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConfig, *,
@@ -510,8 +518,10 @@ def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConf
     if starts.size and (starts.min() < 0 or starts.max() >= st.n_items):
         raise ValueError(f"starts must be item ids in [0, {st.n_items})")
     iu, ui = st.item_users, st.user_items
+    if starts.shape[0] * cfg.hops >= 2**31:
+        raise ValueError(f"{starts.shape[0]} starts * hops={cfg.hops} must stay below 2**31; split the starts")
     item_visits = np.zeros(st.n_items, np.int64)
-    user_visits = np.zeros(st.n_users, np.int64)
+    user_visits = np.zeros(st.n_users, np.int32)
     bs = 8192
     trace = np.empty((bs, cfg.hops), np.int64)
     steps = 0
@@ -524,7 +534,7 @@ def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConf
         v = tr[tr >= 0]
         if count_users:
             item_visits += np.bincount(v, minlength=st.n_items)
-    return item_visits, user_visits, int(steps)
+    return item_visits, user_visits.astype(np.int64), int(steps)
 
 
 def chunk_bounds(n_items: int, chunk_items: int) -> list[tuple[int, int]]:

@@ -122,8 +122,9 @@ def _chase(arr: np.ndarray, n: int, seed: int) -> int:  # each load's address de
     return np.int64(i)
 
 
-def gather_task(path: str, token: str, n: int, seed: int, dependent: bool) -> float:
-    arr = np.asarray(cached_walk_graph(path, token, weighted=False).store.user_items.indices)
+def gather_task(path: str, token: str, n: int, seed: int, dependent: bool, array: str) -> float:
+    csr, part = array.split(".")
+    arr = np.asarray(getattr(getattr(cached_walk_graph(path, token, weighted=False).store, csr), part))
     fn = _chase if dependent else _gather
     fn(arr, 1000, seed)
     t0 = time.perf_counter()
@@ -195,6 +196,8 @@ def measure(client: Client, path: str, token: str, a: argparse.Namespace, n_item
                    for c in (True, False) for _ in range(workers)])
     client.gather([client.submit(numpy_walk_task, path, token, 0, 1000, hops, 1, pure=False)
                    for _ in range(workers)])
+    # after imports, numba's cached code and the store's mapping: what the walks add comes on top of this
+    res["worker_baseline_rss_mb"] = list(client.run(rss_now_mb).values())
     t, steps = timed_wall(client, [(numpy_walk_task, path, token, lo, hi, hops, 7) for lo, hi in bounds], a.reps)
     res["numpy_walker_steps_per_s"] = sum(steps) / t
     t, steps = timed_wall(client, [(numba_walk_task, path, token, lo, hi, hops, 7, False) for lo, hi in bounds],
@@ -204,12 +207,16 @@ def measure(client: Client, path: str, token: str, a: argparse.Namespace, n_item
                           a.reps)
     res["numba_walker_with_user_counts_steps_per_s"] = sum(steps) / t
     res["walk_steps_per_run"] = int(sum(steps))
-    # memory system: random gathers from the 80 MB user->item index array, on every worker at once
+    # memory system: random gathers from the big user->item index array and the small user row-pointer array,
+    # on every worker at once. A step loads one row pointer and one index: bound = 1 / (1/g_indices + 1/g_indptr)
     n_g = 16_000_000
-    for dependent, name in ((False, "random_gathers_per_s"), (True, "dependent_loads_per_s")):
-        secs = client.gather([client.submit(gather_task, path, token, n_g, 11 + k, dependent, pure=False)
-                              for k in range(workers)])
-        res[name] = workers * n_g / statistics.mean(secs)
+    for array in ("user_items.indices", "user_items.indptr"):
+        for dependent, name in ((False, "random_gathers_per_s"), (True, "dependent_loads_per_s")):
+            secs = client.gather([client.submit(gather_task, path, token, n_g, 11 + k, dependent, array, pure=False)
+                                  for k in range(workers)])
+            res[f"{name}[{array}]"] = workers * n_g / statistics.mean(secs)
+    res["step_bound_from_gathers_per_s"] = 1 / (1 / res["random_gathers_per_s[user_items.indices]"]
+                                                + 1 / res["random_gathers_per_s[user_items.indptr]"])
     # (b) neighbourhoods of every item
     for label, cfg in (("dgl_settings", WalkConfig(n_walks=10, hops=2, stop_prob=0.5, top_t=3, n_hard_negatives=0,
                                                    chunk_items=8192)),
@@ -271,9 +278,7 @@ def main() -> int:
     for n_workers in (1, 2):
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", memory_limit="8GiB") as cluster, Client(cluster) as client:
-            base = list(client.run(rss_now_mb).values())
             r = measure(client, path, token, a, st.n_items)
-            r["worker_baseline_rss_mb"] = base
             result["runs"].append(r)
             print(json.dumps(r, indent=1, default=str), file=sys.stderr)
     one, two = result["runs"]
@@ -281,7 +286,13 @@ def main() -> int:
         "steps_vs_numpy_1w": one["numba_walker_steps_per_s"] / one["numpy_walker_steps_per_s"],
         "steps_vs_numpy_2w": two["numba_walker_steps_per_s"] / two["numpy_walker_steps_per_s"],
         "steps_scaling_1_to_2": two["numba_walker_steps_per_s"] / one["numba_walker_steps_per_s"],
-        "steps_share_of_gather_bound_1w": one["numba_walker_steps_per_s"] / (one["random_gathers_per_s"] / 2),
+        "steps_share_of_gather_bound_1w": one["numba_walker_steps_per_s"] / one["step_bound_from_gathers_per_s"],
+        "steps_share_of_gather_bound_2w": two["numba_walker_steps_per_s"] / two["step_bound_from_gathers_per_s"],
+        "numpy_walker_scaling_1_to_2": two["numpy_walker_steps_per_s"] / one["numpy_walker_steps_per_s"],
+        "worker_peak_rss_minus_baseline_mb": [max(p - b for p, b in zip(r["worker_peak_rss_mb"],
+                                                                           r["worker_baseline_rss_mb"], strict=True))
+                                              for r in result["runs"]],
+        "walked_arrays_plus_outputs_mb": (walk_bytes + one["ours"]["output_bytes"]) / 2**20,
         "dgl_settings_seeds_per_s": [one["dgl_settings"]["seeds_per_s"], two["dgl_settings"]["seeds_per_s"]],
         "dgl_settings_vs_dgl_sampler_1w": one["dgl_settings"]["seeds_per_s"] / 64e3,
         "ours_seeds_per_s": [one["ours"]["seeds_per_s"], two["ours"]["seeds_per_s"]],

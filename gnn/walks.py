@@ -146,8 +146,9 @@ class Neighborhoods:
 
 @dataclass(frozen=True)
 class NeighborhoodChunk:
-    """The result for start items ``[lo, hi)``: row lengths, rows, hard negatives, and raw visit counts (int64)
-    of every item / user by these starts' walks (summed over chunks, they give the importance exactly)."""
+    """The result for start items ``[lo, hi)``: row lengths, rows, hard negatives, and raw visit counts of every
+    item / user by these starts' walks (int32: a chunk makes fewer than 2**31 visits; summed over chunks into
+    int64 they give the importance exactly, whatever the chunking)."""
 
     lo: int
     hi: int
@@ -155,8 +156,8 @@ class NeighborhoodChunk:
     indices: np.ndarray  # (sum row_lengths,) int64
     weights: np.ndarray  # (sum row_lengths,) float32
     hard_negatives: np.ndarray  # (hi-lo, H) int64
-    item_visits: np.ndarray  # (n_items,) int64
-    user_visits: np.ndarray  # (n_users,) int64
+    item_visits: np.ndarray  # (n_items,) int32
+    user_visits: np.ndarray  # (n_users,) int32
     n_steps: int
 
 
@@ -502,7 +503,7 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
                     row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1])
     mask = np.arange(t)[None, :] < row_len[:, None]  # (n, T)
     return NeighborhoodChunk(lo, hi, row_len, top_idx[mask], top_cnt[mask].astype(np.float32), negs,
-                             item_visits.astype(np.int64), user_visits.astype(np.int64), int(steps))
+                             item_visits, user_visits, int(steps))
 
 
 def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConfig, *,

@@ -265,3 +265,20 @@ def test_gpu_ranking_logic_on_pandas() -> None:
     assert np.all((cut[:, 1] >= 0) | (cut[:, 2] < 0))  # once stopped, stays stopped
     assert abs((cut[:, 1] >= 0).mean() - 0.5) < 0.06 and cut[:, 0].min() == 1
     assert visits.sum() == (trace >= 0).sum()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", ["uniform", "weight"])
+def test_gpu_backend_matches_exact_distribution(bias: str) -> None:
+    # cuGraph walks (other random numbers than the CPU kernel): the same distribution, so the same ranking
+    cfg = WalkConfig(n_walks=20_000, hops=3, top_t=3, bias=bias, n_hard_negatives=0)  # type: ignore[arg-type]
+    nb = compute_neighborhoods(STORE, cfg, backend="gpu")
+    ref = compute_neighborhoods(STORE, cfg)
+    assert np.array_equal(nb.indptr, ref.indptr) and np.array_equal(nb.indices, ref.indices)
+    assert nb.neighbors(5).size == 0
+    for s in range(5):
+        exp, _ = exact_visits(cfg, s)
+        got = np.zeros(6)
+        got[nb.neighbors(s)] = nb.neighbor_weights(s)
+        top = nb.neighbors(s)
+        assert within(got[top], exp[top], cfg.hops)

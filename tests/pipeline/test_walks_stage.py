@@ -10,10 +10,25 @@ import pytest
 from distributed import Client
 
 from gnn.graphstore import GraphStore, csr_from_edges, write_graph_store
-from gnn.walks import Neighborhoods, WalkConfig, compute_neighborhoods, load_neighborhoods
+from gnn.walks import (
+    Neighborhoods,
+    WalkConfig,
+    chunk_bounds,
+    compute_neighborhoods,
+    load_neighborhoods,
+    store_token,
+    walk_chunk,
+)
 from pipeline.cli import main
 from pipeline.rundir import StageError, run_stage
-from pipeline.walks import WalkStats, distributed_neighborhoods, run_walks
+from pipeline.walks import (
+    WalkStats,
+    _collect_visits,
+    _pop_accumulator,
+    _walk_task,
+    distributed_neighborhoods,
+    run_walks,
+)
 
 
 def random_store(n_users: int = 60, n_items: int = 150, n_edges: int = 700, seed: int = 3) -> GraphStore:
@@ -106,3 +121,20 @@ def test_cli_runs_the_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "pinsage walks: done" in out and "dashboard" in out
     assert load_neighborhoods(run / "walks").hard_negatives.shape == (150, 8)
+
+
+def test_lost_or_repeated_counts_are_recomputed(tmp_path: Path, dask_client: Client) -> None:
+    store = random_store(seed=11)
+    write_graph_store(tmp_path / "g", store)
+    path, token = str((tmp_path / "g").resolve()), store_token(tmp_path / "g")
+    bounds = chunk_bounds(store.n_items, CFG.chunk_items)
+    addrs = sorted(dask_client.nthreads())
+    futs = [dask_client.submit(_walk_task, path, token, CFG, lo, hi, "run-x", workers=[addrs[k % 2]],
+                               allow_other_workers=False, pure=False) for k, (lo, hi) in enumerate(bounds)]
+    dask_client.gather(futs)
+    dask_client.submit(_walk_task, path, token, CFG, *bounds[1], "run-x", pure=False).result()  # counted twice
+    dask_client.run(_pop_accumulator, "run-x", workers=[addrs[0]])  # a worker's counts lost
+    items, users = _collect_visits(dask_client, "run-x", path, token, CFG, bounds, store.n_items, store.n_users)
+    whole = walk_chunk(store, CFG, 0, store.n_items)
+    assert np.array_equal(items, whole.item_visits) and np.array_equal(users, whole.user_visits)
+    assert all(v is None for v in dask_client.run(_pop_accumulator, "run-x").values())

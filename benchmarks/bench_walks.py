@@ -25,7 +25,7 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 from gnn.graphstore import GraphStore, csr_from_edges, load_graph_store, write_graph_store
-from gnn.walks import WalkConfig, cached_walk_graph, compute_neighborhoods, store_token, walk_visits
+from gnn.walks import WalkConfig, cached_walk_graph, compute_neighborhoods, store_token, walk_chunk, walk_visits
 from pipeline.walks import WalkStats, distributed_neighborhoods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def in_process(path: str, reps: int) -> dict[str, Any]:
     st = load_graph_store(path)
     out: dict[str, Any] = {"loadavg_before": os.getloadavg()}
     for label, cfg in CONFIGS.items():
-        compute_neighborhoods(st, WalkConfig(**{**cfg.__dict__, "chunk_items": 64}), n_threads=1)  # compile/warm
+        walk_chunk(st, cfg, 0, 100)  # numba's cached code loaded
         for threads in (1, 2):
             best = min(_seconds(compute_neighborhoods, st, cfg, n_threads=threads) for _ in range(reps))
             out[f"{label}_seeds_per_s_{threads}_threads"] = st.n_items / best

@@ -27,6 +27,7 @@ Run ``compute_neighborhoods(load_graph_store(path), WalkConfig())`` for one proc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -349,6 +350,16 @@ def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts
 
 
 @numba.njit(nogil=True, cache=True)
+def _count_items(trace, counts):  # type: ignore[no-untyped-def]
+    """Add every item of ``trace`` (W, hops), -1 skipped, into ``counts``."""
+    for w in range(trace.shape[0]):
+        for h in range(trace.shape[1]):
+            it = trace[w, h]
+            if it >= 0:
+                counts[it] += 1
+
+
+@numba.njit(nogil=True, cache=True)
 def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_self, neg_lo, neg_hi, seed,  # type: ignore[no-untyped-def]
                 row_len, top_idx, top_cnt, negs):
     """Per start: count the items its walks reached (dense ``scratch``, reset afterwards), rank them by count
@@ -512,6 +523,7 @@ def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConf
     item, so pass distinct ``cfg.seed`` s or use :func:`walk_chunk` for independent walks of one item).
 
     Returns ``(item_visits (n_items,) int64, user_visits (n_users,) int64, steps)``; ``cfg.n_walks`` is ignored.
+    ``count_users`` (True): count the visits; False only walks (both count vectors stay zero), for timing.
     """
     g = graph if isinstance(graph, WalkGraph) else WalkGraph.build(graph, weighted=cfg.bias == "weight")
     st = g.store
@@ -532,9 +544,8 @@ def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConf
         steps += _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum,
                              cfg.bias == "weight", s, 1, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob),
                              cfg.seed, tr, user_visits, count_users)
-        v = tr[tr >= 0]
         if count_users:
-            item_visits += np.bincount(v, minlength=st.n_items)
+            _count_items(tr, item_visits)
     return item_visits, user_visits.astype(np.int64), int(steps)
 
 
@@ -605,9 +616,23 @@ def compute_neighborhoods(store: GraphStore, cfg: WalkConfig, *, n_threads: int 
         raise ValueError("the graph store has no items: nothing to walk from; check the graph stage's input")
     g = WalkGraph.build(store, weighted=cfg.bias == "weight")
     bounds = chunk_bounds(store.n_items, cfg.chunk_items)
+    item_visits = np.zeros(store.n_items, np.int64)
+    user_visits = np.zeros(store.n_users, np.int64)
+    rows: list[NeighborhoodChunk] = []
+    empty = np.zeros(0, np.int32)
+
+    def keep(chunk: NeighborhoodChunk) -> None:  # fold the dense counts in at once: memory O(items + users)
+        np.add(item_visits, chunk.item_visits, out=item_visits)
+        np.add(user_visits, chunk.user_visits, out=user_visits)
+        rows.append(dataclasses.replace(chunk, item_visits=empty, user_visits=empty))
+
     if n_threads == 1:
-        chunks = [walk_chunk(g, cfg, lo, hi) for lo, hi in bounds]
+        for lo, hi in bounds:
+            keep(walk_chunk(g, cfg, lo, hi))
     else:
         with ThreadPoolExecutor(n_threads) as pool:
-            chunks = list(pool.map(lambda b: walk_chunk(g, cfg, b[0], b[1]), bounds))
-    return merge_chunks(chunks, n_items=store.n_items, n_users=store.n_users, n_hard_negatives=cfg.n_hard_negatives)
+            for w0 in range(0, len(bounds), 2 * n_threads):  # a bounded window of chunks in flight
+                window = [pool.submit(walk_chunk, g, cfg, lo, hi) for lo, hi in bounds[w0 : w0 + 2 * n_threads]]
+                for fut in window:
+                    keep(fut.result())
+    return assemble(rows, item_visits, user_visits, n_hard_negatives=cfg.n_hard_negatives)

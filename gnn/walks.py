@@ -35,7 +35,7 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,18 +73,21 @@ class WalkConfig:
     * ``seed`` (0); ``chunk_items`` (16384): start items per task / thread chunk (never changes the result).
     """
 
-    n_walks: int = 50
-    hops: int = 3
-    mode: Literal["stop", "restart"] = "stop"
-    stop_prob: float = 0.5
-    restart_prob: float = 0.3
-    bias: Literal["uniform", "weight"] = "uniform"
-    top_t: int = 20
-    include_self: bool = False
-    n_hard_negatives: int = 8
-    hard_negative_ranks: tuple[int, ...] = (50, 500)
-    seed: int = 0
-    chunk_items: int = 16384
+    n_walks: int = field(default=50, metadata={"help": "walks from every item"})
+    hops: int = field(default=3, metadata={"help": "item→user→item traversals per walk (at most, in mode stop)"})
+    mode: Literal["stop", "restart"] = field(
+        default="stop", metadata={"help": "stop: end with stop_prob after a traversal; restart: jump back home"})
+    stop_prob: float = field(default=0.5, metadata={"help": "mode stop: probability to end after a traversal"})
+    restart_prob: float = field(default=0.3, metadata={"help": "mode restart: probability to jump back home"})
+    bias: Literal["uniform", "weight"] = field(
+        default="uniform", metadata={"help": "weight: transitions proportional to the behaviour weight"})
+    top_t: int = field(default=20, metadata={"help": "neighbours kept per item (by visit count)"})
+    include_self: bool = field(default=False, metadata={"help": "may an item be its own neighbour"})
+    n_hard_negatives: int = field(default=8, metadata={"help": "hard negatives sampled per item"})
+    hard_negative_ranks: tuple[int, ...] = field(
+        default=(50, 500), metadata={"help": "visit-rank window lo,hi of the hard negatives"})
+    seed: int = field(default=0, metadata={"help": "random seed (results do not depend on chunks or workers)"})
+    chunk_items: int = field(default=16384, metadata={"help": "start items per Dask task / thread chunk"})
 
     def __post_init__(self) -> None:
         for name in ("n_walks", "hops", "top_t", "chunk_items"):

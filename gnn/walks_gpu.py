@@ -49,7 +49,7 @@ def rank_paths(xdf: ModuleType, starts: Any, item_paths: Any, cfg: WalkConfig, *
     hops = item_paths.shape[1]
     df = xdf.DataFrame({"start": np.repeat(np.asarray(starts), hops), "item": np.asarray(item_paths).ravel()})
     df = df[df["item"] >= 0]
-    visits = np.bincount(np.asarray(df["item"]), minlength=n_items).astype(np.int64)
+    visits = np.bincount(df["item"].to_numpy(), minlength=n_items).astype(np.int64)
     if not cfg.include_self:
         df = df[df["item"] != df["start"]]
     counts = df.groupby(["start", "item"]).size().reset_index()
@@ -57,7 +57,7 @@ def rank_paths(xdf: ModuleType, starts: Any, item_paths: Any, cfg: WalkConfig, *
     counts = counts.sort_values(["start", "count", "item"], ascending=[True, False, True])
     counts["rank"] = counts.groupby("start").cumcount()
     top = counts[counts["rank"] < cfg.top_t]
-    lengths = np.bincount(np.asarray(top["start"]), minlength=n_items)
+    lengths = np.bincount(top["start"].to_numpy(), minlength=n_items)
     indptr = np.zeros(n_items + 1, np.int64)
     np.cumsum(lengths, out=indptr[1:])
     negs = np.full((n_items, cfg.n_hard_negatives), -1, np.int64)
@@ -68,8 +68,8 @@ def rank_paths(xdf: ModuleType, starts: Any, item_paths: Any, cfg: WalkConfig, *
         win = win.sort_values(["start", "key"])
         win["slot"] = win.groupby("start").cumcount()
         win = win[win["slot"] < cfg.n_hard_negatives]
-        negs[np.asarray(win["start"]), np.asarray(win["slot"])] = np.asarray(win["item"])
-    return (indptr, np.asarray(top["item"], dtype=np.int64), np.asarray(top["count"], dtype=np.float32), negs,
+        negs[win["start"].to_numpy(), win["slot"].to_numpy()] = win["item"].to_numpy()  # cuDF: explicit copies
+    return (indptr, top["item"].to_numpy().astype(np.int64), top["count"].to_numpy().astype(np.float32), negs,
             visits)
 
 

@@ -6,7 +6,10 @@ negatives are cuDF group-bys in :func:`rank_paths`, which is written against a D
 run the same code on pandas. Mode ``"stop"``: cuGraph walks have no stop probability, so each walk's number of
 traversals is drawn separately (truncated geometric) and the path is cut there: the same distribution, not the
 same random numbers as the CPU kernel. Mode ``"restart"`` is not a cuGraph walk: it is personalised PageRank
-(``cugraph.pagerank(personalization=...)``), one solve per item, expected visit counts ``n_walks * hops * ppr``.
+(``cugraph.pagerank(personalization=...)``), one solve per item (slow: for small graphs and for checking), weights
+``n_walks * hops * ppr``. PageRank restarts per edge, the CPU walks per item→user→item traversal: the damping is
+``sqrt(1 - restart_prob)`` per edge, so the continuation over a traversal matches, but a restart can happen at a
+user; the ranking is close to, not the same as, the CPU one.
 For several GPUs use ``cugraph.dask`` with the same calls (not wired yet).
 """
 
@@ -121,7 +124,7 @@ def _ppr_neighborhoods(g: Any, store: GraphStore, cfg: WalkConfig) -> Neighborho
     total = np.zeros(n_items + store.n_users, np.float64)
     for s in range(n_items):
         pers = cudf.DataFrame({"vertex": [s], "values": [1.0]})
-        pr = cugraph.pagerank(g, alpha=1.0 - cfg.restart_prob, personalization=pers).to_pandas()
+        pr = cugraph.pagerank(g, alpha=float(np.sqrt(1.0 - cfg.restart_prob)), personalization=pers).to_pandas()
         score = np.zeros(n_items + store.n_users)
         score[pr["vertex"].to_numpy()] = pr["pagerank"].to_numpy()
         total += score

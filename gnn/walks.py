@@ -367,7 +367,6 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
                 row_len, top_idx, top_cnt, negs):
     """Per start: count the items its walks reached (dense ``scratch``, reset afterwards), rank them by count
     desc then id, keep the top-T and sample hard negatives from the rank window. Outputs are per start row."""
-    n_items = scratch.shape[0]
     per = n_walks * trace.shape[1]
     touched = np.empty(per, np.int64)
     keys = np.empty(per, np.int64)  # reused for every start: no allocation per start
@@ -391,7 +390,7 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
             c = scratch[it]
             item_visits[it] += c
             if include_self or it != s:
-                keys[nk] = np.int64(per - c) * n_items + it  # count desc, then smaller id
+                keys[nk] = (np.int64(per - c) << 32) | it  # count desc, then smaller id (ids < 2**32)
                 nk += 1
             scratch[it] = 0
         if nk <= 48:  # few distinct items (DGL's settings): insertion sort beats a library sort call
@@ -407,8 +406,8 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
         m = min(top_t, nk)
         row_len[b] = m
         for k in range(m):
-            top_idx[b, k] = keys[k] % n_items
-            top_cnt[b, k] = per - keys[k] // n_items
+            top_idx[b, k] = keys[k] & 0xFFFFFFFF
+            top_cnt[b, k] = per - (keys[k] >> 32)
         if n_neg == 0 or nk <= top_t:
             continue
         lo = max(neg_lo, top_t)
@@ -424,7 +423,7 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
             x = pool[pick]
             pool[pick] = pool[k]
             pool[k] = x
-            negs[b, k] = x % n_items
+            negs[b, k] = x & 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------------------------ Python wrappers
@@ -487,6 +486,8 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
     st = g.store
     if not 0 <= lo <= hi <= st.n_items:
         raise ValueError(f"start items [{lo}, {hi}) must lie within [0, {st.n_items})")
+    if st.n_items >= 2**32:
+        raise ValueError(f"n_items={st.n_items}: the ranking packs item ids into 32 bits; split the item space")
     iu, ui = st.item_users, st.user_items
     n = hi - lo
     t, n_neg = cfg.top_t, cfg.n_hard_negatives

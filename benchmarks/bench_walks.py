@@ -162,6 +162,11 @@ def numpy_neighborhood_task(path: str, token: str, lo: int, hi: int, cfg: WalkCo
 
 
 def rss_peak_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's RSS inherited across fork+exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -198,6 +203,13 @@ def _seconds(fn: Any, *args: Any, **kwargs: Any) -> float:
 
 
 
+def cpu_timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the CPU seconds this worker spent on it (what a loaded, shared machine cannot steal)."""
+    t0 = time.process_time()
+    out = fn(*args)
+    return out, time.process_time() - t0
+
+
 def timed_wall(client: Client, calls: list[tuple[Any, ...]], reps: int) -> tuple[float, list[Any]]:
     """Median wall time of submitting ``calls`` (fn, *args) to the cluster and gathering their results."""
     times, out = [], []
@@ -223,11 +235,14 @@ def measure(client: Client, path: str, token: str, a: argparse.Namespace, n_item
                    for _ in range(workers)])
     # after imports, numba's cached code and the store's mapping: what the walks add comes on top of this
     res["worker_baseline_rss_mb"] = list(client.run(rss_now_mb).values())
-    t, steps = timed_wall(client, [(numpy_walk_task, path, token, lo, hi, hops, 7) for lo, hi in bounds], a.reps)
-    res["numpy_walker_steps_per_s"] = sum(steps) / t
-    t, steps = timed_wall(client, [(numba_walk_task, path, token, lo, hi, hops, 7, False) for lo, hi in bounds],
-                          a.reps)
-    res["numba_walker_steps_per_s"] = sum(steps) / t
+    t, out = timed_wall(client, [(cpu_timed, numpy_walk_task, path, token, lo, hi, hops, 7) for lo, hi in bounds],
+                        a.reps)
+    res["numpy_walker_steps_per_s"] = sum(o[0] for o in out) / t
+    res["numpy_walker_steps_per_cpu_s"] = sum(o[0] for o in out) / sum(o[1] for o in out)
+    t, out = timed_wall(client, [(cpu_timed, numba_walk_task, path, token, lo, hi, hops, 7, False)
+                                 for lo, hi in bounds], a.reps)
+    res["numba_walker_steps_per_s"] = sum(o[0] for o in out) / t
+    res["numba_walker_steps_per_cpu_s"] = sum(o[0] for o in out) / sum(o[1] for o in out)
     t, steps = timed_wall(client, [(numba_walk_task, path, token, lo, hi, hops, 7, True) for lo, hi in bounds],
                           a.reps)
     res["numba_walker_with_user_counts_steps_per_s"] = sum(steps) / t
@@ -310,6 +325,9 @@ def main() -> int:
         "steps_vs_numpy_1w": one["numba_walker_steps_per_s"] / one["numpy_walker_steps_per_s"],
         "steps_vs_numpy_2w": two["numba_walker_steps_per_s"] / two["numpy_walker_steps_per_s"],
         "steps_scaling_1_to_2": two["numba_walker_steps_per_s"] / one["numba_walker_steps_per_s"],
+        "numba_steps_per_cpu_s_1w_2w": [one["numba_walker_steps_per_cpu_s"], two["numba_walker_steps_per_cpu_s"]],
+        "numpy_steps_per_cpu_s_1w_2w": [one["numpy_walker_steps_per_cpu_s"], two["numpy_walker_steps_per_cpu_s"]],
+        "steps_vs_numpy_per_cpu_s_1w": one["numba_walker_steps_per_cpu_s"] / one["numpy_walker_steps_per_cpu_s"],
         "steps_share_of_gather_bound_1w": one["numba_walker_steps_per_s"] / one["step_bound_from_gathers_per_s"],
         "steps_share_of_gather_bound_2w": two["numba_walker_steps_per_s"] / two["step_bound_from_gathers_per_s"],
         "numpy_walker_scaling_1_to_2": two["numpy_walker_steps_per_s"] / one["numpy_walker_steps_per_s"],

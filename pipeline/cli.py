@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
     "pipeline.graph",
     "pipeline.evaluate",
     "pipeline.partition",
+    "pipeline.walks",
 )
 
 

@@ -8,8 +8,8 @@
 Design of local/hierarchical sync: the model stays wrapped in DDP (one code path for the trainer), but the hook
 registered here all-reduces gradients only during ``sync_warmup_steps`` and afterwards returns the local gradient
 untouched, without any communication (DDP's per-step all-reduce is off); the wrapped optimizer then averages
-parameters and buffers on the configured schedule. Build the DDP model with ``broadcast_buffers=False`` then, or
-DDP would broadcast rank 0's buffers to everyone at every forward.
+parameters and buffers on the configured schedule. Build the DDP model with ``forward_sync_buffers=False`` then
+(``broadcast_buffers=False`` before torch 2.13), or DDP would broadcast rank 0's buffers at every forward.
 """
 
 from __future__ import annotations
@@ -153,6 +153,12 @@ class CommSession:
         return out
 
 
+def _syncs_buffers_every_forward(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:
+    if "forward_sync_buffers" in vars(ddp_model):  # torch >= 2.13 (broadcast_buffers is deprecated there)
+        return bool(vars(ddp_model)["forward_sync_buffers"])
+    return bool(vars(ddp_model).get("broadcast_buffers", True))
+
+
 def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, config: CommConfig, *,
                         process_group: dist.ProcessGroup | None = None, audit: bool = False) -> CommSession:
     """Register the hook that ``config`` asks for on ``ddp_model`` and return the session holding its state.
@@ -168,9 +174,10 @@ def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, co
     traffic = TrafficAccount()
     session = CommSession(config=config, traffic=traffic, model=ddp_model)
     if not config.uses_ddp_allreduce:
-        if ddp_model.broadcast_buffers:
+        if _syncs_buffers_every_forward(ddp_model):
             raise ValueError(f"--sync {config.sync_spec}: build the model with DistributedDataParallel(..., "
-                             "broadcast_buffers=False); the averager synchronises buffers on its schedule")
+                             "forward_sync_buffers=False) (broadcast_buffers=False before torch 2.13); the averager "
+                             "synchronises buffers on its own schedule")
         session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
                                          process_group=process_group, traffic=traffic)
         ddp_model.register_comm_hook(_HookState(process_group, traffic, averager=session.averager),

@@ -114,3 +114,26 @@ def test_traffic_account_sums_steps_and_syncs() -> None:
         acc.record(dense_bytes=-1, sent_bytes=0)
     assert "ratio=20.0x" in repr(acc)
     assert math.isinf(TrafficAccount().compression_ratio)
+
+
+def test_projection_formulas() -> None:
+    from gnn.comm.projection import (
+        StepTraffic,
+        communication_seconds,
+        gbit,
+        level_frequencies,
+        ring_allgather_seconds,
+        ring_allreduce_seconds,
+    )
+
+    bw = gbit(8.0)  # 1e9 bytes/s
+    assert ring_allreduce_seconds(1e9, 4, bandwidth=bw) == 2 * 3 / 4
+    assert ring_allreduce_seconds(1e9, 1, bandwidth=bw) == 0.0
+    assert ring_allgather_seconds(1e6, 8, bandwidth=bw) == 7e-3
+    levels = (SyncLevel(2, 4), SyncLevel(None, 16))
+    assert level_frequencies(levels) == [3 / 16, 1 / 16]
+    local = StepTraffic(model_bytes=1e9, levels=(SyncLevel(None, 10),))
+    assert communication_seconds(local, 2, bandwidth=bw) == 1.0 / 10
+    hier = StepTraffic(model_bytes=1e9, levels=levels)
+    expected = 3 / 16 * 1.0 + 1 / 16 * 2 * 7 / 8
+    assert abs(communication_seconds(hier, 8, bandwidth=bw) - expected) < 1e-12

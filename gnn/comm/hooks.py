@@ -41,6 +41,7 @@ class _HookState:
     traffic: TrafficAccount
     powersgd: powerSGD_hook.PowerSGDState | None = None
     averager: ModelAverager | None = None
+    pending: Future[torch.Tensor] | None = None
 
 
 def _close(state: _HookState, bucket: dist.GradBucket, *, dense: int, sent: int) -> None:
@@ -75,10 +76,18 @@ def bf16_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[tor
 
 @ddp_hook
 def powersgd_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
-    """PyTorch's (unbatched) PowerSGD hook, counted from its own compression statistics (P and Q entries)."""
+    """PyTorch's (unbatched) PowerSGD hook, counted from its own compression statistics (P and Q entries).
+
+    PowerSGD issues its second all-reduce (Qs) from a callback of the first; with several buckets, rank A can issue
+    bucket 1's P before bucket 0's Q while rank B does the opposite, and gloo (which matches collectives by issue
+    order) aborts ("Received data size doesn't match expected size"). So each bucket waits here for the previous
+    bucket's exchange to finish before starting its own: correct on gloo, at the cost of overlap between buckets.
+    """
     ps = state.powersgd
     if ps is None:
         raise ValueError("powersgd_counting_hook needs a PowerSGDState in state.powersgd")
+    if state.pending is not None:
+        state.pending.wait()  # synchronisation point: keep collective issue order identical on every rank
     buf = bucket.buffer()
     dense = buf.numel() * buf.element_size()
     before = ps.total_numel_after_compression
@@ -86,6 +95,7 @@ def powersgd_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future
     future = powerSGD_hook.powerSGD_hook(ps, bucket)
     sent = dense if was_plain else (ps.total_numel_after_compression - before) * buf.element_size()
     _close(state, bucket, dense=dense, sent=sent)
+    state.pending = None if bucket.is_last() else future
     return future
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -52,6 +53,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]
     return all(torch.equal(a[k], b[k]) for k in (keys or a))
 
 
+@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
 def test_local_sgd_averages_params_and_buffers_every_h_steps_after_warmup() -> None:
     results = run_gloo(averaging_worker, world_size=2, args=("local:3", 2, 8))
     h0, h1 = results[0]["history"], results[1]["history"]
@@ -75,6 +77,7 @@ def test_local_sgd_averages_params_and_buffers_every_h_steps_after_warmup() -> N
     assert "must equal the world size 2" in results[0]["errors"]["world"]
 
 
+@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
 def test_hierarchical_averages_within_groups_then_everyone() -> None:
     results = run_gloo(averaging_worker, world_size=4, args=("hierarchical:2@2,all@4", 0, 6))
     hist = [r["history"] for r in results]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gnn.comm import DGCConfig, parse_comm, setup_communication
+from gnn.comm import DGCConfig, TrafficAccount, parse_comm, setup_communication
+from gnn.comm._annotations import ddp_hook
 from gnn.comm.config import dgc_k
+from gnn.comm.hooks import _HookState, powersgd_counting_hook
 from gnn.comm.launch import run_gloo
 
 STEPS = 6
@@ -59,6 +63,7 @@ def equivalence_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
 def test_dgc_at_sparsity_zero_equals_dense_allreduce() -> None:
     results = run_gloo(equivalence_worker, world_size=2)
     for label in ("momentum", "masked"):
@@ -106,6 +111,7 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
     return record
 
 
+@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
 def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup() -> None:
     results = run_gloo(audit_worker, world_size=2)
     expected_sparsity = [0.5, 0.5, 0.75, 0.75, 0.9, 0.9, 0.9]
@@ -135,6 +141,15 @@ def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup() -> None:
                                        rtol=1e-5, atol=1e-6)
 
 
+SEEN_BUCKETS: set[int] = set()
+
+
+@ddp_hook
+def bucket_spy(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    SEEN_BUCKETS.add(bucket.index())
+    return powersgd_counting_hook(state, bucket)
+
+
 def builtin_worker(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     plain = DDP(tiny_model())
@@ -146,6 +161,13 @@ def builtin_worker(rank: int, world: int) -> dict[str, Any]:
         session = setup_communication(model, cfg)
         train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, STEPS)
         out[compression] = {"params": params_of(model.module), "stats": session.stats()}
+    # Several buckets (a tiny bucket cap): PowerSGD's chained all-reduces must not interleave across buckets.
+    model = DDP(tiny_model(), bucket_cap_mb=0.0004)
+    state = _HookState(None, TrafficAccount(), powersgd=PowerSGDState(None, matrix_approximation_rank=1,
+                                                                       start_powerSGD_iter=2))
+    model.register_comm_hook(state, bucket_spy)
+    train(model, torch.optim.SGD(model.parameters(), lr=LR), rank, 12)
+    out["powersgd_multi"] = {"params": params_of(model.module), "buckets": sorted(SEEN_BUCKETS)}
     try:
         DDP_model = DDP(tiny_model())
         s = setup_communication(DDP_model, parse_comm("dgc"))
@@ -156,6 +178,7 @@ def builtin_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
 def test_builtin_hooks_run_on_gloo_and_are_counted() -> None:
     results = run_gloo(builtin_worker, world_size=2)
     dense = results[0]["none"]["stats"]["total_dense_bytes"]
@@ -171,3 +194,6 @@ def test_builtin_hooks_run_on_gloo_and_are_counted() -> None:
     assert results[0]["bf16"]["stats"]["total_sent_bytes"] * 2 == dense
     assert 0 < results[0]["powersgd"]["stats"]["last_step_sent_bytes"] < dense / STEPS
     assert "param_groups[0]['momentum']=0.9" in results[0]["momentum_error"]
+    assert len(results[0]["powersgd_multi"]["buckets"]) > 1
+    for name, value in results[0]["powersgd_multi"]["params"].items():
+        torch.testing.assert_close(results[1]["powersgd_multi"]["params"][name], value, rtol=0, atol=0)

@@ -217,7 +217,7 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="tiny sizes, for development")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warm", type=int, default=3)
-    parser.add_argument("--convergence-steps", type=int, default=400)
+    parser.add_argument("--convergence-steps", type=int, default=1500)
     parser.add_argument("--dgc-sparsity", type=float, default=0.999)
     parser.add_argument("--out", type=Path, default=Path("results/comm_micro.json"))
     args = parser.parse_args()

@@ -50,8 +50,8 @@ class DGCConfig:
         momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True).
         sample_fraction: share of entries sampled to estimate the top-k threshold (default 0.01).
         min_sample: smallest sample; smaller tensors use exact top-k directly (default 1024).
-        threshold_slack: accept the sampled threshold when it selects between k and ``slack``·k entries, then trim
-            to exactly k; otherwise fall back to exact top-k (default 1.3).
+        threshold_slack: the sampled threshold aims at ``slack``·k entries; the selection is trimmed to exactly k
+            by top-k over those candidates, or falls back to exact top-k when it found fewer than k (default 1.3).
         seed: seed of the sampling generator (default 0).
     """
 

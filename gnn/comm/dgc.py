@@ -33,9 +33,11 @@ def select_topk(magnitude: torch.Tensor, k: int, *, sample_fraction: float = 0.0
                 slack: float = 1.3, generator: torch.Generator | None = None) -> tuple[torch.Tensor, bool]:
     """Indices of exactly ``k`` largest entries of ``magnitude``, by a threshold estimated on a random sample.
 
-    The threshold is the k-th-largest-equivalent of a ``sample_fraction`` sample; when it selects between k and
-    ``slack``·k entries (so it is a superset of the top-k), the top k of those are kept; otherwise exact top-k runs on
-    the whole tensor. Either way the result is the exact top-k set (up to ties).
+    The threshold is the entry of a ``sample_fraction`` sample that would select about ``slack``·k entries of the
+    whole tensor. When it selects c >= k entries (so they include the top-k), the top k of those c are kept (exact
+    trim: cost ∝ c, not n); when it selects fewer than k (the sample over-estimated), exact top-k runs on the whole
+    tensor (the fallback, reported as the second return value). Either way the result is the exact top-k set (up
+    to ties), of exactly k entries, so every rank's all-gather has the same size.
 
     Shapes:
         magnitude: (n,) non-negative; returns (k,) int64 indices and whether the exact fallback ran.
@@ -47,13 +49,13 @@ def select_topk(magnitude: torch.Tensor, k: int, *, sample_fraction: float = 0.0
     if m >= n:
         return torch.topk(magnitude, k, sorted=False).indices, False
     sample = magnitude[torch.randint(n, (m,), generator=generator, device=magnitude.device)]
-    k_sample = max(1, math.ceil(m * k / n))
+    k_sample = min(m, max(1, math.ceil(m * k * slack / n)))
     threshold = torch.topk(sample, k_sample, sorted=False).values.min()
     candidates = torch.nonzero(magnitude >= threshold).view(-1)  # (c,)
     c = candidates.numel()
-    if k <= c <= slack * k:
-        if c == k:
-            return candidates, False
+    if c == k:
+        return candidates, False
+    if c > k:
         return candidates[torch.topk(magnitude[candidates], k, sorted=False).indices], False
     return torch.topk(magnitude, k, sorted=False).indices, True
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,27 @@ class DGCState:
     def name_parameters(self, module: torch.nn.Module) -> None:
         """Label parameters by their module names (for audits and per-tensor counters)."""
         self.names = {p: n for n, p in module.named_parameters()}
+
+    def state_dict(self) -> dict[str, object]:
+        """Residual velocities and momenta by parameter name (call :meth:`name_parameters` first), for checkpoints."""
+        missing = [p for p in self.velocities if p not in self.names]
+        if missing:
+            raise ValueError(f"{len(missing)} parameters have no name; call DGCState.name_parameters(module) first")
+        return {"epoch": self.epoch, "steps": self.traffic.steps,
+                "velocities": {self.names[p]: v.clone() for p, v in self.velocities.items()},
+                "momenta": {self.names[p]: u.clone() for p, u in self.momenta.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], module: torch.nn.Module) -> None:
+        """Restore :meth:`state_dict` onto ``module``'s parameters (matched by name)."""
+        self.name_parameters(module)
+        by_name = dict(module.named_parameters())
+        unknown = sorted(set(state["velocities"]) - set(by_name))
+        if unknown:
+            raise ValueError(f"DGC state names parameters the module lacks: {unknown[:5]}; wrong checkpoint?")
+        self.epoch = int(state["epoch"])
+        self.traffic.steps = int(state["steps"])
+        self.velocities = {by_name[n]: v.clone() for n, v in state["velocities"].items()}
+        self.momenta = {by_name[n]: u.clone() for n, u in state["momenta"].items()}
 
     @property
     def sparsity(self) -> float:

@@ -145,3 +145,22 @@ def test_projection_formulas() -> None:
     hier = StepTraffic(model_bytes=1e9, levels=levels)
     expected = 3 / 16 * 1.0 + 1 / 16 * 2 * 7 / 8
     assert abs(communication_seconds(hier, 8, bandwidth=bw) - expected) < 1e-12
+
+
+def test_dgc_state_round_trips_residuals_by_name() -> None:
+    from gnn.comm.dgc import DGCState, _compress_local
+
+    model = torch.nn.Linear(40, 30)
+    state = DGCState(DGCConfig(sparsity=0.9, warmup_sparsities=()))
+    state.name_parameters(model)
+    grad = torch.arange(1200, dtype=torch.float32).reshape(30, 40) / 1200  # entry i has value i/1200
+    values, indices = _compress_local(state, model.weight, grad, 2, 0.9)
+    assert sorted(indices.tolist()) == list(range(1080, 1200))  # exactly k = 120, the largest
+    assert torch.equal(values, indices.double().div(1200).float())
+    restored = DGCState(DGCConfig())
+    fresh = torch.nn.Linear(40, 30)
+    restored.load_state_dict(state.state_dict(), fresh)
+    assert torch.equal(restored.velocities[fresh.weight], state.velocities[model.weight])
+    assert float(restored.velocities[fresh.weight].max()) == float(torch.tensor(1079.0) / 1200)  # top 120 left
+    with pytest.raises(ValueError, match="lacks"):
+        restored.load_state_dict(state.state_dict(), torch.nn.Sequential(torch.nn.Linear(40, 30)))

@@ -74,36 +74,50 @@ def _mode_config(mode: str, dgc_sparsity: float) -> Any:
 
 def micro_worker(rank: int, world: int, modes: list[str], shape: dict[str, int], batch: int, neighbours: int,
                  warm: int, steps: int, dgc_sparsity: float) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    """Every mode gets its own model; modes take turns in chunks of 4 steps, so that load drift on this shared
+    machine hits them alike (``compute`` = the same step without DDP or any communication)."""
+    runs: dict[str, dict[str, Any]] = {}
     for mode in ["compute", *modes]:
         torch.manual_seed(0)
         base = PinSageShapedMLP(**shape)
         if mode == "compute":
-            model: torch.nn.Module = base
-            optimizer = torch.optim.SGD(base.parameters(), lr=0.05)
-            session = None
-        else:
-            model = DDP(base, forward_sync_buffers=False)
-            session = setup_communication(model, _mode_config(mode, dgc_sparsity))
-            lr_only = mode == "dgc"
-            optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05,
-                                                               momentum=0.0 if lr_only else 0.9))
-        gen = torch.Generator().manual_seed(rank)
-        times = []
-        start_sent = start_sync = 0
-        for step in range(warm + steps):
-            if step == warm and session is not None:
-                start_sent, start_sync = session.traffic.total_sent_bytes, session.traffic.total_sync_bytes
+            runs[mode] = {"model": base, "optimizer": torch.optim.SGD(base.parameters(), lr=0.05), "session": None}
+            continue
+        model = DDP(base, forward_sync_buffers=False)
+        session = setup_communication(model, _mode_config(mode, dgc_sparsity))
+        momentum = 0.0 if mode == "dgc" else 0.9  # DGC: the hook's velocity is the momentum
+        runs[mode] = {"model": model, "session": session,
+                      "optimizer": session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05,
+                                                                          momentum=momentum))}
+    for run in runs.values():
+        run.update(gen=torch.Generator().manual_seed(rank), times=[], start=(0, 0))
+
+    def advance(run: dict[str, Any], count: int, timed: bool) -> None:
+        for _ in range(count):
             t0 = time.perf_counter()
-            optimizer.zero_grad()
-            margin_loss(model, shape["items"], batch, neighbours, gen).backward()
-            optimizer.step()
-            times.append(time.perf_counter() - t0)
-        entry: dict[str, Any] = {"step_seconds": times[warm:]}
+            run["optimizer"].zero_grad()
+            margin_loss(run["model"], shape["items"], batch, neighbours, run["gen"]).backward()
+            run["optimizer"].step()
+            if timed:
+                run["times"].append(time.perf_counter() - t0)
+
+    for run in runs.values():
+        advance(run, warm, timed=False)
+        if run["session"] is not None:
+            run["start"] = (run["session"].traffic.total_sent_bytes, run["session"].traffic.total_sync_bytes)
+    chunk = 4
+    for _ in range(steps // chunk):
+        for run in runs.values():
+            advance(run, chunk, timed=True)
+    out: dict[str, Any] = {}
+    measured = chunk * (steps // chunk)
+    for mode, run in runs.items():
+        entry: dict[str, Any] = {"step_seconds": run["times"]}
+        session = run["session"]
         if session is not None:
             t = session.traffic
-            entry.update(sent_bytes_per_step=(t.total_sent_bytes - start_sent) / steps,
-                         sync_bytes_per_step=(t.total_sync_bytes - start_sync) / steps,
+            entry.update(sent_bytes_per_step=(t.total_sent_bytes - run["start"][0]) / measured,
+                         sync_bytes_per_step=(t.total_sync_bytes - run["start"][1]) / measured,
                          dense_bytes_per_step=t.last_step_dense_bytes, stats=session.stats())
         out[mode] = entry
     base = PinSageShapedMLP(**shape)

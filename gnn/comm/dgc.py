@@ -28,17 +28,19 @@ from gnn.comm.config import DGCConfig, dgc_k
 logger = logging.getLogger(__name__)
 
 INDEX_BYTES = 4  # indices travel as int32
+MIN_SAMPLE_HITS = 32
 
 
 def select_topk(magnitude: torch.Tensor, k: int, *, sample_fraction: float = 0.01, min_sample: int = 1024,
                 slack: float = 1.3, generator: torch.Generator | None = None) -> tuple[torch.Tensor, bool]:
     """Indices of exactly ``k`` largest entries of ``magnitude``, by a threshold estimated on a random sample.
 
-    The threshold is the entry of a ``sample_fraction`` sample that would select about ``slack``·k entries of the
-    whole tensor. When it selects c >= k entries (so they include the top-k), the top k of those c are kept (exact
-    trim: cost ∝ c, not n); when it selects fewer than k (the sample over-estimated), exact top-k runs on the whole
-    tensor (the fallback, reported as the second return value). Either way the result is the exact top-k set (up
-    to ties), of exactly k entries, so every rank's all-gather has the same size.
+    The threshold is the entry of a ``sample_fraction`` sample (at least ``min_sample`` entries, and enough for 32
+    sampled entries above it) that would select about ``slack``·k entries of the whole tensor. When it selects
+    c >= k entries (so they include the top-k), the top k of those c are kept (exact trim: cost ∝ c, not n); when
+    it selects fewer than k (the sample over-estimated), exact top-k runs on the whole tensor (the fallback,
+    reported as the second return value). Either way the result is the exact top-k set (up to ties), of exactly
+    k entries, so every rank's all-gather has the same size.
 
     Shapes:
         magnitude: (n,) non-negative; returns (k,) int64 indices and whether the exact fallback ran.
@@ -46,7 +48,8 @@ def select_topk(magnitude: torch.Tensor, k: int, *, sample_fraction: float = 0.0
     n = magnitude.numel()
     if k >= n:
         return torch.arange(n, device=magnitude.device), False
-    m = max(min_sample, math.ceil(n * sample_fraction))
+    # enough sample that ~MIN_SAMPLE_HITS sampled entries lie above the threshold (else the estimate is noise)
+    m = max(min_sample, math.ceil(n * sample_fraction), math.ceil(MIN_SAMPLE_HITS * n / (k * slack)))
     if m >= n:
         return torch.topk(magnitude, k, sorted=False).indices, False
     sample = magnitude[torch.randint(n, (m,), generator=generator, device=magnitude.device)]

@@ -63,9 +63,20 @@ def equivalence_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
-def test_dgc_at_sparsity_zero_equals_dense_allreduce() -> None:
-    results = run_gloo(equivalence_worker, world_size=2)
+def all_workers(rank: int, world: int) -> dict[str, Any]:
+    return {"equivalence": equivalence_worker(rank, world), "audit": audit_worker(rank, world),
+            "builtin": builtin_worker(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def gloo_pair() -> list[dict[str, Any]]:
+    """One pair of spawned gloo ranks runs every scenario of this file (spawning costs seconds)."""
+    return run_gloo(all_workers, world_size=2)
+
+
+@pytest.mark.timeout(180)  # a collective mismatch hangs rather than fails
+def test_dgc_at_sparsity_zero_equals_dense_allreduce(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["equivalence"] for r in gloo_pair]
     for label in ("momentum", "masked"):
         for rank_result in results:
             ref, dgc = rank_result[label]["reference"], rank_result[label]["dgc"]
@@ -111,9 +122,9 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
     return record
 
 
-@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
-def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup() -> None:
-    results = run_gloo(audit_worker, world_size=2)
+@pytest.mark.timeout(180)
+def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["audit"] for r in gloo_pair]
     expected_sparsity = [0.5, 0.5, 0.75, 0.75, 0.9, 0.9, 0.9]
     numel = results[0]["numel"]
     for step, sparsity in enumerate(expected_sparsity):
@@ -178,9 +189,9 @@ def builtin_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.timeout(120)  # a collective mismatch hangs rather than fails
-def test_builtin_hooks_run_on_gloo_and_are_counted() -> None:
-    results = run_gloo(builtin_worker, world_size=2)
+@pytest.mark.timeout(180)
+def test_builtin_hooks_run_on_gloo_and_are_counted(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["builtin"] for r in gloo_pair]
     dense = results[0]["none"]["stats"]["total_dense_bytes"]
     assert dense > 0
     for compression in ("none", "fp16", "bf16", "powersgd"):

@@ -1,0 +1,171 @@
+"""Periodic (local SGD) and hierarchical model averaging of parameters *and* buffers on any backend (gloo too).
+
+PyTorch's ``HierarchicalModelAverager`` averages parameters only, skips parameters without ``.grad`` and builds
+its groups with ``dist.new_subgroups`` (which needs CUDA without ``group_size``); this averager builds explicit
+groups of consecutive ranks with ``dist.new_group``, averages every floating tensor (parameters and buffers) and
+broadcasts integer buffers from the group's first rank, so replicas inside a group are bit-identical afterwards.
+
+    averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps)
+    optimizer = AveragingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), averager, model)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gnn.comm.accounting import TrafficAccount
+from gnn.comm.config import SyncLevel
+
+logger = logging.getLogger(__name__)
+
+
+def _module_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class ModelAverager:
+    """Average a model's parameters and buffers within groups on a schedule of levels.
+
+    Step ``s`` (1-based, counted by :meth:`step`) does nothing while ``s <= warmup_steps`` (gradients are then
+    all-reduced by the communication hook); afterwards, with ``t = s - warmup_steps``, the level with the largest
+    period dividing ``t`` averages within its groups (consecutive ranks ``[j·g, (j+1)·g)``), if any.
+
+    Args:
+        levels: averaging levels, group sizes nesting, last one covering every rank (``group_size`` None or world).
+        warmup_steps: steps of global gradient all-reduce before averaging starts (default 0).
+        process_group: the ranks taking part (default: the world).
+        traffic: counter to record rounds and bytes in (default: a new one).
+    """
+
+    def __init__(self, levels: Sequence[SyncLevel], *, warmup_steps: int = 0,
+                 process_group: dist.ProcessGroup | None = None, traffic: TrafficAccount | None = None) -> None:
+        if not levels:
+            raise ValueError("levels must not be empty; give at least one SyncLevel (e.g. local:16)")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        world_group = process_group if process_group is not None else dist.group.WORLD
+        if world_group is None:
+            raise RuntimeError("ModelAverager needs an initialised process group (dist.init_process_group)")
+        self.process_group: dist.ProcessGroup = world_group
+        world = dist.get_world_size(self.process_group)
+        rank = dist.get_rank(self.process_group)
+        last = levels[-1].group_size
+        if last is not None and last != world:
+            raise ValueError(f"--sync: the last level's group size {last} must equal the world size {world} "
+                             "(write it as all@PERIOD)")
+        self.levels = tuple(levels)
+        self.warmup_steps = warmup_steps
+        self.traffic = traffic if traffic is not None else TrafficAccount()
+        self.step_count = 0
+        self.groups: list[tuple[dist.ProcessGroup, list[int]]] = []
+        global_ranks = dist.get_process_group_ranks(self.process_group)
+        for level in self.levels:
+            size = world if level.group_size is None else level.group_size
+            if world % size:
+                raise ValueError(f"--sync: group size {size} must divide the world size {world}")
+            if size == world:
+                self.groups.append((self.process_group, list(global_ranks)))
+                continue
+            mine: tuple[dist.ProcessGroup, list[int]] | None = None
+            for start in range(0, world, size):  # every rank must create every group, in the same order
+                members = global_ranks[start:start + size]
+                group = dist.new_group(members)
+                if start <= rank < start + size:
+                    mine = (group, members)
+            if mine is None:
+                raise RuntimeError(f"rank {rank} is in no group of size {size}")
+            self.groups.append(mine)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the step in progress is a global gradient all-reduce step."""
+        return self.step_count < self.warmup_steps
+
+    def level_due(self, step: int) -> int | None:
+        """Index of the level that averages after 1-based step ``step``, or None."""
+        t = step - self.warmup_steps
+        if t <= 0:
+            return None
+        for i in reversed(range(len(self.levels))):
+            if t % self.levels[i].period == 0:
+                return i
+        return None
+
+    def step(self, model: torch.nn.Module) -> int | None:
+        """Count one optimizer step and average if a level is due; returns the level index averaged, if any."""
+        self.step_count += 1
+        due = self.level_due(self.step_count)
+        if due is not None:
+            self.average(model, level=due)
+        return due
+
+    def average(self, model: torch.nn.Module, *, level: int) -> None:
+        """Average parameters and floating buffers within this rank's group of ``level`` now (a sync point)."""
+        group, members = self.groups[level]
+        module = _module_of(model)
+        tensors = [p.data for p in module.parameters()] + list(module.buffers())
+        floats = [t for t in tensors if t.is_floating_point()]
+        others = [t for t in tensors if not t.is_floating_point()]
+        payload = 0
+        for dtype in {t.dtype for t in floats}:
+            same = [t for t in floats if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])  # (total,)
+            dist.all_reduce(flat, group=group)
+            flat.div_(len(members))
+            start = 0
+            for t in same:
+                t.copy_(flat[start:start + t.numel()].view_as(t))
+                start += t.numel()
+            payload += flat.numel() * flat.element_size()
+        for t in others:  # e.g. BatchNorm's num_batches_tracked: take the group leader's
+            dist.broadcast(t, src=members[0], group=group)
+            payload += t.numel() * t.element_size()
+        self.traffic.record_sync(level=self.levels[level].label, payload_bytes=payload)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+
+    def __repr__(self) -> str:
+        levels = ", ".join(lv.label for lv in self.levels)
+        return f"ModelAverager(levels=[{levels}], warmup={self.warmup_steps}, step={self.step_count})"
+
+
+class AveragingOptimizer(torch.optim.Optimizer):
+    """Wrap an optimizer so that each ``step()`` is followed by :meth:`ModelAverager.step` (local SGD).
+
+    Like PyTorch's ``PostLocalSGDOptimizer``, but averaging buffers as well and counting traffic.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, averager: ModelAverager, model: torch.nn.Module) -> None:
+        self.optimizer = optimizer
+        self.averager = averager
+        self.model = model
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+        self.state = optimizer.state  # the same dict: the wrapped optimizer keeps its momentum buffers
+
+    def step(self, closure: Any = None) -> Any:
+        loss = self.optimizer.step(closure)
+        self.averager.step(self.model)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "averager": self.averager.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.averager.load_state_dict(state_dict["averager"])
+
+    def __repr__(self) -> str:
+        return f"AveragingOptimizer({self.optimizer.__class__.__name__}, {self.averager!r})"

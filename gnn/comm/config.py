@@ -1,0 +1,269 @@
+"""Gradient-traffic settings: ``--compression dgc|fp16|bf16|powersgd|none`` and
+``--sync allreduce|local:H|hierarchical:G@P,...,all@P`` parsed into a frozen, validated :class:`CommConfig`.
+
+Hierarchical spec: comma-separated ``group_size@period`` levels with strictly increasing group sizes (each dividing
+the next) and strictly increasing periods; the last level must cover every rank (``all@P``, or the world size,
+checked when the process group exists). ``hierarchical:2@4,all@16``: groups of 2 average every 4 steps, everyone
+every 16 (the larger level wins when both divide a step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd", "dgc")
+SYNC_KINDS = ("allreduce", "local", "hierarchical")
+DGC_WARMUP_DEFAULT = (0.75, 0.9375, 0.984375, 0.996)  # Lin et al. 2018, then `sparsity` (0.999)
+
+
+@dataclass(frozen=True)
+class SyncLevel:
+    """One model-averaging level: ranks in consecutive blocks of ``group_size`` (``None`` = all ranks) average
+    parameters and buffers every ``period`` local steps."""
+
+    group_size: int | None
+    period: int
+
+    @property
+    def label(self) -> str:
+        return f"{'all' if self.group_size is None else f'group{self.group_size}'}@{self.period}"
+
+
+@dataclass(frozen=True)
+class DGCConfig:
+    """Deep Gradient Compression settings (Lin et al., ICLR 2018).
+
+    Args:
+        sparsity: final share of each dim>1 tensor's entries kept back per step (default 0.999: send 0.1 %).
+        warmup_sparsities: sparsities of the warm-up stages before ``sparsity`` (default 75, 93.75, 98.44, 99.6 %).
+        warmup_unit: what a warm-up stage counts, ``"epoch"`` (the trainer calls ``set_epoch``) or ``"step"``
+            (default ``"epoch"``).
+        warmup_stage_length: epochs (or steps) per warm-up stage (default 1).
+        momentum: momentum of the velocity kept in the hook (momentum correction; default 0.9). Use plain SGD
+            (momentum 0, weight decay 0) as the optimizer.
+        weight_decay: L2 weight decay added to the local gradient inside the hook (default 0.0).
+        clip_norm: local per-tensor gradient-norm clip; the threshold is scaled by N^-1/2 (default None: off).
+        momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True).
+        sample_fraction: share of entries sampled to estimate the top-k threshold (default 0.01).
+        min_sample: smallest sample; smaller tensors use exact top-k directly (default 1024).
+        threshold_slack: the sampled threshold aims at ``slack``·k entries; the selection is trimmed to exactly k
+            by top-k over those candidates, or falls back to exact top-k when it found fewer than k (default 1.3).
+        seed: seed of the sampling generator (default 0).
+    """
+
+    sparsity: float = 0.999
+    warmup_sparsities: tuple[float, ...] = DGC_WARMUP_DEFAULT
+    warmup_unit: str = "epoch"
+    warmup_stage_length: int = 1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    momentum_masking: bool = True
+    sample_fraction: float = 0.01
+    min_sample: int = 1024
+    threshold_slack: float = 1.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        named = [("sparsity", self.sparsity)]
+        named += [(f"warmup_sparsities[{i}]", s) for i, s in enumerate(self.warmup_sparsities)]
+        for name, value in named:
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"DGCConfig.{name}={value!r} must be in [0, 1) (0.999 = send 0.1 % of entries)")
+        if self.warmup_unit not in ("epoch", "step"):
+            raise ValueError(f"DGCConfig.warmup_unit={self.warmup_unit!r}: use 'epoch' or 'step'")
+        if self.warmup_stage_length < 1:
+            raise ValueError(f"DGCConfig.warmup_stage_length={self.warmup_stage_length} must be >= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"DGCConfig.momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"DGCConfig.weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"DGCConfig.clip_norm={self.clip_norm} must be > 0 or None (off)")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"DGCConfig.sample_fraction={self.sample_fraction} must be in (0, 1] (paper: 0.001-0.01)")
+        if self.min_sample < 1:
+            raise ValueError(f"DGCConfig.min_sample={self.min_sample} must be >= 1")
+        if self.threshold_slack < 1.0:
+            raise ValueError(f"DGCConfig.threshold_slack={self.threshold_slack} must be >= 1")
+
+    def sparsity_at(self, stage_clock: int) -> float:
+        """Sparsity at epoch (or step) ``stage_clock`` (0-based) under the warm-up schedule."""
+        stage = stage_clock // self.warmup_stage_length
+        return self.warmup_sparsities[stage] if stage < len(self.warmup_sparsities) else self.sparsity
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How gradients / models are synchronised between data-parallel ranks.
+
+    Args:
+        compression: ``none`` (plain all-reduce), ``fp16``, ``bf16``, ``powersgd`` or ``dgc`` (default ``none``).
+        sync: ``allreduce`` (every step), ``local`` (periodic averaging) or ``hierarchical`` (default ``allreduce``).
+        sync_levels: averaging levels for ``local``/``hierarchical`` (parsed from the ``--sync`` spec).
+        sync_warmup_steps: global gradient all-reduce steps before local/hierarchical averaging starts (default 0).
+        powersgd_rank: PowerSGD matrix approximation rank (default 2).
+        powersgd_start_iter: plain all-reduce steps before PowerSGD starts; must be > 1 (default 10).
+        dgc: DGC settings (used when ``compression == "dgc"``).
+    """
+
+    compression: str = "none"
+    sync: str = "allreduce"
+    sync_levels: tuple[SyncLevel, ...] = ()
+    sync_warmup_steps: int = 0
+    powersgd_rank: int = 2
+    powersgd_start_iter: int = 10
+    dgc: DGCConfig = field(default_factory=DGCConfig)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"--compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if self.sync not in SYNC_KINDS:
+            raise ValueError(f"--sync {self.sync!r}: choose allreduce, local:H or hierarchical:G@P,...,all@P")
+        if self.sync == "allreduce" and self.sync_levels:
+            raise ValueError("--sync allreduce takes no averaging levels; use local:H or hierarchical:...")
+        if self.sync != "allreduce":
+            _check_levels(self.sync, self.sync_levels)
+            if self.compression != "none":
+                raise ValueError(f"--compression {self.compression} cannot be combined with --sync "
+                                 f"{self.sync_spec}: local/hierarchical averaging sends no gradients after "
+                                 "warm-up; use --compression none")
+        if self.sync_warmup_steps < 0:
+            raise ValueError(f"--sync-warmup-steps {self.sync_warmup_steps} must be >= 0")
+        if self.powersgd_rank < 1:
+            raise ValueError(f"--powersgd-rank {self.powersgd_rank} must be >= 1")
+        if self.powersgd_start_iter <= 1:
+            raise ValueError(f"--powersgd-start-iter {self.powersgd_start_iter} must be > 1 (PyTorch's PowerSGD "
+                             "needs plain all-reduce for the first 2 iterations)")
+
+    @property
+    def sync_spec(self) -> str:
+        """The ``--sync`` string this config was parsed from (canonical form)."""
+        if self.sync == "allreduce":
+            return "allreduce"
+        if self.sync == "local":
+            return f"local:{self.sync_levels[0].period}"
+        return "hierarchical:" + ",".join(
+            f"{'all' if lv.group_size is None else lv.group_size}@{lv.period}" for lv in self.sync_levels)
+
+    @property
+    def uses_ddp_allreduce(self) -> bool:
+        """True when gradients are averaged every step (after any warm-up): DDP's all-reduce must stay on."""
+        return self.sync == "allreduce"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, for checkpoints and reports (round-trips through :meth:`from_dict`)."""
+        out = asdict(self)
+        out["sync_spec"] = self.sync_spec
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CommConfig:
+        data = dict(data)
+        data.pop("sync_spec", None)
+        dgc = dict(data.pop("dgc", {}))
+        if "warmup_sparsities" in dgc:
+            dgc["warmup_sparsities"] = tuple(dgc["warmup_sparsities"])
+        levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
+        return cls(sync_levels=levels, dgc=DGCConfig(**dgc), **data)
+
+
+def _check_levels(kind: str, levels: tuple[SyncLevel, ...]) -> None:
+    if not levels:
+        raise ValueError(f"--sync {kind} needs averaging levels, e.g. local:16 or hierarchical:2@4,all@16")
+    if kind == "local" and (len(levels) != 1 or levels[0].group_size is not None):
+        raise ValueError("--sync local:H averages every rank every H steps; for groups use hierarchical:G@P,...")
+    if levels[-1].group_size is not None and kind == "local":
+        raise ValueError("--sync local:H must average all ranks")
+    for i, level in enumerate(levels):
+        if level.period < 1:
+            raise ValueError(f"--sync {kind}: period {level.period} of level {i + 1} must be >= 1")
+        if level.group_size is not None and level.group_size < 2:
+            raise ValueError(f"--sync {kind}: group size {level.group_size} of level {i + 1} must be >= 2")
+        if level.group_size is None and i != len(levels) - 1:
+            raise ValueError(f"--sync {kind}: 'all' may only be the last level")
+    for lower, upper in itertools.pairwise(levels):
+        if upper.period <= lower.period:
+            raise ValueError(f"--sync {kind}: periods must increase ({lower.period} then {upper.period})")
+        if lower.group_size is not None and upper.group_size is not None and (
+                upper.group_size <= lower.group_size or upper.group_size % lower.group_size):
+            raise ValueError(f"--sync {kind}: group size {upper.group_size} must be a larger multiple of "
+                             f"{lower.group_size} so that groups nest")
+
+
+def parse_sync(spec: str) -> tuple[str, tuple[SyncLevel, ...]]:
+    """Parse ``allreduce``, ``local:H`` or ``hierarchical:G@P,...,all@P`` into a sync kind and its levels.
+
+    >>> parse_sync("hierarchical:2@4,all@16")
+    ('hierarchical', (SyncLevel(group_size=2, period=4), SyncLevel(group_size=None, period=16)))
+    """
+    text = spec.strip()
+    kind, _, rest = text.partition(":")
+    if kind == "allreduce" and not rest:
+        return "allreduce", ()
+    if kind == "local":
+        if not rest.isdigit() or int(rest) < 1:
+            raise ValueError(f"--sync {spec!r}: local needs a positive period, e.g. local:16")
+        return "local", (SyncLevel(None, int(rest)),)
+    if kind == "hierarchical":
+        levels = []
+        for item in rest.split(","):
+            size, at, period = item.strip().partition("@")
+            if not at or not period.isdigit() or not (size.isdigit() or size == "all"):
+                raise ValueError(f"--sync {spec!r}: level {item!r} must read GROUP@PERIOD (e.g. 2@4 or all@16)")
+            levels.append(SyncLevel(None if size == "all" else int(size), int(period)))
+        return "hierarchical", tuple(levels)
+    raise ValueError(f"--sync {spec!r}: use allreduce, local:H or hierarchical:G@P,...,all@P")
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    """``"0.75,0.9375"`` → ``(0.75, 0.9375)``; an empty string means no warm-up."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--dgc-warmup {text!r}: give comma-separated sparsities, e.g. 0.75,0.9375") from None
+
+
+def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the communication flags (``--compression``, ``--sync``, and their knobs) to a CLI parser."""
+    d, dg = CommConfig(), DGCConfig()
+    group = parser.add_argument_group("gradient communication")
+    group.add_argument("--compression", default=d.compression, choices=COMPRESSIONS)
+    group.add_argument("--sync", default="allreduce", help="allreduce | local:H | hierarchical:G@P,...,all@P")
+    group.add_argument("--sync-warmup-steps", type=int, default=d.sync_warmup_steps)
+    group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
+    group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
+    group.add_argument("--dgc-sparsity", type=float, default=dg.sparsity)
+    group.add_argument("--dgc-warmup", default=",".join(str(s) for s in dg.warmup_sparsities),
+                       help="warm-up sparsities, one per stage (empty: none)")
+    group.add_argument("--dgc-warmup-unit", default=dg.warmup_unit, choices=("epoch", "step"))
+    group.add_argument("--dgc-warmup-stage-length", type=int, default=dg.warmup_stage_length)
+    group.add_argument("--dgc-momentum", type=float, default=dg.momentum)
+    group.add_argument("--dgc-weight-decay", type=float, default=dg.weight_decay)
+    group.add_argument("--dgc-clip-norm", type=float, default=None)
+
+
+def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
+    """Build the :class:`CommConfig` from flags added by :func:`add_comm_arguments` (ValueError names the flag)."""
+    kind, levels = parse_sync(args.sync)
+    dgc = DGCConfig(sparsity=args.dgc_sparsity, warmup_sparsities=parse_sparsities(args.dgc_warmup),
+                    warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
+                    momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm)
+    return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
+                      sync_warmup_steps=args.sync_warmup_steps, powersgd_rank=args.powersgd_rank,
+                      powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)
+
+
+def parse_comm(compression: str = "none", sync: str = "allreduce", **settings: Any) -> CommConfig:
+    """Shortcut: ``parse_comm("dgc", "allreduce", dgc=DGCConfig(...))`` or ``parse_comm("none", "local:16")``."""
+    kind, levels = parse_sync(sync)
+    return CommConfig(compression=compression, sync=kind, sync_levels=levels, **settings)
+
+
+def dgc_k(numel: int, sparsity: float) -> int:
+    """Entries sent for a tensor of ``numel`` entries at ``sparsity``: ``max(1, ceil(numel·(1 - sparsity)))``."""
+    return min(numel, max(1, math.ceil(numel * (1.0 - sparsity) - 1e-9)))

@@ -1,0 +1,262 @@
+"""Deep Gradient Compression (Lin et al., ICLR 2018) as a DDP communication hook.
+
+Per parameter of dim > 1: add weight decay, clip locally (threshold × N^-1/2), accumulate *velocity*
+(momentum correction), send exactly k = ceil(numel·(1 − sparsity)) entries of the accumulated velocity (values +
+int32 indices, all-gathered, summed, divided by N), keep the rest as a local residual and zero the momentum of the
+entries sent (momentum factor masking). Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
+after averaging. The hook outputs the *update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
+
+    state = DGCState(config.dgc)
+    ddp_model.register_comm_hook(state, dgc_hook)
+    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=lr)  # no momentum, no weight decay: the hook does both
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gnn.comm._annotations import ddp_hook
+from gnn.comm.accounting import TrafficAccount
+from gnn.comm.config import DGCConfig, dgc_k
+
+logger = logging.getLogger(__name__)
+
+INDEX_BYTES = 4  # indices travel as int32
+MIN_SAMPLE_HITS = 32
+
+
+def select_topk(magnitude: torch.Tensor, k: int, *, sample_fraction: float = 0.01, min_sample: int = 1024,
+                slack: float = 1.3, generator: torch.Generator | None = None) -> tuple[torch.Tensor, bool]:
+    """Indices of exactly ``k`` largest entries of ``magnitude``, by a threshold estimated on a random sample.
+
+    The threshold is the entry of a ``sample_fraction`` sample (at least ``min_sample`` entries, and enough for 32
+    sampled entries above it) that would select about ``slack``·k entries of the whole tensor. When it selects
+    c >= k entries (so they include the top-k), the top k of those c are kept (exact trim: cost ∝ c, not n); when
+    it selects fewer than k (the sample over-estimated), exact top-k runs on the whole tensor (the fallback,
+    reported as the second return value). Either way the result is the exact top-k set (up to ties), of exactly
+    k entries, so every rank's all-gather has the same size.
+
+    Shapes:
+        magnitude: (n,) non-negative; returns (k,) int64 indices and whether the exact fallback ran.
+    """
+    n = magnitude.numel()
+    if k >= n:
+        return torch.arange(n, device=magnitude.device), False
+    # enough sample that ~MIN_SAMPLE_HITS sampled entries lie above the threshold (else the estimate is noise)
+    m = max(min_sample, math.ceil(n * sample_fraction), math.ceil(MIN_SAMPLE_HITS * n / (k * slack)))
+    if m >= n:
+        return torch.topk(magnitude, k, sorted=False).indices, False
+    sample = magnitude[torch.randint(n, (m,), generator=generator, device=magnitude.device)]
+    k_sample = min(m, max(1, math.ceil(m * k * slack / n)))
+    threshold = torch.topk(sample, k_sample, sorted=False).values.min()
+    candidates = torch.nonzero(magnitude >= threshold).view(-1)  # (c,)
+    c = candidates.numel()
+    if c == k:
+        return candidates, False
+    if c > k:
+        return candidates[torch.topk(magnitude[candidates], k, sorted=False).indices], False
+    return torch.topk(magnitude, k, sorted=False).indices, True
+
+
+@dataclass
+class StepAudit:
+    """What one compressed tensor went through in one step (kept only with ``DGCState(audit=True)``).
+
+    Shapes: all (numel,) flattened; ``accumulated`` = velocity before selection, ``sent`` = dense form of the values
+    sent, ``residual`` = velocity kept locally afterwards, ``gradient`` = local gradient incl. weight decay and clip.
+    """
+
+    gradient: torch.Tensor
+    accumulated: torch.Tensor
+    sent: torch.Tensor
+    residual: torch.Tensor
+    k: int
+
+
+@dataclass
+class DGCState:
+    """Residuals, momenta and counters of the DGC hook on one rank (pass as the hook's ``state``).
+
+    Velocities/momenta are keyed by parameter (not bucket), so DDP's bucket rebuild after the first step is harmless.
+    """
+
+    config: DGCConfig
+    process_group: dist.ProcessGroup | None = None
+    audit: bool = False
+    traffic: TrafficAccount = field(default_factory=TrafficAccount)
+    epoch: int = 0
+    fallbacks: int = 0
+    selections: int = 0
+    velocities: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    momenta: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    last_audit: dict[str, StepAudit] = field(default_factory=dict)
+    last_k: dict[str, int] = field(default_factory=dict)
+    names: dict[torch.Tensor, str] = field(default_factory=dict)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.generator.manual_seed(self.config.seed * 1_000_003 + rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the hook the epoch (drives the sparsity warm-up when ``warmup_unit == "epoch"``)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        self.epoch = epoch
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        """Label parameters by their module names (for audits and per-tensor counters)."""
+        self.names = {p: n for n, p in module.named_parameters()}
+
+    def state_dict(self) -> dict[str, object]:
+        """Residual velocities and momenta by parameter name (call :meth:`name_parameters` first), for checkpoints."""
+        missing = [p for p in self.velocities if p not in self.names]
+        if missing:
+            raise ValueError(f"{len(missing)} parameters have no name; call DGCState.name_parameters(module) first")
+        return {"epoch": self.epoch, "steps": self.traffic.steps,
+                "velocities": {self.names[p]: v.clone() for p, v in self.velocities.items()},
+                "momenta": {self.names[p]: u.clone() for p, u in self.momenta.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], module: torch.nn.Module) -> None:
+        """Restore :meth:`state_dict` onto ``module``'s parameters (matched by name)."""
+        self.name_parameters(module)
+        by_name = dict(module.named_parameters())
+        unknown = sorted(set(state["velocities"]) - set(by_name))
+        if unknown:
+            raise ValueError(f"DGC state names parameters the module lacks: {unknown[:5]}; wrong checkpoint?")
+        self.epoch = int(state["epoch"])
+        self.traffic.steps = int(state["steps"])
+        self.velocities = {by_name[n]: v.clone() for n, v in state["velocities"].items()}
+        self.momenta = {by_name[n]: u.clone() for n, u in state["momenta"].items()}
+
+    @property
+    def sparsity(self) -> float:
+        """Sparsity applied at the step in progress."""
+        clock = self.epoch if self.config.warmup_unit == "epoch" else self.traffic.steps
+        return self.config.sparsity_at(clock)
+
+    @property
+    def residual_norm(self) -> float:
+        """L2 norm of everything kept back locally (velocities not yet sent)."""
+        return math.sqrt(sum(float(v.pow(2).sum()) for v in self.velocities.values()))
+
+    def stats(self) -> dict[str, object]:
+        return {"sparsity": self.sparsity, "fallbacks": self.fallbacks, "selections": self.selections,
+                "residual_norm": self.residual_norm, **self.traffic.as_dict()}
+
+    def __repr__(self) -> str:
+        return (f"DGCState(sparsity={self.sparsity}, epoch={self.epoch}, tensors={len(self.velocities)}, "
+                f"fallbacks={self.fallbacks}/{self.selections}, {self.traffic!r})")
+
+
+def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int,
+                    sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices)."""
+    cfg = state.config
+    g = grad.detach().reshape(-1).clone()  # (n,)
+    if cfg.weight_decay:
+        g.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
+    if cfg.clip_norm is not None:  # local clipping, threshold scaled by N^-1/2 (paper §3.2)
+        limit = cfg.clip_norm / math.sqrt(world)
+        norm = float(g.norm())
+        if norm > limit:
+            g.mul_(limit / norm)
+    velocity = state.velocities.get(param)
+    if velocity is None:
+        velocity = state.velocities[param] = torch.zeros_like(g)
+        state.momenta[param] = torch.zeros_like(g)
+    momentum = state.momenta[param]
+    momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
+    velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
+    k = dgc_k(g.numel(), sparsity)
+    accumulated = velocity.clone() if state.audit else None
+    indices, fell_back = select_topk(velocity.abs(), k, sample_fraction=cfg.sample_fraction,
+                                     min_sample=cfg.min_sample, slack=cfg.threshold_slack,
+                                     generator=state.generator)
+    state.selections += 1
+    state.fallbacks += int(fell_back)
+    values = velocity[indices].clone()  # (k,)
+    velocity[indices] = 0.0
+    if cfg.momentum_masking:
+        momentum[indices] = 0.0
+    name = state.names.get(param, f"param{id(param)}")
+    state.last_k[name] = k
+    if accumulated is not None:
+        sent = torch.zeros_like(g)
+        sent[indices] = values
+        state.last_audit[name] = StepAudit(gradient=g, accumulated=accumulated, sent=sent,
+                                           residual=velocity.clone(), k=k)
+    return values, indices.to(torch.int32)
+
+
+def _dense_momentum(state: DGCState, param: torch.Tensor, averaged: torch.Tensor) -> torch.Tensor:
+    """SGD momentum + weight decay for a densely averaged tensor (identical on every rank)."""
+    cfg = state.config
+    d = averaged.clone()
+    if cfg.weight_decay:
+        d.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
+    buf = state.momenta.get(param)
+    if buf is None:
+        buf = state.momenta[param] = torch.zeros_like(d)
+    return buf.mul_(cfg.momentum).add_(d)
+
+
+@ddp_hook
+def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: sparse all-gather for dim>1 tensors, dense all-reduce for the rest."""
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    grads, params = bucket.gradients(), bucket.parameters()
+    sparsity = state.sparsity
+    sparse_slots, dense_slots = [], []
+    values, indices = [], []
+    for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        if param.dim() > 1:
+            v, i = _compress_local(state, param, grad, world, sparsity)
+            values.append(v)
+            indices.append(i)
+            sparse_slots.append(slot)
+        else:
+            dense_slots.append(slot)
+    elem = buffer.element_size()
+    sent_values = torch.cat(values) if values else buffer.new_zeros(0)  # (K,)
+    sent_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int32)  # (K,)
+    dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
+    state.traffic.record(dense_bytes=buffer.numel() * elem,
+                         sent_bytes=sent_values.numel() * (elem + INDEX_BYTES) + dense.numel() * elem)
+    # Synchronisation point: every rank sends exactly K values and K indices, so gloo's equal-size gather works.
+    gathered_values = [torch.empty_like(sent_values) for _ in range(world)]
+    gathered_indices = [torch.empty_like(sent_indices) for _ in range(world)]
+    futures = [dist.all_gather(gathered_values, sent_values, group=group, async_op=True).get_future(),
+               dist.all_gather(gathered_indices, sent_indices, group=group, async_op=True).get_future()]
+    if dense.numel():
+        futures.append(dist.all_reduce(dense, group=group, async_op=True).get_future())
+    if bucket.is_last():
+        state.traffic.end_step()
+
+    def decompress(_: torch.futures.Future[list[torch.futures.Future[object]]]) -> torch.Tensor:
+        offset = 0
+        for slot, local_values in zip(sparse_slots, values, strict=True):
+            out = grads[slot].view(-1)
+            out.zero_()
+            k = local_values.numel()
+            for rank_values, rank_indices in zip(gathered_values, gathered_indices, strict=True):
+                out.index_add_(0, rank_indices[offset:offset + k].long(), rank_values[offset:offset + k])
+            out.div_(world)
+            offset += k
+        start = 0
+        for slot in dense_slots:
+            n = grads[slot].numel()
+            averaged = dense[start:start + n] / world
+            grads[slot].view(-1).copy_(_dense_momentum(state, params[slot], averaged))
+            start += n
+        return buffer
+
+    return torch.futures.collect_all(futures).then(decompress)

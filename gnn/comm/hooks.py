@@ -1,0 +1,208 @@
+"""Register the configured gradient-communication hook on a DDP model and hand back a :class:`CommSession`.
+
+    session = setup_communication(ddp_model, comm_config)       # after DDP(...), before the first backward
+    optimizer = session.wrap_optimizer(torch.optim.SGD(ddp_model.parameters(), lr=0.1))
+    for epoch ...: session.set_epoch(epoch); ... loss.backward(); optimizer.step()
+    report["comm"] = session.stats()
+
+Design of local/hierarchical sync: the model stays wrapped in DDP (one code path for the trainer), but the hook
+registered here all-reduces gradients only during ``sync_warmup_steps`` and afterwards returns the local gradient
+untouched, without any communication (DDP's per-step all-reduce is off); the wrapped optimizer then averages
+parameters and buffers on the configured schedule. Build the DDP model with ``forward_sync_buffers=False`` then
+(``broadcast_buffers=False`` before torch 2.13), or DDP would broadcast rank 0's buffers at every forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from gnn.comm._annotations import ddp_hook
+from gnn.comm.accounting import TrafficAccount
+from gnn.comm.averaging import AveragingOptimizer, ModelAverager
+from gnn.comm.config import CommConfig
+from gnn.comm.dgc import DGCState, dgc_hook
+
+logger = logging.getLogger(__name__)
+
+Future = torch.futures.Future
+
+
+@dataclass
+class _HookState:
+    """State handed to the counting wrappers of the built-in hooks."""
+
+    process_group: dist.ProcessGroup | None
+    traffic: TrafficAccount
+    powersgd: powerSGD_hook.PowerSGDState | None = None
+    averager: ModelAverager | None = None
+    pending: Future[torch.Tensor] | None = None
+
+
+def _close(state: _HookState, bucket: dist.GradBucket, *, dense: int, sent: int) -> None:
+    state.traffic.record(dense_bytes=dense, sent_bytes=sent)
+    if bucket.is_last():
+        state.traffic.end_step()
+
+
+@ddp_hook
+def allreduce_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+    """Plain averaging all-reduce (what DDP does without a hook), counted."""
+    nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
+    _close(state, bucket, dense=nbytes, sent=nbytes)
+    return default_hooks.allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
+
+
+@ddp_hook
+def fp16_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+    """PyTorch's fp16 compression hook, counted (2 bytes per entry)."""
+    buf = bucket.buffer()
+    _close(state, bucket, dense=buf.numel() * buf.element_size(), sent=buf.numel() * 2)
+    return default_hooks.fp16_compress_hook(state.process_group, bucket)  # type: ignore[arg-type]
+
+
+@ddp_hook
+def bf16_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+    """PyTorch's bf16 compression hook, counted (2 bytes per entry)."""
+    buf = bucket.buffer()
+    _close(state, bucket, dense=buf.numel() * buf.element_size(), sent=buf.numel() * 2)
+    return default_hooks.bf16_compress_hook(state.process_group, bucket)  # type: ignore[arg-type]
+
+
+@ddp_hook
+def powersgd_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+    """PyTorch's (unbatched) PowerSGD hook, counted from its own compression statistics (P and Q entries).
+
+    PowerSGD issues its second all-reduce (Qs) from a callback of the first; with several buckets, rank A can issue
+    bucket 1's P before bucket 0's Q while rank B does the opposite, and gloo (which matches collectives by issue
+    order) aborts ("Received data size doesn't match expected size"). So each bucket waits here for the previous
+    bucket's exchange to finish before starting its own: correct on gloo, at the cost of overlap between buckets.
+    """
+    ps = state.powersgd
+    if ps is None:
+        raise ValueError("powersgd_counting_hook needs a PowerSGDState in state.powersgd")
+    if state.pending is not None:
+        state.pending.wait()  # synchronisation point: keep collective issue order identical on every rank
+    buf = bucket.buffer()
+    dense = buf.numel() * buf.element_size()
+    before = ps.total_numel_after_compression
+    was_plain = ps.iter < ps.start_powerSGD_iter
+    future = powerSGD_hook.powerSGD_hook(ps, bucket)
+    sent = dense if was_plain else (ps.total_numel_after_compression - before) * buf.element_size()
+    _close(state, bucket, dense=dense, sent=sent)
+    state.pending = None if bucket.is_last() else future
+    return future
+
+
+@ddp_hook
+def local_sgd_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+    """All-reduce during the averager's warm-up, then no communication at all (local steps)."""
+    averager = state.averager
+    if averager is None:
+        raise ValueError("local_sgd_hook needs a ModelAverager in state.averager")
+    buf = bucket.buffer()
+    dense = buf.numel() * buf.element_size()
+    if averager.in_warmup:
+        _close(state, bucket, dense=dense, sent=dense)
+        return default_hooks.allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
+    _close(state, bucket, dense=dense, sent=0)
+    future: Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(buf)
+    return future
+
+
+_BUILTIN = {"none": allreduce_counting_hook, "fp16": fp16_counting_hook, "bf16": bf16_counting_hook,
+            "powersgd": powersgd_counting_hook}
+
+
+@dataclass
+class CommSession:
+    """What :func:`setup_communication` registered, with the counters the trainer reports."""
+
+    config: CommConfig
+    traffic: TrafficAccount
+    dgc: DGCState | None = None
+    powersgd: powerSGD_hook.PowerSGDState | None = None
+    averager: ModelAverager | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Return the optimizer to step: with averaging, one that averages after each step; with DGC, the same
+        optimizer after checking it applies no momentum or weight decay of its own (the hook does both)."""
+        if self.dgc is not None:
+            for i, group in enumerate(optimizer.param_groups):
+                for key in ("momentum", "weight_decay"):
+                    if group.get(key, 0):
+                        raise ValueError(
+                            f"optimizer param_groups[{i}][{key!r}]={group[key]} with --compression dgc: the DGC hook "
+                            f"applies momentum/weight decay itself; use SGD(lr=...) and set DGCConfig.{key} instead")
+        if self.averager is not None:
+            if self.model is None:
+                raise ValueError("CommSession.model is unset; create the session with setup_communication")
+            return AveragingOptimizer(optimizer, self.averager, self.model)
+        return optimizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the hook (DGC sparsity warm-up); harmless for the other modes."""
+        if self.dgc is not None:
+            self.dgc.set_epoch(epoch)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and the config, plain JSON, for reports and checkpoints."""
+        out: dict[str, Any] = {"config": self.config.to_dict(), **self.traffic.as_dict()}
+        if self.dgc is not None:
+            out["dgc"] = {"sparsity": self.dgc.sparsity, "fallbacks": self.dgc.fallbacks,
+                          "selections": self.dgc.selections, "residual_norm": self.dgc.residual_norm}
+        if self.averager is not None:
+            out["averager"] = {"step": self.averager.step_count, "warmup_steps": self.averager.warmup_steps}
+        return out
+
+
+def _syncs_buffers_every_forward(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:
+    if "forward_sync_buffers" in vars(ddp_model):  # torch >= 2.13 (broadcast_buffers is deprecated there)
+        return bool(vars(ddp_model)["forward_sync_buffers"])
+    return bool(vars(ddp_model).get("broadcast_buffers", True))
+
+
+def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, config: CommConfig, *,
+                        process_group: dist.ProcessGroup | None = None, audit: bool = False) -> CommSession:
+    """Register the hook that ``config`` asks for on ``ddp_model`` and return the session holding its state.
+
+    Args:
+        ddp_model: the DDP-wrapped model (no hook registered yet).
+        config: the communication settings.
+        process_group: ranks to synchronise (default: the world).
+        audit: keep DGC's per-tensor audit of the last step (tests; costs memory; default False).
+    """
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
+    traffic = TrafficAccount()
+    session = CommSession(config=config, traffic=traffic, model=ddp_model)
+    if not config.uses_ddp_allreduce:
+        if _syncs_buffers_every_forward(ddp_model):
+            raise ValueError(f"--sync {config.sync_spec}: build the model with DistributedDataParallel(..., "
+                             "forward_sync_buffers=False) (broadcast_buffers=False before torch 2.13); the averager "
+                             "synchronises buffers on its own schedule")
+        session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
+                                         process_group=process_group, traffic=traffic)
+        ddp_model.register_comm_hook(_HookState(process_group, traffic, averager=session.averager),
+                                     local_sgd_hook)
+    elif config.compression == "dgc":
+        session.dgc = DGCState(config.dgc, process_group=process_group, audit=audit, traffic=traffic)
+        session.dgc.name_parameters(ddp_model.module)
+        ddp_model.register_comm_hook(session.dgc, dgc_hook)
+    elif config.compression == "powersgd":
+        session.powersgd = powerSGD_hook.PowerSGDState(
+            process_group=process_group, matrix_approximation_rank=config.powersgd_rank,
+            start_powerSGD_iter=config.powersgd_start_iter)
+        ddp_model.register_comm_hook(_HookState(process_group, traffic, powersgd=session.powersgd),
+                                     powersgd_counting_hook)
+    else:
+        ddp_model.register_comm_hook(_HookState(process_group, traffic), _BUILTIN[config.compression])
+    logger.info("gradient communication: compression=%s sync=%s", config.compression, config.sync_spec)
+    return session

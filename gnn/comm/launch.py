@@ -1,0 +1,48 @@
+"""Run a function on N local gloo ranks (spawned processes) and collect what each returns: for tests, benchmarks
+and notebooks. The Dask trainer does its own rendezvous; this is the single-machine stand-in.
+
+    results = run_gloo(worker, world_size=2, args=(config,))   # worker(rank, world_size, config) -> picklable
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, out_dir: str,
+           args: Sequence[Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
+        torch.save(result, tmp)
+        os.replace(tmp, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., Any], *, world_size: int = 2, args: Sequence[Any] = (), threads: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return their results by rank.
+
+    Args:
+        fn: a module-level (picklable) function; its return value must be ``torch.save``-able.
+        world_size: number of ranks (default 2).
+        args: extra positional arguments for ``fn`` (default none).
+        threads: ``torch.set_num_threads`` in each rank (default 1).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="gloo-") as tmp:
+        init_file = str(Path(tmp) / "rendezvous")
+        mp.start_processes(_entry, args=(fn, world_size, init_file, tmp, tuple(args), threads),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

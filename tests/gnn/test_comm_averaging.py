@@ -1,0 +1,106 @@
+"""Local SGD and hierarchical model averaging (parameters and buffers) on a real gloo group of 4 ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gnn.comm import parse_comm, setup_communication
+from gnn.comm.launch import run_gloo
+
+
+def bn_model() -> torch.nn.Module:
+    """Linear + BatchNorm (float running stats and an int64 ``num_batches_tracked`` buffer) + Linear."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 2))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def averaging_worker(rank: int, world: int, sync: str, warmup: int, steps: int) -> dict[str, Any]:
+    model = DDP(bn_model(), forward_sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", sync, sync_warmup_steps=warmup))
+    optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    history = []
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(steps):
+        # uneven batches per rank so that BatchNorm's num_batches_tracked could not agree by chance
+        x = torch.randn(8 + rank, 6, generator=gen) * (rank + 1)
+        y = torch.randn(8 + rank, 2, generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if rank == 0 and step == steps - 1:
+            model.module[1].num_batches_tracked += 5  # int buffers follow the group leader
+        optimizer.step()
+        history.append(snapshot(model.module))
+    errors = {}
+    wrong_world = f"hierarchical:2@2,{world * 2}@4"
+    for label, sync_buffers, spec in [("broadcast", True, "local:4"), ("world", False, wrong_world)]:
+        try:
+            setup_communication(DDP(bn_model(), forward_sync_buffers=sync_buffers), parse_comm("none", spec))
+        except ValueError as error:
+            errors[label] = str(error)
+    return {"history": history, "stats": session.stats(), "errors": errors}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str] | None = None) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in (keys or a))
+
+
+def both_schedules(rank: int, world: int) -> dict[str, Any]:
+    return {"local": averaging_worker(rank, world, "local:3", 2, 8),
+            "hierarchical": averaging_worker(rank, world, "hierarchical:2@2,all@4", 0, 6)}
+
+
+@pytest.fixture(scope="module")
+def gloo_four() -> list[dict[str, Any]]:
+    """One set of 4 spawned gloo ranks runs both schedules (spawning costs seconds)."""
+    return run_gloo(both_schedules, world_size=4)
+
+
+@pytest.mark.timeout(240)  # a collective mismatch hangs rather than fails
+def test_local_sgd_averages_params_and_buffers_every_h_steps_after_warmup(gloo_four: list[dict[str, Any]]) -> None:
+    results = [r["local"] for r in gloo_four]
+    h0, h1 = results[0]["history"], results[1]["history"]
+    params = [n for n, _ in bn_model().named_parameters()]
+    for step in range(8):  # step index s = step + 1
+        if step < 2:  # warm-up: gradients all-reduced, so parameters agree (buffers are local)
+            assert same(h0[step], h1[step], params)
+            assert not same(h0[step], h1[step])
+        elif step + 1 - 2 in (3, 6):  # averaging rounds: everything identical, int buffer from rank 0
+            assert all(same(h0[step], r["history"][step]) for r in results)
+        else:
+            assert not same(h0[step], h1[step], params)
+    # step 8 is a round: integer buffers are not averaged but taken from the group leader (rank 0 added 5)
+    assert int(h1[-1]["1.num_batches_tracked"]) == int(h0[-1]["1.num_batches_tracked"]) == 8 + 5
+    stats = results[0]["stats"]
+    assert stats["sync_rounds"] == {"all@3": 2}
+    n_bytes = sum(v.numel() * v.element_size() for v in h0[0].values())
+    assert stats["sync_bytes"] == {"all@3": 2 * n_bytes}
+    assert stats["total_sent_bytes"] == 2 * stats["last_step_dense_bytes"]  # only the 2 warm-up steps sent
+    assert "forward_sync_buffers=False" in results[0]["errors"]["broadcast"]
+    assert "must equal the world size 4" in results[0]["errors"]["world"]
+
+
+@pytest.mark.timeout(240)
+def test_hierarchical_averages_within_groups_then_everyone(gloo_four: list[dict[str, Any]]) -> None:
+    results = [r["hierarchical"] for r in gloo_four]
+    hist = [r["history"] for r in results]
+    for step in range(6):
+        s = step + 1
+        pairs_equal = same(hist[0][step], hist[1][step]) and same(hist[2][step], hist[3][step])
+        across_equal = same(hist[0][step], hist[2][step], [n for n, _ in bn_model().named_parameters()])
+        if s == 4:
+            assert all(same(hist[0][step], h[step]) for h in hist)
+        elif s % 2 == 0:  # steps 2 and 6: groups {0,1} and {2,3} agree inside, not across
+            assert pairs_equal and not across_equal
+        else:
+            assert not same(hist[0][step], hist[1][step]) and not across_equal
+    assert results[0]["stats"]["sync_rounds"] == {"group2@2": 2, "all@4": 1}
+    assert results[3]["stats"]["total_sent_bytes"] == 0

@@ -1,0 +1,166 @@
+"""CommConfig parsing/validation, DGC top-k selection and schedule, traffic accounting, cluster projection."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from gnn.comm import CommConfig, DGCConfig, SyncLevel, TrafficAccount, parse_comm, parse_sync, select_topk
+from gnn.comm.config import add_comm_arguments, comm_config_from_args, dgc_k
+
+
+def test_parse_sync_forms() -> None:
+    assert parse_sync("allreduce") == ("allreduce", ())
+    assert parse_sync("local:16") == ("local", (SyncLevel(None, 16),))
+    assert parse_sync("hierarchical:2@4,4@8,all@16") == (
+        "hierarchical", (SyncLevel(2, 4), SyncLevel(4, 8), SyncLevel(None, 16)))
+
+
+@pytest.mark.parametrize(("compression", "sync", "fragment"), [
+    ("zip", "allreduce", "--compression 'zip'"),
+    ("none", "local:0", "local needs a positive period"),
+    ("none", "local:x", "local needs a positive period"),
+    ("none", "hierarchical:2-4", "must read GROUP@PERIOD"),
+    ("none", "hierarchical:2@8,all@4", "periods must increase"),
+    ("none", "hierarchical:3@2,4@4,all@8", "must be a larger multiple of 3"),
+    ("none", "hierarchical:all@4,2@8", "'all' may only be the last level"),
+    ("none", "hierarchical:1@2,all@4", "group size 1"),
+    ("none", "ring", "--sync 'ring'"),
+    ("dgc", "local:4", "cannot be combined with --sync local:4"),
+])
+def test_invalid_specs_name_the_argument(compression: str, sync: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match="--") as info:
+        parse_comm(compression, sync)
+    assert fragment in str(info.value)
+
+
+def test_powersgd_start_iter_must_exceed_one() -> None:
+    with pytest.raises(ValueError, match="--powersgd-start-iter 1"):
+        CommConfig(compression="powersgd", powersgd_start_iter=1)
+
+
+def test_dgc_config_validation() -> None:
+    with pytest.raises(ValueError, match=r"warmup_sparsities\[1\]=1.0"):
+        DGCConfig(warmup_sparsities=(0.5, 1.0))
+    with pytest.raises(ValueError, match="sample_fraction"):
+        DGCConfig(sample_fraction=0.0)
+    with pytest.raises(ValueError, match="warmup_unit"):
+        DGCConfig(warmup_unit="batch")
+
+
+def test_warmup_schedule_follows_config() -> None:
+    cfg = DGCConfig()
+    assert [cfg.sparsity_at(e) for e in range(6)] == [0.75, 0.9375, 0.984375, 0.996, 0.999, 0.999]
+    slow = DGCConfig(sparsity=0.99, warmup_sparsities=(0.5, 0.9), warmup_stage_length=3)
+    assert [slow.sparsity_at(e) for e in range(8)] == [0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.99, 0.99]
+
+
+def test_dgc_k_is_exact_and_at_least_one() -> None:
+    assert dgc_k(1000, 0.999) == 1
+    assert dgc_k(10, 0.999) == 1
+    assert dgc_k(1000, 0.75) == 250
+    assert dgc_k(1000, 0.0) == 1000
+    assert dgc_k(3, 0.5) == 2
+
+
+def test_cli_round_trip_and_checkpoint_dict() -> None:
+    parser = argparse.ArgumentParser()
+    add_comm_arguments(parser)
+    args = parser.parse_args(["--compression", "dgc", "--dgc-sparsity", "0.99", "--dgc-warmup", "0.5,0.9",
+                              "--dgc-weight-decay", "1e-4"])
+    cfg = comm_config_from_args(args)
+    assert cfg.compression == "dgc" and cfg.dgc.sparsity == 0.99 and cfg.dgc.warmup_sparsities == (0.5, 0.9)
+    assert CommConfig.from_dict(cfg.to_dict()) == cfg
+    hier = comm_config_from_args(parser.parse_args(["--sync", "hierarchical:2@4,all@16", "--sync-warmup-steps", "5"]))
+    assert hier.sync_spec == "hierarchical:2@4,all@16" and hier.sync_warmup_steps == 5
+    assert CommConfig.from_dict(hier.to_dict()) == hier
+    assert not hier.uses_ddp_allreduce
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 999])
+def test_select_topk_matches_exact_topk(k: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20_000, generator=gen).abs()
+    picked, _ = select_topk(x, k, sample_fraction=0.01, min_sample=64, generator=gen)
+    assert picked.numel() == k
+    assert set(picked.tolist()) == set(torch.topk(x, k).indices.tolist())
+
+
+def test_select_topk_trims_ties_and_falls_back_when_the_sample_overshoots() -> None:
+    x = torch.zeros(10_000)
+    x[:5] = torch.arange(1.0, 6.0)  # most entries tie at 0: the threshold selects everything, trimmed to k
+    picked, fell_back = select_topk(x, 20, sample_fraction=0.01, min_sample=64,
+                                    generator=torch.Generator().manual_seed(0))
+    assert not fell_back and picked.numel() == 20
+    assert set(range(5)) <= set(picked.tolist())
+    gen = torch.Generator().manual_seed(1)
+    fallbacks = 0
+    for _ in range(20):  # slack 1: the estimate lands below k about half the time -> exact fallback
+        y = torch.rand(5_000, generator=gen)
+        picked, fell_back = select_topk(y, 50, sample_fraction=0.02, min_sample=16, slack=1.0, generator=gen)
+        fallbacks += fell_back
+        assert set(picked.tolist()) == set(torch.topk(y, 50).indices.tolist())
+    assert 0 < fallbacks < 20
+
+
+def test_traffic_account_sums_steps_and_syncs() -> None:
+    acc = TrafficAccount()
+    acc.record(dense_bytes=400, sent_bytes=8)
+    acc.record(dense_bytes=100, sent_bytes=2)
+    acc.end_step()
+    acc.record(dense_bytes=500, sent_bytes=0)
+    acc.end_step()
+    acc.record_sync(level="all@4", payload_bytes=40)
+    assert (acc.steps, acc.last_step_dense_bytes, acc.last_step_sent_bytes) == (2, 500, 0)
+    assert (acc.total_dense_bytes, acc.total_sent_bytes, acc.total_bytes) == (1000, 10, 50)
+    assert acc.compression_ratio == 20.0
+    assert acc.sync_rounds == {"all@4": 1}
+    with pytest.raises(ValueError, match="non-negative"):
+        acc.record(dense_bytes=-1, sent_bytes=0)
+    assert "ratio=20.0x" in repr(acc)
+    assert math.isinf(TrafficAccount().compression_ratio)
+
+
+def test_projection_formulas() -> None:
+    from gnn.comm.projection import (
+        StepTraffic,
+        communication_seconds,
+        gbit,
+        level_frequencies,
+        ring_allgather_seconds,
+        ring_allreduce_seconds,
+    )
+
+    bw = gbit(8.0)  # 1e9 bytes/s
+    assert ring_allreduce_seconds(1e9, 4, bandwidth=bw) == 2 * 3 / 4
+    assert ring_allreduce_seconds(1e9, 1, bandwidth=bw) == 0.0
+    assert ring_allgather_seconds(1e6, 8, bandwidth=bw) == 7e-3
+    levels = (SyncLevel(2, 4), SyncLevel(None, 16))
+    assert level_frequencies(levels) == [3 / 16, 1 / 16]
+    local = StepTraffic(model_bytes=1e9, levels=(SyncLevel(None, 10),))
+    assert communication_seconds(local, 2, bandwidth=bw) == 1.0 / 10
+    hier = StepTraffic(model_bytes=1e9, levels=levels)
+    expected = 3 / 16 * 1.0 + 1 / 16 * 2 * 7 / 8
+    assert abs(communication_seconds(hier, 8, bandwidth=bw) - expected) < 1e-12
+
+
+def test_dgc_state_round_trips_residuals_by_name() -> None:
+    from gnn.comm.dgc import DGCState, _compress_local
+
+    model = torch.nn.Linear(40, 30)
+    state = DGCState(DGCConfig(sparsity=0.9, warmup_sparsities=()))
+    state.name_parameters(model)
+    grad = torch.arange(1200, dtype=torch.float32).reshape(30, 40) / 1200  # entry i has value i/1200
+    values, indices = _compress_local(state, model.weight, grad, 2, 0.9)
+    assert sorted(indices.tolist()) == list(range(1080, 1200))  # exactly k = 120, the largest
+    assert torch.equal(values, indices.double().div(1200).float())
+    restored = DGCState(DGCConfig())
+    fresh = torch.nn.Linear(40, 30)
+    restored.load_state_dict(state.state_dict(), fresh)
+    assert torch.equal(restored.velocities[fresh.weight], state.velocities[model.weight])
+    assert float(restored.velocities[fresh.weight].max()) == float(torch.tensor(1079.0) / 1200)  # top 120 left
+    with pytest.raises(ValueError, match="lacks"):
+        restored.load_state_dict(state.state_dict(), torch.nn.Sequential(torch.nn.Linear(40, 30)))

@@ -1,0 +1,210 @@
+"""DGC and the built-in hooks on real gloo process groups (2 spawned ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gnn.comm import DGCConfig, TrafficAccount, parse_comm, setup_communication
+from gnn.comm._annotations import ddp_hook
+from gnn.comm.config import dgc_k
+from gnn.comm.hooks import _HookState, powersgd_counting_hook
+from gnn.comm.launch import run_gloo
+
+STEPS = 6
+LR = 0.05
+
+
+def tiny_model() -> torch.nn.Module:
+    """Embedding (a PinSage-like id table) + two linear layers; biases are the dim-1 (dense) tensors."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Flatten(), torch.nn.Linear(16, 12),
+                               torch.nn.ReLU(), torch.nn.Linear(12, 3))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randint(0, 50, (16, 2), generator=gen), torch.randn(16, 3, generator=gen)
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: int,
+          on_step: Any = None) -> None:
+    for step in range(steps):
+        x, y = batch(rank, step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step)
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def equivalence_worker(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, momentum, masking, wd in [("momentum", 0.9, False, 1e-2), ("masked", 0.0, True, 0.0)]:
+        reference = DDP(tiny_model())
+        train(reference, torch.optim.SGD(reference.parameters(), lr=LR, momentum=momentum, weight_decay=wd),
+              rank, STEPS)
+        cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.0, warmup_sparsities=(), momentum=momentum,
+                                              weight_decay=wd, momentum_masking=masking))
+        model = DDP(tiny_model())
+        session = setup_communication(model, cfg)
+        train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, STEPS)
+        out[label] = {"reference": params_of(reference.module), "dgc": params_of(model.module),
+                      "stats": session.stats()}
+    return out
+
+
+def all_workers(rank: int, world: int) -> dict[str, Any]:
+    return {"equivalence": equivalence_worker(rank, world), "audit": audit_worker(rank, world),
+            "builtin": builtin_worker(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def gloo_pair() -> list[dict[str, Any]]:
+    """One pair of spawned gloo ranks runs every scenario of this file (spawning costs seconds)."""
+    return run_gloo(all_workers, world_size=2)
+
+
+@pytest.mark.timeout(180)  # a collective mismatch hangs rather than fails
+def test_dgc_at_sparsity_zero_equals_dense_allreduce(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["equivalence"] for r in gloo_pair]
+    for label in ("momentum", "masked"):
+        for rank_result in results:
+            ref, dgc = rank_result[label]["reference"], rank_result[label]["dgc"]
+            for name in ref:
+                torch.testing.assert_close(dgc[name], ref[name], rtol=1e-5, atol=1e-6, msg=f"{label} {name}")
+        for name, value in results[0][label]["dgc"].items():
+            torch.testing.assert_close(results[1][label]["dgc"][name], value, rtol=0, atol=0)
+        assert results[0][label]["stats"]["steps"] == STEPS
+
+
+def audit_worker(rank: int, world: int) -> dict[str, Any]:
+    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(0.5, 0.75), warmup_unit="step",
+                                          warmup_stage_length=2, momentum=0.0, min_sample=16,
+                                          sample_fraction=0.2))
+    model = DDP(tiny_model())
+    session = setup_communication(model, cfg, audit=True)
+    optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR))
+    dgc = session.dgc
+    assert dgc is not None
+    names = [n for n, p in model.module.named_parameters() if p.dim() > 1]
+    record: dict[str, Any] = {"steps": [], "grad_sum": {}, "sent_sum": {}}
+    before = params_of(model.module)
+
+    def on_step(step: int) -> None:
+        nonlocal before
+        after = params_of(model.module)
+        entry: dict[str, Any] = {"k": dict(dgc.last_k), "tensors": {}}
+        for name in names:
+            audit = dgc.last_audit[name]
+            entry["tensors"][name] = {
+                "accumulated": audit.accumulated, "sent": audit.sent, "residual": audit.residual,
+                "delta": (before[name] - after[name]).reshape(-1),
+            }
+            record["grad_sum"][name] = record["grad_sum"].get(name, 0) + audit.gradient
+            record["sent_sum"][name] = record["sent_sum"].get(name, 0) + audit.sent
+        entry["bytes"] = (session.traffic.last_step_dense_bytes, session.traffic.last_step_sent_bytes)
+        record["steps"].append(entry)
+        before = after
+
+    train(model, optimizer, rank, 7, on_step)
+    record["final_residual"] = {n: dgc.last_audit[n].residual for n in names}
+    record["numel"] = {n: p.numel() for n, p in model.module.named_parameters()}
+    return record
+
+
+@pytest.mark.timeout(180)
+def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["audit"] for r in gloo_pair]
+    expected_sparsity = [0.5, 0.5, 0.75, 0.75, 0.9, 0.9, 0.9]
+    numel = results[0]["numel"]
+    for step, sparsity in enumerate(expected_sparsity):
+        ks = [r["steps"][step]["k"] for r in results]
+        assert ks[0] == ks[1]  # exact k: equal-size all-gather on every rank
+        for name, k in ks[0].items():
+            assert k == dgc_k(numel[name], sparsity)
+        for name, t in results[0]["steps"][step]["tensors"].items():
+            for r in results:
+                rt = r["steps"][step]["tensors"][name]
+                torch.testing.assert_close(rt["sent"] + rt["residual"], rt["accumulated"], rtol=0, atol=0)
+                assert int((rt["sent"] != 0).sum()) <= ks[0][name]
+                top = torch.topk(rt["accumulated"].abs(), ks[0][name]).values.min()
+                assert bool((rt["sent"].abs() >= top).sum() >= ks[0][name])  # the largest were sent
+            # the update applied is the average of what both ranks sent
+            sent_mean = (results[0]["steps"][step]["tensors"][name]["sent"]
+                         + results[1]["steps"][step]["tensors"][name]["sent"]) / 2
+            torch.testing.assert_close(t["delta"], LR * sent_mean, rtol=1e-4, atol=1e-6)
+        dense, sent = results[0]["steps"][step]["bytes"]
+        assert dense == 4 * sum(numel.values())
+        assert sent == 8 * sum(ks[0].values()) + 4 * sum(v for n, v in numel.items() if n not in ks[0])
+    for r in results:  # over all steps: what was sent plus what is held back = every gradient (momentum 0)
+        for name, grad_sum in r["grad_sum"].items():
+            torch.testing.assert_close(r["sent_sum"][name] + r["final_residual"][name], grad_sum,
+                                       rtol=1e-5, atol=1e-6)
+
+
+SEEN_BUCKETS: set[int] = set()
+
+
+@ddp_hook
+def bucket_spy(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    SEEN_BUCKETS.add(bucket.index())
+    return powersgd_counting_hook(state, bucket)
+
+
+def builtin_worker(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    plain = DDP(tiny_model())
+    train(plain, torch.optim.SGD(plain.parameters(), lr=LR), rank, STEPS)
+    out["plain"] = params_of(plain.module)
+    for compression in ("none", "fp16", "bf16", "powersgd"):
+        model = DDP(tiny_model())
+        cfg = parse_comm(compression, powersgd_rank=1, powersgd_start_iter=2)
+        session = setup_communication(model, cfg)
+        train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, STEPS)
+        out[compression] = {"params": params_of(model.module), "stats": session.stats()}
+    # Several buckets (a tiny bucket cap): PowerSGD's chained all-reduces must not interleave across buckets.
+    model = DDP(tiny_model(), bucket_cap_mb=0.0004)
+    state = _HookState(None, TrafficAccount(), powersgd=PowerSGDState(None, matrix_approximation_rank=1,
+                                                                       start_powerSGD_iter=2))
+    model.register_comm_hook(state, bucket_spy)
+    train(model, torch.optim.SGD(model.parameters(), lr=LR), rank, 12)
+    out["powersgd_multi"] = {"params": params_of(model.module), "buckets": sorted(SEEN_BUCKETS)}
+    try:
+        DDP_model = DDP(tiny_model())
+        s = setup_communication(DDP_model, parse_comm("dgc"))
+        s.wrap_optimizer(torch.optim.SGD(DDP_model.parameters(), lr=0.1, momentum=0.9))
+    except ValueError as error:
+        out["momentum_error"] = str(error)
+    dist.barrier()
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_builtin_hooks_run_on_gloo_and_are_counted(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["builtin"] for r in gloo_pair]
+    dense = results[0]["none"]["stats"]["total_dense_bytes"]
+    assert dense > 0
+    for compression in ("none", "fp16", "bf16", "powersgd"):
+        for name, value in results[0][compression]["params"].items():  # every hook keeps replicas in step
+            torch.testing.assert_close(results[1][compression]["params"][name], value, rtol=0, atol=0)
+        assert results[0][compression]["stats"]["steps"] == STEPS
+    for name, value in results[0]["plain"].items():
+        torch.testing.assert_close(results[0]["none"]["params"][name], value, rtol=0, atol=0)
+        torch.testing.assert_close(results[0]["fp16"]["params"][name], value, rtol=1e-2, atol=1e-3)
+    assert results[0]["fp16"]["stats"]["total_sent_bytes"] * 2 == dense
+    assert results[0]["bf16"]["stats"]["total_sent_bytes"] * 2 == dense
+    assert 0 < results[0]["powersgd"]["stats"]["last_step_sent_bytes"] < dense / STEPS
+    assert "param_groups[0]['momentum']=0.9" in results[0]["momentum_error"]
+    assert len(results[0]["powersgd_multi"]["buckets"]) > 1
+    for name, value in results[0]["powersgd_multi"]["params"].items():
+        torch.testing.assert_close(results[1]["powersgd_multi"]["params"][name], value, rtol=0, atol=0)

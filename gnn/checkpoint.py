@@ -49,7 +49,8 @@ def save_checkpoint(path: str | Path, trainer: Trainer, model_config: ModelConfi
         "model_config": model_config.to_dict(), "train_config": trainer.config.to_dict(),
         "model_state": _unwrap(trainer.model).state_dict(), "optimizer_state": trainer.optimizer.state_dict(),
         "epoch": trainer.epoch, "step": trainer.step,
-        "rng_state": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng_state": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002 (legacy global, for user code)
+                       "python": random.getstate()},
         "extra": dict(extra or {}),
     }
     tmp = out.with_name(f".{out.name}.tmp")
@@ -80,7 +81,7 @@ def restore_checkpoint(path: str | Path, trainer: Trainer) -> Checkpoint:
         trainer.optimizer.load_state_dict(ckpt.optimizer_state)
     trainer.epoch, trainer.step = ckpt.epoch, ckpt.step
     torch.set_rng_state(ckpt.rng_state["torch"])
-    np.random.set_state(ckpt.rng_state["numpy"])
+    np.random.set_state(ckpt.rng_state["numpy"])  # noqa: NPY002
     random.setstate(ckpt.rng_state["python"])
     return ckpt
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -68,7 +68,7 @@ class _EpochRun(Generic[T]):
             start = time.perf_counter()
             try:
                 batch = self.make(self.epoch, index)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            except BaseException as exc:  # handed to the consumer, which re-raises it
                 with self.cond:
                     if self.error is None:
                         self.error = exc
@@ -104,7 +104,8 @@ class _EpochRun(Generic[T]):
 
 
 def iterate_batches(make: Callable[[int, int], T], *, epoch: int, n_batches: int, mode: Mode = "producer",
-                    n_threads: int = 2, queue_size: int = 4, stats: QueueStats | None = None) -> Iterator[T]:
+                    n_threads: int = 2, queue_size: int = 4,
+                    stats: QueueStats | None = None) -> Generator[T, None, None]:
     """Yield ``make(epoch, i)`` for ``i`` in ``range(n_batches)`` (see the module docstring).
 
     Args:

@@ -1,11 +1,11 @@
-"""Small hand-written graphs for the gnn tests, and a stand-in for gnn.walks.Neighborhoods."""
+"""Small hand-written graphs for the model tests, and a stand-in for gnn.walks.Neighborhoods (imported by the
+tests as ``tests.gnn.model_graphs``; a module, not a conftest, so that other engineers' fixtures cannot clash)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 
 from gnn.graphstore import GraphStore, csr_from_edges
 
@@ -33,7 +33,6 @@ def neighborhoods_from_lists(rows: list[list[tuple[int, float]]], n_users: int =
     return StandInNeighborhoods(indptr, indices, weights, imp, np.zeros(n_users, np.float32), h)
 
 
-@pytest.fixture
 def tiny_neighborhoods() -> StandInNeighborhoods:
     # item -> [(neighbour, visit count)], sorted by count descending; item 4 has no neighbours
     return neighborhoods_from_lists([
@@ -66,6 +65,26 @@ def community_store(n_users: int = 60, n_items: int = 40, n_groups: int = 4, per
     )
 
 
-@pytest.fixture
-def community() -> GraphStore:
-    return community_store()
+
+def co_count_neighborhoods(store: GraphStore, top: int = 5, n_hard: int = 4) -> StandInNeighborhoods:
+    """Stand-in walk neighbourhoods: each item's top co-interaction partners by count (ties by id)."""
+    n = store.n_items
+    counts = np.zeros((n, n))
+    for u in range(store.n_users):
+        items = store.user_items.row(u)
+        np.add.at(counts, (np.repeat(items, items.shape[0]), np.tile(items, items.shape[0])), 1.0)
+    np.fill_diagonal(counts, 0)
+    order = np.lexsort((np.tile(np.arange(n), (n, 1)), -counts), axis=1)[:, :top]
+    rows = [[(int(j), float(counts[i, j])) for j in order[i] if counts[i, j] > 0] for i in range(n)]
+    hard = np.argsort(counts, axis=1, kind="stable")[:, -(top + n_hard):-top]  # ranked just below the top
+    return neighborhoods_from_lists(rows, n_users=store.n_users, hard=hard.tolist())
+
+
+def pairs_of(store: GraphStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, positive, weight): consecutive items of each user."""
+    q, p = [], []
+    for u in range(store.n_users):
+        items = store.user_items.row(u)
+        q.extend(items[:-1].tolist())
+        p.extend(items[1:].tolist())
+    return np.array(q, np.int64), np.array(p, np.int64), np.ones(len(q), np.float32)

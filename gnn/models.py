@@ -16,8 +16,17 @@ import torch
 from torch import nn
 
 from gnn.features import N_COUNT_FEATURES, ItemInputEncoder
+from gnn.graphstore import GraphStore
 from gnn.layers import PinSageConv, Pooling, SAGEConv, l2_normalize
-from gnn.sampler import Subgraph
+from gnn.sampler import (
+    CoInteractionNeighbors,
+    GraphSageSampler,
+    NeighborhoodsLike,
+    PinSageSampler,
+    RowSource,
+    Subgraph,
+    WalkNeighbors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +144,18 @@ def build_model(config: ModelConfig, *, seed: int | None = None) -> ItemEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ItemEncoder(config)
+
+
+def build_sampler(config: ModelConfig, *, rows: RowSource, neighborhoods: NeighborhoodsLike | None = None,
+                  store: GraphStore | None = None) -> PinSageSampler | GraphSageSampler:
+    """The sampler that fits ``config``: PinSage over ``neighborhoods`` (top ``n_neighbors``), GraphSAGE over the
+    co-interaction graph of ``store`` (``fanouts``). ``rows`` is the row source (local table or remote cache)."""
+    if config.kind == "pinsage":
+        if neighborhoods is None:
+            raise ValueError("neighborhoods: a PinSage model needs the walk neighbourhoods (gnn.walks.Neighborhoods)")
+        return PinSageSampler(neighbors=WalkNeighbors(neighborhoods, n_neighbors=config.n_neighbors), rows=rows,
+                              n_layers=config.n_layers)
+    if store is None:
+        raise ValueError("store: a GraphSAGE model samples the co-interaction graph; pass the GraphStore")
+    return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
+                            fanouts=config.fanouts)

@@ -12,9 +12,9 @@ from gnn.checkpoint import load_model, restore_checkpoint, save_checkpoint
 from gnn.features import ItemFeatureTable
 from gnn.graphstore import GraphStore
 from gnn.loss import MaxMarginLoss, hard_negatives_for_epoch
-from gnn.models import ModelConfig, build_model
+from gnn.models import ModelConfig, build_model, build_sampler
 from gnn.producer import ProducerError, QueueStats, iterate_batches
-from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler, WalkNeighbors
+from gnn.sampler import GraphSageSampler, PinSageSampler
 from gnn.trainer import StepInfo, TrainConfig, Trainer, compute_loss, embed_items
 from tests.gnn.model_graphs import co_count_neighborhoods, community_store, pairs_of
 
@@ -26,12 +26,7 @@ def setup(kind: str = "pinsage", *, seed: int = 0, batch_size: int = 32,
     table = ItemFeatureTable.from_graph_store(store)
     config = ModelConfig(kind=kind, n_categories=store.n_categories, input_dim=16, hidden_dim=16,  # type: ignore[arg-type]
                          embed_dim=8, id_buckets=64, id_dim=8, fanouts=(4, 3))
-    sampler: PinSageSampler | GraphSageSampler
-    if kind == "pinsage":
-        sampler = PinSageSampler(neighbors=WalkNeighbors(nb, n_neighbors=config.n_neighbors), rows=table)
-    else:
-        sampler = GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=table,
-                                   fanouts=config.fanouts)
+    sampler = build_sampler(config, rows=table, neighborhoods=nb, store=store)
     batcher = PairBatcher(TrainingPairs.from_arrays(*pairs_of(store)), sampler, n_items=store.n_items,
                           batch_size=batch_size, n_negatives=10, hard_negatives=nb.hard_negatives, hard_cap=2,
                           seed=seed)

@@ -17,17 +17,19 @@ functions, and this is where the distributed trainer puts its remote-row cache /
 * GraphSAGE: ``sample(item_ids, fanout, rng) -> (ids (n, S), weights (n, S))`` (:class:`NeighborSampler`,
   e.g. :class:`CoInteractionNeighbors` or :class:`UniformNeighbors`).
 
-All sampling is vectorised numpy (no per-node Python loop) and draws only from the ``rng`` it is handed, so a
+All sampling is vectorised numpy or a GIL-free numba kernel (no per-node Python loop) and draws only from the ``rng`` it is handed, so a
 batch is a pure function of its seed.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numba
 import numpy as np
 import torch
 
@@ -106,15 +108,24 @@ class WalkNeighbors:
         return f"WalkNeighbors(n_items={self.indptr.shape[0] - 1}, n_neighbors={self.n_neighbors})"
 
 
+@numba.njit(nogil=True, cache=True)
+def _pick_kernel(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray,
+                 r: np.ndarray) -> np.ndarray:  # pragma: no cover - numba
+    out = np.empty(rows.shape[0], np.int64)
+    for i in range(rows.shape[0]):
+        start = indptr[rows[i]]
+        deg = indptr[rows[i] + 1] - start
+        out[i] = indices[start + min(np.int64(r[i] * deg), deg - 1)] if deg > 0 else -1
+    return out
+
+
 def _uniform_pick(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """For each (row, uniform r in [0,1)) an entry of that CSR row chosen uniformly; -1 where the row is empty."""
-    start = np.asarray(indptr[rows], dtype=np.int64)
-    deg = np.asarray(indptr[rows + 1], dtype=np.int64) - start
-    pos = start + np.minimum((r * deg).astype(np.int64), np.maximum(deg - 1, 0))
-    if indices.shape[0] == 0:
-        return np.full(rows.shape, -1, np.int64)
-    picked = np.asarray(indices[np.minimum(pos, indices.shape[0] - 1)], dtype=np.int64)
-    return np.where(deg > 0, picked, -1)
+    """For each (row, uniform r in [0,1)) an entry of that CSR row chosen uniformly; -1 where the row is empty.
+
+    A numba kernel without the GIL; the uniforms come from the caller's numpy generator, so the draw is a
+    function of the seed alone.
+    """
+    return _pick_kernel(np.asarray(indptr), np.asarray(indices), np.asarray(rows, np.int64), r)
 
 
 class UniformNeighbors:
@@ -212,8 +223,47 @@ class Subgraph:
         return self.node_ids[0]
 
 
+@numba.njit(nogil=True, cache=True)
+def _first_seen(flat: np.ndarray, mark: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - numba
+    """Distinct values of ``flat`` in first-seen order and each entry's position among them; O(len(flat)).
+
+    ``mark`` is a scratch array (all -1, longer than the largest id) left all -1 again on return. No GIL held.
+    """
+    m = flat.shape[0]
+    position = np.empty(m, np.int64)
+    distinct = np.empty(m, np.int64)
+    k = 0
+    for i in range(m):
+        v = flat[i]
+        p = mark[v]
+        if p < 0:
+            mark[v] = k
+            distinct[k] = v
+            p = k
+            k += 1
+        position[i] = p
+    for j in range(k):
+        mark[distinct[j]] = -1
+    return distinct[:k].copy(), position
+
+
+_scratch = threading.local()
+
+
+def _mark_array(max_id: int) -> np.ndarray:
+    """This thread's scratch array for :func:`_first_seen` (one int64 per node id, grown on demand)."""
+    mark: np.ndarray | None = getattr(_scratch, "mark", None)
+    if mark is None or mark.shape[0] <= max_id:
+        mark = np.full(max(max_id + 1, 1024, 0 if mark is None else 2 * mark.shape[0]), -1, np.int64)
+        _scratch.mark = mark
+    return mark
+
+
 def expand_hop(dst: np.ndarray, nbr: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deduplicate one hop: sources = ``dst`` followed by each new neighbour once (first-seen order).
+
+    Runs in a numba kernel without the GIL (so producer threads sample in parallel with the trainer) using a
+    per-thread scratch array of one int64 per node id (8 bytes x n_items per producer thread).
 
     Args:
         dst: (n,) distinct node ids.
@@ -225,15 +275,13 @@ def expand_hop(dst: np.ndarray, nbr: np.ndarray, weight: np.ndarray) -> tuple[np
     """
     n, s = nbr.shape
     valid = nbr >= 0
-    flat = np.concatenate([dst, nbr[valid]])
-    uniq, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # first-seen order keeps dst first, in its order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.shape[0])
-    position = rank[inverse.ravel()]
+    flat = np.concatenate([dst, nbr[valid]]).astype(np.int64, copy=False)
+    src, position = _first_seen(flat, _mark_array(int(flat.max()) if flat.shape[0] else 0))
+    if src.shape[0] < n or not np.array_equal(src[:n], dst):
+        raise ValueError("dst: node ids must be distinct; deduplicate the targets first")
     nbr_index = np.repeat(np.arange(n, dtype=np.int64)[:, None], s, axis=1)
     nbr_index[valid] = position[n:]
-    return uniq[order], nbr_index, np.where(valid, weight, 0).astype(np.float32)
+    return src, nbr_index, np.where(valid, weight, 0).astype(np.float32)
 
 
 class _BlockSampler:

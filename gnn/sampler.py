@@ -17,8 +17,8 @@ functions, and this is where the distributed trainer puts its remote-row cache /
 * GraphSAGE: ``sample(item_ids, fanout, rng) -> (ids (n, S), weights (n, S))`` (:class:`NeighborSampler`,
   e.g. :class:`CoInteractionNeighbors` or :class:`UniformNeighbors`).
 
-All sampling is vectorised numpy or a GIL-free numba kernel (no per-node Python loop) and draws only from the ``rng`` it is handed, so a
-batch is a pure function of its seed.
+All sampling is vectorised numpy or a GIL-free numba kernel (no per-node Python loop) and draws only from the
+``rng`` it is handed, so a batch is a pure function of its seed.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Generates a power-law user-item graph (default 200k items), stand-in PinSage neighbourhoods (top-T items by visit
 count of 2-step walks item -> user -> item, 40 per item; the walks engineer's real ones replace them after
-integration), consecutive-item training pairs, then trains the default PinSage model for ``--batches`` batches per
-setting and reports pairs/s, the share of a synchronous step spent sampling, and the fraction of the CPU's
-matrix-multiply peak (a large ``torch.mm`` measured in the same run) that a training step reaches (FLOPs of every
-``nn.Linear`` in forward and backward: 3 x 2·rows·in·out; gathers and aggregations are not counted).
+integration), consecutive-item training pairs, then trains the default PinSage and GraphSAGE models for
+``--batches`` batches per setting and reports pairs/s (and, for PinSage, again with a row source that waits
+``--latency-ms`` per batch, standing in for rows fetched from remote owners), the share of a synchronous step
+spent sampling, and the fraction of the CPU's matrix-multiply peak (a large ``torch.mm`` measured in the same
+run) that a training step reaches (FLOPs of every ``nn.Linear`` in forward and backward: 3 x 2·rows·in·out;
+gathers and aggregations are not counted).
 Run: ``PYTHONPATH=$PWD python benchmarks/bench_train_speed.py [--items 200000] [--batches 40]``.
 """
 
@@ -29,6 +31,18 @@ from gnn.graphstore import GraphStore, csr_from_edges
 from gnn.models import ModelConfig, build_model
 from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler, WalkNeighbors
 from gnn.trainer import TrainConfig, Trainer
+
+
+class DelayedRows:
+    """Row source that waits ``delay_s`` per call before answering (no CPU used, GIL released): stands in for a
+    batch whose rows come from remote owners, the case the producer threads exist for."""
+
+    def __init__(self, rows: ItemFeatureTable, delay_s: float) -> None:
+        self.rows, self.delay_s = rows, delay_s
+
+    def __call__(self, item_ids: np.ndarray) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.rows(item_ids)
 
 
 class Neighborhoods:
@@ -142,6 +156,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--kinds", default="pinsage,graphsage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-ms", type=float, default=60.0,
+                        help="simulated remote-row wait per batch for the extra PinSage 'remote rows' comparison")
     parser.add_argument("--out", type=Path, default=Path("results/train_speed.json"))
     args = parser.parse_args()
     nproc = os.cpu_count() or 1
@@ -200,6 +216,24 @@ def main() -> int:
         out["speedup_producer_vs_sync_torch1"] = best_producer / sync
         out["speedup_producer_vs_best_sync"] = best_producer / max(sync, out["sync_torch2"]["pairs_per_s"])  # type: ignore[index]
         results[kind] = out
+        if kind == "pinsage" and args.latency_ms > 0:
+            remote = PairBatcher(sub, PinSageSampler(neighbors=WalkNeighbors(nb, n_neighbors=model_cfg.n_neighbors),
+                                                     rows=DelayedRows(table, args.latency_ms / 1e3)),
+                                 n_items=store.n_items, batch_size=args.batch_size, n_negatives=256,
+                                 hard_negatives=nb.hard_negatives, seed=args.seed)
+            lat: dict[str, object] = {"latency_ms_per_batch": args.latency_ms}
+            for name, s in list(settings.items())[:1] + list(settings.items())[2:]:
+                r = run_setting(model_cfg, remote, seed=args.seed, **s)  # type: ignore[arg-type]
+                if s["mode"] == "sync":
+                    r["sampling_fraction"] = r["build_s"] / r["seconds"]
+                lat[name] = r
+                print(f"pinsage+remote-rows {name}: {r['pairs_per_s']:.0f} pairs/s"
+                      + (f", sampling {r['sampling_fraction']:.2f} of the step" if "sampling_fraction" in r else ""),
+                      flush=True)
+            speeds = {k: v["pairs_per_s"] for k, v in lat.items() if isinstance(v, dict)}
+            lat["speedup_producer_vs_sync"] = max(speeds["producer1_torch1"], speeds["producer2_torch1"]) / speeds[
+                "sync_torch1"]
+            results["pinsage_remote_rows"] = lat
     report["results"] = results
     report["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,9 @@ class EpochReport:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # fused=True: one kernel per step instead of ~8 per tensor; the hashed-id table makes Adam a visible cost.
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    # (the CPU fused kernel exists from torch 2.4 on; pyproject allows 2.3)
+    fused = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss, batch: TrainBatch) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Item encoders: K graph convolutions over a sampled :class:`gnn.sampler.Subgraph`, then a final dense layer.
+
+``PinSage`` convolves over random-walk neighbourhoods (importance or mean pooling); ``GraphSAGE`` (the baseline)
+over uniformly sampled co-interaction neighbours. Only items are embedded. All settings live in the frozen
+:class:`ModelConfig`, which checkpoints carry so that a model can be rebuilt with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gnn.features import N_COUNT_FEATURES, ItemInputEncoder
+from gnn.graphstore import GraphStore
+from gnn.layers import PinSageConv, Pooling, SAGEConv, l2_normalize
+from gnn.sampler import (
+    CoInteractionNeighbors,
+    GraphSageSampler,
+    NeighborhoodsLike,
+    PinSageSampler,
+    RowSource,
+    Subgraph,
+    WalkNeighbors,
+)
+
+logger = logging.getLogger(__name__)
+
+ModelKind = Literal["pinsage", "graphsage"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Settings of an item encoder (saved in every checkpoint).
+
+    Fields (defaults): ``kind`` "pinsage" | "graphsage" ("pinsage"); ``pooling`` "importance" | "mean"
+    ("importance", PinSage only); ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
+    ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
+    ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);
+    ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (32);
+    ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True).
+    """
+
+    kind: ModelKind = "pinsage"
+    pooling: Pooling = "importance"
+    n_layers: int = 2
+    n_neighbors: int = 10
+    fanouts: tuple[int, ...] = (25, 10)
+    input_dim: int = 64
+    hidden_dim: int = 128
+    embed_dim: int = 64
+    n_categories: int = 1
+    category_dim: int = 16
+    id_buckets: int = 65536
+    id_dim: int = 32
+    n_numeric: int = N_COUNT_FEATURES
+    content_dim: int = 0
+    normalize_output: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pinsage", "graphsage"):
+            raise ValueError(f"ModelConfig.kind={self.kind!r}: use 'pinsage' or 'graphsage'")
+        if self.pooling not in ("importance", "mean"):
+            raise ValueError(f"ModelConfig.pooling={self.pooling!r}: use 'importance' or 'mean'")
+        object.__setattr__(self, "fanouts", tuple(int(f) for f in self.fanouts))
+        if self.kind == "graphsage" and len(self.fanouts) != self.n_layers:
+            raise ValueError(f"ModelConfig.fanouts={self.fanouts}: give one sample size per layer "
+                             f"(n_layers={self.n_layers})")
+        for name in ("n_layers", "n_neighbors", "input_dim", "hidden_dim", "embed_dim", "n_categories"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: must be at least 1")
+        if self.id_buckets < 0 or self.content_dim < 0 or self.n_numeric < 0:
+            raise ValueError("ModelConfig.id_buckets, content_dim and n_numeric must be non-negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class ItemEncoder(nn.Module):
+    """Input encoder -> K convolutions -> G2 · ReLU(G1 · h + g1) + g2 (Ying et al. 2018, Algorithm 2).
+
+    Shapes: ``forward(subgraph) -> (N_0, embed_dim)``, one row per target ``subgraph.node_ids[0]``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input = ItemInputEncoder(n_categories=config.n_categories, category_dim=config.category_dim,
+                                      id_buckets=config.id_buckets, id_dim=config.id_dim,
+                                      n_numeric=config.n_numeric, content_dim=config.content_dim,
+                                      out_dim=config.input_dim)
+        convs: list[nn.Module] = []
+        for layer in range(config.n_layers):
+            in_dim = config.input_dim if layer == 0 else config.hidden_dim
+            if config.kind == "pinsage":
+                convs.append(PinSageConv(in_dim, config.hidden_dim, config.hidden_dim, pooling=config.pooling))
+            else:
+                convs.append(SAGEConv(in_dim, config.hidden_dim))
+        self.convs = nn.ModuleList(convs)
+        self.g1 = nn.Linear(config.hidden_dim, config.hidden_dim)
+        self.g2 = nn.Linear(config.hidden_dim, config.embed_dim)
+
+    def reset_parameters(self) -> None:
+        self.input.reset_parameters()
+        for conv in self.convs:
+            conv.reset_parameters()  # type: ignore[operator]
+        self.g1.reset_parameters()
+        self.g2.reset_parameters()
+
+    def forward(self, subgraph: Subgraph) -> torch.Tensor:
+        k = len(self.convs)
+        if subgraph.n_layers != k:
+            raise ValueError(f"subgraph has {subgraph.n_layers} hops, the model {k} layers; "
+                             "build the sampler with the model's n_layers / fanouts")
+        h = self.input(subgraph.node_ids[k], subgraph.rows)  # (N_K, input_dim)
+        for layer, conv in enumerate(self.convs):
+            block = subgraph.blocks[k - 1 - layer]  # the hop furthest from the targets first
+            h = conv(h, block.nbr_index, block.nbr_weight)  # (N_{k-1-layer}, hidden)
+        z = self.g2(torch.relu(self.g1(h)))  # (N_0, embed_dim)
+        return l2_normalize(z) if self.config.normalize_output else z
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"ItemEncoder(kind={c.kind!r}, pooling={c.pooling!r}, n_layers={c.n_layers}, "
+                f"input_dim={c.input_dim}, hidden_dim={c.hidden_dim}, embed_dim={c.embed_dim})")
+
+
+def build_model(config: ModelConfig, *, seed: int | None = None) -> ItemEncoder:
+    """A fresh encoder; with ``seed`` its initial weights depend only on the seed."""
+    if seed is None:
+        return ItemEncoder(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ItemEncoder(config)
+
+
+def build_sampler(config: ModelConfig, *, rows: RowSource, neighborhoods: NeighborhoodsLike | None = None,
+                  store: GraphStore | None = None) -> PinSageSampler | GraphSageSampler:
+    """The sampler that fits ``config``: PinSage over ``neighborhoods`` (top ``n_neighbors``), GraphSAGE over the
+    co-interaction graph of ``store`` (``fanouts``). ``rows`` is the row source (local table or remote cache)."""
+    if config.kind == "pinsage":
+        if neighborhoods is None:
+            raise ValueError("neighborhoods: a PinSage model needs the walk neighbourhoods (gnn.walks.Neighborhoods)")
+        return PinSageSampler(neighbors=WalkNeighbors(neighborhoods, n_neighbors=config.n_neighbors), rows=rows,
+                              n_layers=config.n_layers)
+    if store is None:
+        raise ValueError("store: a GraphSAGE model samples the co-interaction graph; pass the GraphStore")
+    return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
+                            fanouts=config.fanouts)

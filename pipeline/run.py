@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.backend import Backend
 from pipeline.cluster import cluster_client
 from pipeline.common import add_arguments, add_common_arguments, cluster_config, from_sources, settings
 from pipeline.config import check, to_dict
@@ -48,7 +49,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_pipeline(run_dir: str | Path, cfg: RunConfig, client: Any, backend: str, *,
+def run_pipeline(run_dir: str | Path, cfg: RunConfig, client: Any, backend: Backend, *,
                  toml: dict[str, Any] | None = None, args: argparse.Namespace | None = None,
                  force: bool = False) -> dict[str, Any]:
     """Run the stages up to ``cfg.until``; return the run report (also written to ``<run>/report.json``)."""

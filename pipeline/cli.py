@@ -17,6 +17,8 @@ from pipeline.rundir import StageError
 
 COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
     # stage modules are added here as they land
+    "pipeline.generate",
+    "pipeline.ingest",
 )
 
 

@@ -305,9 +305,9 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
     cols["category"] = _factorise(cols["category"], np.load(wdir / "categories.npy", mmap_mode="r"))
     if not has_ts:
         cols["ts"] = _sequence_ts(cols["user"])
-    order = _order_user_ts(cols["user"], cols["ts"])
-    if order is not None:
-        cols = {k: v[order] for k, v in cols.items()}
+    by_user_ts = _order_user_ts(cols["user"], cols["ts"])
+    if by_user_ts is not None:
+        cols = {k: v[by_user_ts] for k, v in cols.items()}
     n_dup = 0
     if dedupe:
         dup = _duplicates(cols)
@@ -545,11 +545,12 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipeline.common import cluster_config, from_sources, settings
     from pipeline.cluster import cluster_client
+    from pipeline.common import cluster_config, from_sources, settings
 
     toml = settings(args)
     cfg = from_sources(IngestConfig, toml=toml, section=STAGE, args=args)
+    _source_info(str(args.source))  # a missing input is reported before a cluster starts
     with cluster_client(cluster_config(args, toml)) as (client, _backend):
         print(f"dask dashboard: {client.dashboard_link}")
         out = ingest(args.run_dir, args.source, cfg, client, force=args.force)

@@ -204,9 +204,8 @@ def _fast(data: bytes, spec: FormatSpec, n_lines: int, where: str) -> tuple[pa.T
         if kind == "behavior":
             if any(v not in BEHAVIOR_CODES for chunk in col.chunks for v in chunk.dictionary.to_pylist()):
                 return None
-        elif kind != "number":
-            if len(col) and (pc.min(col).as_py() < 0 or pc.max(col).as_py() >= ID_LIMIT):
-                return None
+        elif kind != "number" and len(col) and (pc.min(col).as_py() < 0 or pc.max(col).as_py() >= ID_LIMIT):
+            return None
     return table, _kept_lines(n_lines, skipped, table.num_rows, where), skipped
 
 

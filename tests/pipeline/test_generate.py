@@ -112,9 +112,9 @@ def test_bad_rows_at_reported_lines(tmp_path: Path) -> None:
 
 
 def test_config_errors_name_the_setting() -> None:
-    with pytest.raises(ConfigError, match="generate.community_strength=1.5: must be a probability"):
+    with pytest.raises(ConfigError, match=r"generate\.community_strength=1\.5: must be a probability"):
         GenerateConfig(community_strength=1.5)
-    with pytest.raises(ConfigError, match="generate.behavior_mix"):
+    with pytest.raises(ConfigError, match=r"generate\.behavior_mix"):
         GenerateConfig(behavior_mix=(1.0, 0.0))
 
 

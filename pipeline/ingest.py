@@ -176,16 +176,19 @@ def _parse_task(data: bytes, index: int, spec: FormatSpec, window: tuple[int, in
     runs = _user_runs(cols["user"])
     np.save(_runs_file(wdir, index), runs)
     items, cats = _unique_pairs(cols["item"], cols["category"])
-    return {
-        "stats": {"index": index, "n_lines": block.n_lines, "n_kept": block.n_kept, "rejects": block.rejects},
-        "users": sorted_unique(runs[:, 0]),
-        "items": items,
-        "cats": cats,
-    }
+    # The block's distinct ids go to disk too, so that nothing proportional to the file stays in memory.
+    np.save(wdir / f"block-{index:06d}.users.npy", sorted_unique(runs[:, 0]))
+    np.save(wdir / f"block-{index:06d}.pairs.npy", np.stack([items, cats]))
+    return {"index": index, "n_lines": block.n_lines, "n_kept": block.n_kept, "rejects": block.rejects}
 
 
-def _stats_of(result: dict[str, Any]) -> dict[str, Any]:
-    return dict(result["stats"])
+def _merge_blocks(work: str, indices: list[int]) -> dict[str, Any]:
+    wdir = Path(work)
+    parts = []
+    for i in indices:
+        pairs = np.load(wdir / f"block-{i:06d}.pairs.npy")
+        parts.append({"users": np.load(wdir / f"block-{i:06d}.users.npy"), "items": pairs[0], "cats": pairs[1]})
+    return _merge_uniques(*parts)
 
 
 def _merge_uniques(*parts: dict[str, Any]) -> dict[str, Any]:
@@ -336,6 +339,20 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
 # ---------------------------------------------------------------- driver
 
 
+def _effective_blocksize(cfg: IngestConfig, size: int, threads: int) -> int:
+    """``cfg.blocksize``, made smaller for a small file so that every worker thread gets about 3 blocks.
+
+    The output does not depend on the block size (only ``report["blocks"]`` does).
+    """
+    return int(min(parse_bytes(cfg.blocksize), max(1 << 20, math.ceil(size / (3 * threads)))))
+
+
+def _n_partitions(rows: int, partition_rows: int) -> int:
+    """Output parts: ``rows / partition_rows`` rounded up, but at least 4 from 400k rows on (parallel
+    writes); it depends on the row count and the setting only, never on the cluster."""
+    return max(1, math.ceil(rows / partition_rows), min(4, rows // 100_000))
+
+
 def _source_info(source: str) -> tuple[Any, str, int]:
     """(fsspec filesystem, path in it, size); a missing source is a one-line FileNotFoundError."""
     import fsspec.core
@@ -366,12 +383,14 @@ def _first_error(stats: dict[int, dict[str, Any]], n_blocks: int) -> tuple[int, 
     return None
 
 
-def _tree_merge(client: Any, futures: list[Any], fan_in: int = 8) -> Any:
-    level = list(futures)
+def _tree_merge(client: Any, work: Path, n_blocks: int, fan_in: int = 8) -> Any:
+    """Future of the merged distinct ids of all blocks: a tree of merges, ``fan_in`` inputs each."""
+    level = [client.submit(_merge_blocks, str(work), list(range(i, min(i + fan_in, n_blocks))), pure=False)
+             for i in range(0, n_blocks, fan_in)]
     while len(level) > 1:
         level = [client.submit(_merge_uniques, *level[i:i + fan_in], pure=False)
                  for i in range(0, len(level), fan_in)]
-    return level[0] if len(futures) > 1 else client.submit(_merge_uniques, level[0], pure=False)
+    return level[0]
 
 
 def _write_mappings(tmp: Path, work: Path, uniq: dict[str, Any]) -> dict[str, int]:
@@ -407,21 +426,22 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
     work = tmp / "_work"
     work.mkdir()
     with span(STAGE):
-        _, nested = read_bytes(source, delimiter=b"\n", blocksize=parse_bytes(cfg.blocksize), sample=False)
+        threads = max(1, sum(client.nthreads().values()))
+        _, nested = read_bytes(source, delimiter=b"\n", blocksize=_effective_blocksize(cfg, size, threads),
+                               sample=False)
         blocks = [b for per_file in nested for b in per_file]
         parse_task = delayed(_parse_task, pure=True)
         parsed = client.compute([
             parse_task(blk, i, spec, cfg.window, str(work), f"{source} block {i}", cfg.raw_limit)
             for i, blk in enumerate(blocks)])
-        stat_futs = client.map(_stats_of, parsed, pure=False)
-        index_of = {f.key: i for i, f in enumerate(stat_futs)}
         stats: dict[int, dict[str, Any]] = {}
-        for fut in track(stat_futs, "ingest parse"):
-            stats[index_of[fut.key]] = fut.result()
+        for fut in track(parsed, "ingest parse"):
+            result = fut.result()
+            stats[result["index"]] = result
             if cfg.on_bad_rows == "error":
                 first = _first_error(stats, len(blocks))
                 if first is not None:
-                    client.cancel(parsed + stat_futs)
+                    client.cancel(parsed)
                     line, rej = first
                     raise ValueError(f"{source}:{line}: {rej['reason']}: {rej['raw']!r} (on_bad_rows=error; "
                                      "fix the line or use --on-bad-rows skip to write it to rejects.parquet)")
@@ -439,13 +459,13 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
             line, reason, _ = rejects[0]
             raise ValueError(f"{source}: no rows: all {n_read} lines were rejected (first: line {line}, {reason}); "
                              f"check --format (now {cfg.format}) and the window")
-        uniq = _tree_merge(client, parsed).result()
         del parsed
+        uniq = _tree_merge(client, work, n_blocks).result()
         counts = _write_mappings(tmp, work, uniq)
         log.info("ingest: merged the id mappings at %.2fs", time.perf_counter() - started)
         users = uniq["users"]
         del uniq
-        n_parts = max(1, math.ceil(n_valid / cfg.partition_rows))
+        n_parts = _n_partitions(n_valid, cfg.partition_rows)
         cuts = np.linspace(0, len(users), n_parts + 1).astype(np.int64)
         (tmp / "interactions").mkdir()
         part_futs = [

@@ -269,8 +269,33 @@ def _duplicates(cols: Mapping[str, np.ndarray]) -> np.ndarray:
     return dup
 
 
+def _sort_dedupe(cols: dict[str, np.ndarray], *, dedupe: bool) -> dict[str, np.ndarray]:
+    """Rows sorted by (user, ts, line), exact duplicates dropped (lowest line kept). Columns (n,) -> (m,)."""
+    by_user_ts = _order_user_ts(cols["user"], cols["ts"])
+    if by_user_ts is not None:
+        cols = {k: v[by_user_ts] for k, v in cols.items()}
+    if dedupe:
+        dup = _duplicates(cols)
+        if dup.any():
+            cols = {k: v[~dup] for k, v in cols.items()}
+    return cols
+
+
+def _sort_dedupe_gpu(cols: dict[str, np.ndarray], *, dedupe: bool) -> dict[str, np.ndarray]:  # pragma: no cover
+    """:func:`_sort_dedupe` with cuDF (``dataframe.backend="cudf"``): the same rows in the same order."""
+    import cudf
+
+    df = cudf.DataFrame(cols)
+    if dedupe:
+        df = df.sort_values("line").drop_duplicates(subset=["user", "item", "category", "behavior", "ts"],
+                                                    keep="first")
+    df = df.sort_values(["user", "ts", "line"])
+    return {k: df[k].to_numpy() for k in INTERACTIONS_SCHEMA.names}
+
+
 def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_offsets: list[int],
-                     work: str, has_ts: bool, dedupe: bool, out: str, compression: str) -> dict[str, Any]:
+                     work: str, has_ts: bool, dedupe: bool, out: str, compression: str,
+                     gpu: bool = False) -> dict[str, Any]:
     """Gather raw users ``[lo_raw, hi_raw]`` from every block file and write one sorted parquet part."""
     wdir = Path(work)
     # Runs of the user range from every block, ordered by (user, block, start): rows then come out grouped
@@ -308,15 +333,9 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
     cols["category"] = _factorise(cols["category"], np.load(wdir / "categories.npy", mmap_mode="r"))
     if not has_ts:
         cols["ts"] = _sequence_ts(cols["user"])
-    by_user_ts = _order_user_ts(cols["user"], cols["ts"])
-    if by_user_ts is not None:
-        cols = {k: v[by_user_ts] for k, v in cols.items()}
-    n_dup = 0
-    if dedupe:
-        dup = _duplicates(cols)
-        n_dup = int(dup.sum())
-        if n_dup:
-            cols = {k: v[~dup] for k, v in cols.items()}
+    n_before = len(cols["user"])
+    cols = _sort_dedupe_gpu(cols, dedupe=dedupe) if gpu else _sort_dedupe(cols, dedupe=dedupe)
+    n_dup = n_before - len(cols["user"])
     table = pa.table({k: pa.array(cols[k], type=INTERACTIONS_SCHEMA.field(k).type)
                       for k in INTERACTIONS_SCHEMA.names}, schema=INTERACTIONS_SCHEMA)
     # Delta encoding suits the sorted / slowly varying columns; no dictionary for the id columns (slow and
@@ -414,11 +433,13 @@ def _write_mappings(tmp: Path, work: Path, uniq: dict[str, Any]) -> dict[str, in
 
 
 def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, Any]:
+    import dask
     from dask import delayed
     from dask.bytes import read_bytes
     from distributed import span
 
     started = time.perf_counter()
+    gpu = dask.config.get("dataframe.backend", default="pandas") == "cudf"
     fs, path, size = _source_info(source)
     if size == 0:
         raise ValueError(f"{source}: no rows: the file is empty; pass a file with at least one line")
@@ -471,7 +492,7 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
         part_futs = [
             client.submit(_write_partition, p, int(users[cuts[p]]), int(users[cuts[p + 1] - 1]), n_blocks, offsets,
                           str(work), spec.has_ts, cfg.dedupe, str(tmp / "interactions" / f"part-{p:05d}.parquet"),
-                          cfg.compression, pure=False)
+                          cfg.compression, gpu, pure=False)
             for p in range(n_parts) if cuts[p + 1] > cuts[p]]
         parts = [f.result() for f in track(part_futs, "ingest write")]
     log.info("ingest: wrote %d parts at %.2fs", len(parts), time.perf_counter() - started)
@@ -501,6 +522,7 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
         "ts_synthesised": not spec.has_ts,
         "behavior_counts": dict(zip(BEHAVIORS, beh, strict=True)),
         "behavior_mix": {b: round(c / max(kept, 1), 6) for b, c in zip(BEHAVIORS, beh, strict=True)},
+        "backend": "gpu" if gpu else "cpu",
         "blocks": n_blocks,
         "partitions": len(parts),
         "seconds": round(time.perf_counter() - started, 3),

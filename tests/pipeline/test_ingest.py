@@ -194,3 +194,19 @@ def test_cli_ingest(tmp_path: Path, taobao_head: Path, capsys: pytest.CaptureFix
     assert "4,320 rows kept of 4,321 lines" in capsys.readouterr().out
     assert main(args) == 0
     assert "up to date (reused)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_backend_gives_the_cpu_result(tmp_path: Path, dask_client: Client) -> None:
+    import dask
+
+    path = tmp_path / "gen.csv"
+    generate(path, GenerateConfig(rows=20_000, seed=2, bad_rows=4))
+    with path.open("ab") as f:
+        f.write(path.read_bytes().split(b"\n", 1)[0] + b"\n")
+    cpu = ingest(tmp_path / "cpu", path, IngestConfig(partition_rows=5_000), dask_client)
+    with dask.config.set({"dataframe.backend": "cudf"}):
+        gpu = ingest(tmp_path / "gpu", path, IngestConfig(partition_rows=5_000), dask_client)
+    assert gpu.report["backend"] == "gpu" and gpu.report["duplicates"] == cpu.report["duplicates"] >= 1
+    for name, frame in _outputs(cpu).items():
+        pd.testing.assert_frame_equal(_outputs(gpu)[name], frame, check_exact=True)

@@ -171,7 +171,8 @@ def _parse_task(data: bytes, index: int, spec: FormatSpec, window: tuple[int, in
     cols = block.columns
     del data
     wdir = Path(work)
-    table = pa.table({k: cols[k] for k in ("user", "item", "category", "behavior", "ts", "line")})
+    table = pa.table({k: cols[k] for k in ("user", "item", "category", "behavior", "ts")}
+                     | {"line": cols["line"].astype(np.int32)})  # block-local line: int32 is plenty
     feather.write_feather(table, _block_file(wdir, index), compression="uncompressed")
     runs = _user_runs(cols["user"])
     np.save(_runs_file(wdir, index), runs)
@@ -325,8 +326,8 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
         dst = np.repeat(dst0, ln) + within
         table = feather.read_table(_block_file(wdir, int(b)), memory_map=True)
         for k in INTERACTIONS_SCHEMA.names:
-            cols[k][dst] = table[k].to_numpy()[src]
-        cols["line"][dst] += line_offsets[int(b)]
+            values = table[k].to_numpy()[src]
+            cols[k][dst] = values + line_offsets[int(b)] if k == "line" else values
         del table
     cols["user"] = _factorise(cols["user"], np.load(wdir / "users.npy", mmap_mode="r"))
     cols["item"] = _factorise(cols["item"], np.load(wdir / "items.npy", mmap_mode="r"))

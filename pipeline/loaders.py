@@ -176,6 +176,8 @@ def _forbidden_bytes(spec: FormatSpec) -> tuple[bytes, ...]:
 
 
 def _kept_lines(n_lines: int, skipped: list[int], n_rows: int, where: str) -> np.ndarray:
+    if n_lines < 0:
+        n_lines = n_rows + len(skipped)
     lines = np.arange(1, n_lines + 1, dtype=np.int64)
     if skipped:
         lines = np.delete(lines, np.asarray(skipped, dtype=np.int64) - 1)
@@ -302,7 +304,9 @@ def parse_block(
     columns; any other block is parsed as bytes and validated field by field. Both paths give the same
     result for every line, so the output does not depend on how the file was split into blocks.
     """
-    n_lines = count_lines(data)
+    # Every line is a parsed row or a skipped one (ignore_empty_lines=False), so the line count comes from
+    # the parse; only a block with carriage returns (which pyarrow also takes as line ends) is counted.
+    n_lines = count_lines(data) if (b"\r" in data or not data) else -1
     empty = {k: np.zeros(0, dtype=np.int8 if k == "behavior" else np.int64)
              for k in ("user", "item", "category", "behavior", "ts", "line")}
     if n_lines == 0:
@@ -311,8 +315,10 @@ def parse_block(
     if fast is not None:
         table, lines, skipped = fast
         reasons: dict[int, str] = {}
+        n_lines = table.num_rows + len(skipped)
     else:
         table, lines, skipped, reasons = _strict(data, spec, n_lines, where)
+        n_lines = table.num_rows + len(skipped) + len(reasons)
     for line in skipped:
         reasons[line] = "columns"
     cols: dict[str, np.ndarray] = {}

@@ -96,3 +96,21 @@ def test_sequence_movielens_and_edgelist_layouts() -> None:
 def test_unknown_format_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="format='csv': must be one of taobao"):
         format_spec("csv")
+
+
+@pytest.mark.parametrize("data", [
+    f"1,2,3,pv,{T}\n\n".encode(),
+    f"\n1,2,3,pv,{T}".encode(),
+    f"1,2,3,pv,{T}\n\n\n4,5,6,buy,{T}\n".encode(),
+    f"1,2,3,pv,{T}\r\n\r\n4,5,6,buy,{T}\r\n".encode(),
+])
+def test_line_count_from_the_parse_matches_the_newlines(data: bytes) -> None:
+    b = parse_block(data, TAOBAO, window=W)
+    assert b.n_lines == count_lines(data)
+    assert b.n_kept + len(b.rejects) == b.n_lines
+    assert all(reason == "columns" for _, reason, _ in b.rejects)
+
+
+def test_lone_carriage_returns_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"carriage returns without newlines"):
+        parse_block(f"1,2,3,pv,{T}\r4,5,6,pv,{T}\n".encode(), TAOBAO, window=W, where="f.csv block 0")

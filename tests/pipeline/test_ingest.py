@@ -69,6 +69,8 @@ def test_rerun_is_a_no_op(tmp_path: Path, taobao_head: Path, dask_client: Client
     assert not first.reused and again.reused and again.key == first.key
     changed = ingest(tmp_path / "run", taobao_head, IngestConfig(check_window=False), dask_client)
     assert not changed.reused and changed.report["rows_kept"] == 4321
+    url = ingest(tmp_path / "url", f"file://{taobao_head}", IngestConfig(), dask_client)   # any fsspec URL
+    assert url.report["rows_kept"] == 4320 and url.report["rejected_by_reason"] == {"window": 1}
 
 
 BAD_CASES = {

@@ -182,6 +182,11 @@ def e2e(rows: int, blocksize: str) -> dict[str, Any]:
     result["bytes"] = path.stat().st_size
     result["ingest"] = measure(["ours", str(path), str(DATA / f"run-{rows}"), blocksize])
     result["total_seconds"] = round(result["generate"]["seconds"] + result["ingest"]["seconds"], 2)
+    smaller = RESULTS / "ingest.json"
+    if smaller.is_file():   # peak memory as the file grows: the 1M / 10M runs of the side-by-side benchmark
+        sizes = json.loads(smaller.read_text())["sizes"]
+        result["peak_rss_mb_by_rows"] = {**{k: v["ours"]["peak_rss_mb"] for k, v in sizes.items()},
+                                         str(rows): result["ingest"]["peak_rss_mb"]}
     result["machine_after"] = machine()
     print(json.dumps({k: v for k, v in result.items() if k != "command"}, indent=1, default=str))
     return result

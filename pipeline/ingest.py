@@ -44,8 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numba
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 from dask.utils import parse_bytes
@@ -270,19 +272,28 @@ def _duplicates(cols: Mapping[str, np.ndarray]) -> np.ndarray:
     return dup
 
 
-def _sort_dedupe(cols: dict[str, np.ndarray], *, dedupe: bool) -> dict[str, np.ndarray]:
+def _table(cols: Mapping[str, np.ndarray]) -> pa.Table:
+    return pa.table({k: pa.array(cols[k], type=INTERACTIONS_SCHEMA.field(k).type)
+                     for k in INTERACTIONS_SCHEMA.names}, schema=INTERACTIONS_SCHEMA)
+
+
+def _sort_dedupe(cols: dict[str, np.ndarray], *, dedupe: bool) -> pa.Table:
     """Rows sorted by (user, ts, line), exact duplicates dropped (lowest line kept). Columns (n,) -> (m,)."""
     by_user_ts = _order_user_ts(cols["user"], cols["ts"])
     if by_user_ts is not None:
         cols = {k: v[by_user_ts] for k, v in cols.items()}
+    table = _table(cols)
     if dedupe:
-        dup = _duplicates(cols)
-        if dup.any():
-            cols = {k: v[~dup] for k, v in cols.items()}
-    return cols
+        dup = np.flatnonzero(_duplicates(cols))
+        if len(dup):
+            # Duplicates are rare: keep the rows between them as zero-copy slices instead of copying all.
+            starts = np.concatenate([[0], dup + 1])
+            stops = np.concatenate([dup, [table.num_rows]])
+            table = pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts, stops, strict=True) if b > a])
+    return table
 
 
-def _sort_dedupe_gpu(cols: dict[str, np.ndarray], *, dedupe: bool) -> dict[str, np.ndarray]:  # pragma: no cover
+def _sort_dedupe_gpu(cols: dict[str, np.ndarray], *, dedupe: bool) -> pa.Table:  # pragma: no cover
     """:func:`_sort_dedupe` with cuDF (``dataframe.backend="cudf"``): the same rows in the same order."""
     import cudf
 
@@ -291,7 +302,24 @@ def _sort_dedupe_gpu(cols: dict[str, np.ndarray], *, dedupe: bool) -> dict[str, 
         df = df.sort_values("line").drop_duplicates(subset=["user", "item", "category", "behavior", "ts"],
                                                     keep="first")
     df = df.sort_values(["user", "ts", "line"])
-    return {k: df[k].to_numpy() for k in INTERACTIONS_SCHEMA.names}
+    return _table({k: df[k].to_numpy() for k in INTERACTIONS_SCHEMA.names})
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_runs(out: np.ndarray, values: np.ndarray, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray,
+               add: int) -> None:  # pragma: no cover - compiled
+    """``out[dst[r]:dst[r]+lengths[r]] = values[src[r]:...] + add`` for every run r (one pass, no index arrays)."""
+    for r in range(len(lengths)):
+        s, d = src[r], dst[r]
+        for i in range(lengths[r]):
+            out[d + i] = values[s + i] + add
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the write pass's kernel; ``client.run(warm_up)`` on new workers."""
+    one = np.ones(1, dtype=np.int64)
+    for out_dtype, in_dtype in ((np.int64, np.int64), (np.int8, np.int8), (np.int64, np.int32)):  # ids, behavior, line
+        _copy_runs(np.zeros(2, dtype=out_dtype), np.ones(2, dtype=in_dtype), one * 0, one * 0, one, 0)
 
 
 def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_offsets: list[int],
@@ -313,21 +341,18 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
     run_block = np.concatenate(sel_blocks) if sel_blocks else np.zeros(0, dtype=np.int64)
     order = np.lexsort((run_block, runs[:, 0]))            # stable: start order kept within (user, block)
     runs, run_block = runs[order], run_block[order]
-    lengths = runs[:, 2]
+    lengths = np.ascontiguousarray(runs[:, 2])
     dest_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     n = int(lengths.sum())
     cols = {k: np.empty(n, dtype=INTERACTIONS_SCHEMA.field(k).type.to_pandas_dtype())
             for k in INTERACTIONS_SCHEMA.names}
     for b in np.unique(run_block):
         mine = run_block == b
-        ln, src0, dst0 = lengths[mine], runs[mine, 1], dest_start[mine]
-        within = np.arange(int(ln.sum()), dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)  # (rows_b,)
-        src = np.repeat(src0, ln) + within
-        dst = np.repeat(dst0, ln) + within
+        src, dst, ln = np.ascontiguousarray(runs[mine, 1]), dest_start[mine], lengths[mine]
         table = feather.read_table(_block_file(wdir, int(b)), memory_map=True)
         for k in INTERACTIONS_SCHEMA.names:
-            values = table[k].to_numpy()[src]
-            cols[k][dst] = values + line_offsets[int(b)] if k == "line" else values
+            add = line_offsets[int(b)] if k == "line" else 0
+            _copy_runs(cols[k], table[k].to_numpy(), src, dst, ln, add)
         del table
     cols["user"] = _factorise(cols["user"], np.load(wdir / "users.npy", mmap_mode="r"))
     cols["item"] = _factorise(cols["item"], np.load(wdir / "items.npy", mmap_mode="r"))
@@ -335,24 +360,22 @@ def _write_partition(part: int, lo_raw: int, hi_raw: int, n_blocks: int, line_of
     if not has_ts:
         cols["ts"] = _sequence_ts(cols["user"])
     n_before = len(cols["user"])
-    cols = _sort_dedupe_gpu(cols, dedupe=dedupe) if gpu else _sort_dedupe(cols, dedupe=dedupe)
-    n_dup = n_before - len(cols["user"])
-    table = pa.table({k: pa.array(cols[k], type=INTERACTIONS_SCHEMA.field(k).type)
-                      for k in INTERACTIONS_SCHEMA.names}, schema=INTERACTIONS_SCHEMA)
+    table = _sort_dedupe_gpu(cols, dedupe=dedupe) if gpu else _sort_dedupe(cols, dedupe=dedupe)
+    n_dup = n_before - table.num_rows
     # Delta encoding suits the sorted / slowly varying columns; no dictionary for the id columns (slow and
     # large for millions of distinct ids).
     pq.write_table(table, out, compression=None if compression == "none" else compression,
                    use_dictionary=["behavior"],
                    column_encoding={"user": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED",
                                     "line": "DELTA_BINARY_PACKED"})
-    ts = cols["ts"]
+    ts = table["ts"]
     return {
         "part": part,
         "rows": table.num_rows,
         "duplicates": n_dup,
-        "behavior": np.bincount(cols["behavior"], minlength=len(BEHAVIORS)).tolist(),
-        "ts_min": int(ts.min()) if len(ts) else None,
-        "ts_max": int(ts.max()) if len(ts) else None,
+        "behavior": np.bincount(table["behavior"].to_numpy(), minlength=len(BEHAVIORS)).tolist(),
+        "ts_min": pc.min(ts).as_py(),
+        "ts_max": pc.max(ts).as_py(),
     }
 
 

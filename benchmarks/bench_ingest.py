@@ -156,7 +156,8 @@ def bench(sizes: list[int], repeats: int, blocksize: str) -> dict[str, Any]:
                                "blocksize": blocksize, "sizes": {}}
     for rows in sizes:
         path, gen = ensure_file(rows, seed=0)
-        entry: dict[str, Any] = {"file": str(path.relative_to(REPO)), "bytes": path.stat().st_size}
+        entry: dict[str, Any] = {"file": str(path.relative_to(REPO)), "bytes": path.stat().st_size,
+                                 "command": results["command"], "loadavg_before": os.getloadavg()}
         if gen:
             entry["generate"] = gen
         for name, args in (("pyarrow_read_csv", ["pyarrow", str(path)]),
@@ -170,6 +171,7 @@ def bench(sizes: list[int], repeats: int, blocksize: str) -> dict[str, Any]:
                   f"peak {best['peak_rss_mb']:8.1f} MB", flush=True)
         entry["ours_vs_pyarrow"] = round(entry["ours"]["seconds"] / entry["pyarrow_read_csv"]["seconds"], 2)
         entry["pandas_vs_ours"] = round(entry["pandas_script"]["seconds"] / entry["ours"]["seconds"], 2)
+        entry["loadavg_after"] = os.getloadavg()
         results["sizes"][str(rows)] = entry
     results["machine_after"] = machine()
     return results
@@ -199,7 +201,7 @@ def main() -> None:
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="1000000,10000000", help="rows of the generated files (comma-separated)")
     p.add_argument("--repeats", type=int, default=2, help="runs per contender; the fastest is kept")
-    p.add_argument("--blocksize", default="32 MiB", help="ingest block size")
+    p.add_argument("--blocksize", default="16 MiB", help="ingest block size")
     p.add_argument("--e2e", type=int, default=0, help="generate + ingest this many rows instead")
     p.add_argument("--out", default=None, help="result JSON (default results/ingest.json or ingest_<n>.json)")
     args = p.parse_args()
@@ -216,6 +218,11 @@ def main() -> None:
     else:
         result = bench([int(s) for s in args.sizes.split(",")], args.repeats, args.blocksize)
         name = args.out or RESULTS / "ingest.json"
+        if Path(name).is_file():   # keep the other sizes of an earlier run (each size records its command)
+            earlier = json.loads(Path(name).read_text())
+            for rows, entry in earlier.get("sizes", {}).items():
+                entry.setdefault("command", earlier.get("command"))
+                result["sizes"].setdefault(rows, entry)
     Path(name).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {name}")
 

@@ -62,6 +62,7 @@ from pipeline.schema import TAOBAO_WINDOW
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
+MERGE_FAN_IN = 8  # blocks (then partial results) merged per task when collecting the distinct ids
 INTERACTIONS_SCHEMA = pa.schema([
     ("user", pa.int64()), ("item", pa.int64()), ("category", pa.int64()),
     ("behavior", pa.int8()), ("ts", pa.int64()), ("line", pa.int64()),
@@ -75,12 +76,12 @@ class IngestConfig:
 
     ``window_start`` / ``window_end`` None mean the format's default: ``TAOBAO_WINDOW`` for taobao, no
     window for the others; ``check_window=False`` turns the check off. ``blocksize`` is the parse unit
-    ("64 MiB"); ``partition_rows`` the rows per output part (and the write pass's memory unit).
+    ("16 MiB"); ``partition_rows`` the rows per output part (and the write pass's memory unit).
     """
 
     format: Literal["taobao", "sequence", "movielens", "edgelist"] = "taobao"
     on_bad_rows: Literal["skip", "error"] = "skip"
-    blocksize: str = "32 MiB"
+    blocksize: str = "16 MiB"
     check_window: bool = True
     window_start: int | None = None
     window_end: int | None = None
@@ -426,10 +427,9 @@ def _first_error(stats: dict[int, dict[str, Any]], n_blocks: int) -> tuple[int, 
     return None
 
 
-def _tree_merge(client: Any, work: Path, n_blocks: int, fan_in: int = 8) -> Any:
-    """Future of the merged distinct ids of all blocks: a tree of merges, ``fan_in`` inputs each."""
-    level = [client.submit(_merge_blocks, str(work), list(range(i, min(i + fan_in, n_blocks))), pure=False)
-             for i in range(0, n_blocks, fan_in)]
+def _tree_merge(client: Any, first_level: list[Any], fan_in: int = 8) -> Any:
+    """Future of the merged distinct ids of all blocks: a tree of merges over the first-level merges."""
+    level = first_level
     while len(level) > 1:
         level = [client.submit(_merge_uniques, *level[i:i + fan_in], pure=False)
                  for i in range(0, len(level), fan_in)]
@@ -480,13 +480,18 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
             parse_task(blk, i, spec, cfg.window, str(work), f"{source} block {i}", cfg.raw_limit)
             for i, blk in enumerate(blocks)])
         stats: dict[int, dict[str, Any]] = {}
+        merges: dict[int, Any] = {}   # first-level merges, started as soon as their blocks are parsed
         for fut in track(parsed, "ingest parse"):
             result = fut.result()
             stats[result["index"]] = result
+            group = result["index"] // MERGE_FAN_IN
+            members = range(group * MERGE_FAN_IN, min((group + 1) * MERGE_FAN_IN, len(blocks)))
+            if all(m in stats for m in members):
+                merges[group] = client.submit(_merge_blocks, str(work), list(members), pure=False)
             if cfg.on_bad_rows == "error":
                 first = _first_error(stats, len(blocks))
                 if first is not None:
-                    client.cancel(parsed)
+                    client.cancel(parsed + list(merges.values()))
                     line, rej = first
                     raise ValueError(f"{source}:{line}: {rej['reason']}: {rej['raw']!r} (on_bad_rows=error; "
                                      "fix the line or use --on-bad-rows skip to write it to rejects.parquet)")
@@ -505,7 +510,7 @@ def _build(tmp: Path, source: str, cfg: IngestConfig, client: Any) -> dict[str, 
             raise ValueError(f"{source}: no rows: all {n_read} lines were rejected (first: line {line}, {reason}); "
                              f"check --format (now {cfg.format}) and the window")
         del parsed
-        uniq = _tree_merge(client, work, n_blocks).result()
+        uniq = _tree_merge(client, [merges[g] for g in sorted(merges)], MERGE_FAN_IN).result()
         counts = _write_mappings(tmp, work, uniq)
         log.info("ingest: merged the id mappings at %.2fs", time.perf_counter() - started)
         users = uniq["users"]

@@ -6,7 +6,9 @@
 * ``interactions/part-NNNNN.parquet`` — the columns of :mod:`pipeline.schema` (user, item, category int64,
   behavior int8, ts int64, line int64), sorted by (user, ts, line) across the parts in order;
 * ``users.parquet`` (user, raw_user), ``items.parquet`` (item, raw_item, category),
-  ``categories.parquet`` (category, raw_category) — contiguous ids assigned in sorted order of the raw ids;
+  ``categories.parquet`` (category, raw_category) — contiguous int64 ids assigned in sorted order of the raw
+  ids; an item seen under several categories gets the smallest raw one in ``items.parquet`` (the rows keep
+  their own; ``report["items_with_several_categories"]`` counts them);
 * ``rejects.parquet`` (line int64, reason string, raw string) — every rejected line of the input;
 * ``report.json`` (also the manifest's ``report``): lines read, rows kept, rejected by reason, duplicates,
   users, items, categories, time range, behaviour mix.
@@ -25,9 +27,12 @@ How (two passes over the data, each a Dask task per unit, memory bounded by the 
    one parquet part.
 
 The result does not depend on the number of workers or the block size. Bad lines never vanish: with
-``on_bad_rows="skip"`` they go to ``rejects.parquet`` and are counted by reason; with ``"error"`` the stage
-stops at the first one with ``path:line: reason``. A header line is rejected with reason ``header``; an
-empty or missing file is a one-line error; a line that is not UTF-8 is rejected with reason ``non-utf8``.
+``on_bad_rows="skip"`` they go to ``rejects.parquet`` and are counted by reason (reasons in
+:data:`pipeline.loaders.REJECT_REASONS`); with ``"error"`` the stage stops at the first one (lowest line)
+with ``path:line: reason: 'raw text'`` and leaves no output. Exact duplicate rows (same user, item,
+category, behaviour, ts) are dropped, the lowest line kept, and counted in ``report["duplicates"]``.
+A header line is rejected with reason ``header``; an empty or missing file is a one-line error ("no rows",
+"no such file"); a line that is not UTF-8 is rejected with reason ``non-utf8``.
 The work folder must be visible to every worker (true for a LocalCluster; use a shared file system for a
 multi-machine cluster).
 """
@@ -98,7 +103,7 @@ class IngestConfig:
             size = parse_bytes(self.blocksize)
         except (ValueError, TypeError):
             size = -1
-        check(size >= 1024, "ingest.blocksize", self.blocksize, "must be a size of at least 1 KiB, e.g. '64 MiB'")
+        check(size >= 1024, "ingest.blocksize", self.blocksize, "must be a size of at least 1 KiB, e.g. '16 MiB'")
         if self.window is not None:
             check(self.window[1] > self.window[0], "ingest.window_end", self.window_end,
                   "must be greater than window_start")

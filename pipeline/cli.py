@@ -15,12 +15,15 @@ import sys
 from pipeline import __version__
 from pipeline.rundir import StageError
 
-COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module
+COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module, in pipeline order
+    "pipeline.generate",
+    "pipeline.ingest",
     "pipeline.split",
     "pipeline.graph",
-    "pipeline.evaluate",
-    "pipeline.partition",
     "pipeline.walks",
+    "pipeline.partition",
+    "pipeline.evaluate",
+    "pipeline.run",
 )
 
 

@@ -76,6 +76,8 @@ def _local_gpu_cluster(cfg: ClusterConfig) -> Client:  # pragma: no cover - need
 def make_client(cfg: ClusterConfig) -> tuple[Client, Backend]:
     """A connected client and the resolved backend. Close it with ``client.close()`` (and its cluster)."""
     backend = resolve_backend(cfg.backend)
+    # The P2P shuffle logs every shuffle's start and end at WARNING level; they are not warnings.
+    logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
     if cfg.scheduler is not None:
         client = Client(cfg.scheduler)
     elif backend == "gpu":

@@ -86,22 +86,20 @@ def run_pipeline(run_dir: str | Path, cfg: RunConfig, client: Any, backend: Back
             generate(data, gen_cfg)
             write_json_atomic(marker, wanted)
         source = str(data)
-    stage_cfgs = {
-        "ingest": from_sources(IngestConfig, toml=toml, section="ingest", args=args),
-        "split": from_sources(SplitConfig, toml=toml, section="split", args=args),
-        "graph": from_sources(GraphConfig, toml=toml, section="graph", args=args),
-        "walks": from_sources(WalkConfig, toml=toml, section="walks", args=args),
-        "evaluate": from_sources(EvalConfig, toml=toml, section="evaluate", args=args),
-    }
-    if done("ingest", ingest(run, source, stage_cfgs["ingest"], client, force=force)):
+    ingest_cfg = from_sources(IngestConfig, toml=toml, section="ingest", args=args)
+    split_cfg = from_sources(SplitConfig, toml=toml, section="split", args=args)
+    graph_cfg = from_sources(GraphConfig, toml=toml, section="graph", args=args)
+    walk_cfg = from_sources(WalkConfig, toml=toml, section="walks", args=args)
+    eval_cfg = from_sources(EvalConfig, toml=toml, section="evaluate", args=args)
+    if done("ingest", ingest(run, source, ingest_cfg, client, force=force)):
         return _finish(run, report, started)
-    if done("split", split(run, stage_cfgs["split"], client, force=force)):
+    if done("split", split(run, split_cfg, client, force=force)):
         return _finish(run, report, started)
-    if done("graph", build_graph(run, stage_cfgs["graph"], client, force=force)):
+    if done("graph", build_graph(run, graph_cfg, client, force=force)):
         return _finish(run, report, started)
-    if done("walks", run_walks(run, stage_cfgs["walks"], client, backend=backend, force=force)):
+    if done("walks", run_walks(run, walk_cfg, client, backend=backend, force=force)):
         return _finish(run, report, started)
-    done("evaluate", evaluate(run, stage_cfgs["evaluate"], force=force))
+    done("evaluate", evaluate(run, eval_cfg, force=force))
     return _finish(run, report, started)
 
 
@@ -117,6 +115,10 @@ def _cmd(args: argparse.Namespace) -> int:
     with cluster_client(cluster_config(args, toml)) as (client, backend):
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = run_pipeline(args.run_dir, cfg, client, backend, toml=toml, force=args.force)
+    if "evaluate" in report["stages"]:
+        from pipeline.evaluate import format_table, read_report
+
+        print(format_table(read_report(args.run_dir)))
     _say(f"run finished in {report['seconds']}s; outputs in {report['run_dir']}; report: "
          f"{Path(report['run_dir']) / 'report.json'}")
     return 0

@@ -41,7 +41,7 @@ from distributed import Client
 
 from gnn.ann import IndexSpec, ann_block_topk, build_index, deserialize, recall_at_k, serialize
 from gnn.baselines import Histories
-from gnn.topk import NO_ITEM, TopK, UserMode, block_topk, check_k, item_queries, user_queries
+from gnn.topk import DEFAULT_CHUNK, NO_ITEM, TopK, UserMode, block_topk, check_k, item_queries, user_queries
 from pipeline.cluster import cluster_client
 from pipeline.common import add_arguments, add_common_arguments, cluster_config, from_sources, settings
 from pipeline.config import check
@@ -74,8 +74,9 @@ class RecommendConfig:
     embeddings_path: str | None = field(default=None, metadata={
         "help": "item embeddings (.npy (n_items, D) or the infer stage's parquet); default "
                 "<run>/infer/embeddings.npy, else <run>/train/embeddings.npy"})
-    query_block: int = field(default=512, metadata={"help": "queries per Dask task"})
-    item_chunk: int = field(default=32_768, metadata={"help": "items scored at once inside a task"})
+    query_block: int = field(default=1024, metadata={"help": "queries per Dask task"})
+    item_chunk: int = field(default=DEFAULT_CHUNK, metadata={
+        "help": "items scored at once inside a task (a cache-sized (query_block, item_chunk) score block)"})
     index: Index = field(default="exact", metadata={
         "help": "exact (blockwise matrix product) or a faiss index: flat, ivf, hnsw"})
     nlist: int | None = field(default=None, metadata={"help": "IVF cells; none = round(sqrt(n_items))"})
@@ -228,7 +229,7 @@ class Search:
     """How a block is searched: exact (``index_token`` None) or with the faiss index shipped as ``index_blob``."""
 
     k: int
-    item_chunk: int = 32_768
+    item_chunk: int = DEFAULT_CHUNK
     user_mode: UserMode = "last"
     recent: int = 10
     index_token: str | None = None
@@ -336,7 +337,12 @@ def _search(cfg: RecommendConfig, matrix: np.ndarray, index_blob: np.ndarray | N
     return Search(k=k, item_chunk=cfg.item_chunk, user_mode=cfg.user_mode, recent=cfg.recent, index_token=token)
 
 
-def _index_blob(cfg: RecommendConfig, matrix: np.ndarray) -> np.ndarray | None:
+def _index_blob(cfg: RecommendConfig, matrix: np.ndarray, index: Any = None) -> np.ndarray | None:
+    if index is not None:
+        if int(index.ntotal) != matrix.shape[0] or int(index.d) != matrix.shape[1]:
+            raise ValueError(f"index holds {index.ntotal} vectors of D={index.d} but the embeddings are "
+                             f"{matrix.shape}: build the index from the same embeddings")
+        return serialize(index)
     if cfg.index == "exact":
         return None
     started = time.perf_counter()
@@ -364,15 +370,17 @@ def _ids(ids: np.ndarray | None, n: int, what: str) -> np.ndarray:
 
 
 def top_k_items(embeddings: np.ndarray | str | Path, cfg: RecommendConfig | None = None, *,
-                client: Client | None = None, items: np.ndarray | None = None, progress: bool = False
-                ) -> pd.DataFrame:
+                client: Client | None = None, items: np.ndarray | None = None, progress: bool = False,
+                index: Any = None) -> pd.DataFrame:
     """Item→item: the K nearest items of every item (or of ``items``), the item itself excluded.
 
-    ``client`` None runs in this process; otherwise one task per query block. Columns: query, rank, item, score.
+    ``client`` None runs in this process; otherwise one task per query block. ``index``: a faiss index built
+    with :func:`gnn.ann.build_index` from the same embeddings, used instead of ``cfg.index`` (build once, query
+    many times). Columns: query, rank, item, score.
     """
     cfg = cfg or RecommendConfig()
     source, matrix = _prepare(embeddings)
-    blob = _index_blob(cfg, matrix)
+    blob = _index_blob(cfg, matrix, index)
     search = _search(cfg, matrix, blob)
     if matrix.shape[0] < 2:
         raise ValueError(f"item→item needs at least 2 items; the embeddings hold {matrix.shape[0]}")
@@ -382,8 +390,8 @@ def top_k_items(embeddings: np.ndarray | str | Path, cfg: RecommendConfig | None
 
 
 def top_k_users(embeddings: np.ndarray | str | Path, history: Histories, cfg: RecommendConfig | None = None, *,
-                client: Client | None = None, users: np.ndarray | None = None, progress: bool = False
-                ) -> pd.DataFrame:
+                client: Client | None = None, users: np.ndarray | None = None, progress: bool = False,
+                index: Any = None) -> pd.DataFrame:
     """User→item: the K best unseen items of every user with history (or of ``users``); see the module doc.
 
     Users without history get no rows. Columns: query (the user id), rank, item, score.
@@ -391,7 +399,7 @@ def top_k_users(embeddings: np.ndarray | str | Path, history: Histories, cfg: Re
     cfg = cfg or RecommendConfig()
     source, matrix = _prepare(embeddings)
     _check_history(history, matrix)
-    blob = _index_blob(cfg, matrix)
+    blob = _index_blob(cfg, matrix, index)
     search = _search(cfg, matrix, blob)
     chosen = _ids(users, history.n_users, "users")
     blocks = user_blocks(history, chosen[history.lengths(chosen) > 0], cfg.query_block)

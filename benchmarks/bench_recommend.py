@@ -180,7 +180,8 @@ def main() -> int:
         ivf_report["in_process_2_threads"][str(nprobe)] = {
             "queries_per_s": round(qps, 1), "queries_per_cpu_s": round(a.queries / cpu, 1),
             f"recall@{a.k}": recall_at_k(top.items, truth),
-            "speedup_vs_exact_2_workers": round(qps / base, 2)}
+            "speedup_vs_exact_2_workers": round(qps / base, 2),
+            "speedup_per_cpu_s_vs_exact": round(a.queries / cpu / exact["workers_2"]["queries_per_cpu_s"], 2)}
         print(f"ivf nprobe={nprobe}: {qps:.1f} queries/s, recall {recall_at_k(top.items, truth):.4f}", flush=True)
     middle = probes[len(probes) // 2]
     ivf.nprobe = middle

@@ -291,8 +291,9 @@ def _search_blocks(blocks: list[QueryBlock], source: Source, search: Search, *, 
         shared["source"] = client.scatter(source, broadcast=True, hash=False)
     if index_blob is not None:
         shared["index_blob"] = client.scatter(index_blob, broadcast=True, hash=False)
-    futures = [client.submit(_block_task, shared.get("source", source), block, search, shared.get("index_blob"),
-                             pure=False) for block in blocks]
+    with stage_span(STAGE):  # tags the tasks on the dashboard; annotations are read when they are submitted
+        futures = [client.submit(_block_task, shared.get("source", source), block, search,
+                                 shared.get("index_blob"), pure=False) for block in blocks]
     position = {f.key: i for i, f in enumerate(futures)}
     ready: dict[int, tuple[np.ndarray, TopK]] = {}
     next_out = 0
@@ -507,29 +508,28 @@ def run_recommend(run_dir: str | Path, cfg: RecommendConfig, client: Client | No
         blob = _index_blob(cfg, matrix)
         report["index_build_seconds"] = round(time.perf_counter() - t0, 3)
     search = _search(cfg, matrix, blob)
-    with stage_span(STAGE):
-        if "items" in cfg.targets:
-            if n_items < 2:
-                raise ValueError(f"item→item needs at least 2 items; the embeddings hold {n_items}")
-            s = dataclasses.replace(search, k=check_k(cfg.k, n_items - 1))
-            blocks = item_blocks(np.arange(n_items, dtype=np.int64), cfg.query_block)
-            report["items"] = _write_target(out_dir / "items.parquet", blocks, source, s, client, blob,
-                                            "recommend items")
-            if blob is not None:
-                report["items"]["recall"] = _recall(
-                    lambda ids: item_blocks(ids, cfg.query_block), np.arange(n_items, dtype=np.int64), source, s,
-                    client, blob, cfg.recall_queries, cfg.seed, "recall items")
-        if history is not None:
-            lengths = history.lengths()
-            users = np.flatnonzero(lengths > 0)
-            blocks = user_blocks(history, users, cfg.query_block)
-            part = _write_target(out_dir / "users.parquet", blocks, source, search, client, blob, "recommend users")
-            part["users_without_history"] = int((lengths == 0).sum())
-            part["n_users"] = history.n_users
-            if blob is not None and users.size:
-                part["recall"] = _recall(lambda ids: user_blocks(history, ids, cfg.query_block), users, source,
-                                         search, client, blob, cfg.recall_queries, cfg.seed, "recall users")
-            report["users"] = part
+    if "items" in cfg.targets:
+        if n_items < 2:
+            raise ValueError(f"item→item needs at least 2 items; the embeddings hold {n_items}")
+        s = dataclasses.replace(search, k=check_k(cfg.k, n_items - 1))
+        blocks = item_blocks(np.arange(n_items, dtype=np.int64), cfg.query_block)
+        report["items"] = _write_target(out_dir / "items.parquet", blocks, source, s, client, blob,
+                                        "recommend items")
+        if blob is not None:
+            report["items"]["recall"] = _recall(
+                lambda ids: item_blocks(ids, cfg.query_block), np.arange(n_items, dtype=np.int64), source, s,
+                client, blob, cfg.recall_queries, cfg.seed, "recall items")
+    if history is not None:
+        lengths = history.lengths()
+        users = np.flatnonzero(lengths > 0)
+        blocks = user_blocks(history, users, cfg.query_block)
+        part = _write_target(out_dir / "users.parquet", blocks, source, search, client, blob, "recommend users")
+        part["users_without_history"] = int((lengths == 0).sum())
+        part["n_users"] = history.n_users
+        if blob is not None and users.size:
+            part["recall"] = _recall(lambda ids: user_blocks(history, ids, cfg.query_block), users, source,
+                                     search, client, blob, cfg.recall_queries, cfg.seed, "recall users")
+        report["users"] = part
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out_dir / REPORT, report)
     return report

@@ -148,6 +148,8 @@ def test_stage_writes_parquet_and_report_and_is_resumable(client: Client, tmp_pa
     write_run(tmp_path)
     cfg = RecommendConfig(k=4, query_block=8, item_chunk=16)
     out = recommend(tmp_path, cfg, client)
+    spans = client.cluster.scheduler.extensions["spans"].spans.values()  # type: ignore[union-attr]
+    assert any(span.name == ("recommend",) for span in spans)  # the tasks are tagged on the dashboard
     report = read_report(tmp_path)
     assert report["n_items"] == N_ITEMS and report["dim"] == DIM
     assert report["embeddings"] == str(tmp_path / "train" / "embeddings.npy")

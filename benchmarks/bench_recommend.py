@@ -117,7 +117,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "recommend.json")
     a = p.parse_args()
     report: dict[str, Any] = {
-        "command": " ".join(shlex.quote(x) for x in ["PYTHONPATH=$PWD", "python", *sys.argv]),
+        "command": "PYTHONPATH=$PWD nice -n 5 " + " ".join(shlex.quote(x) for x in ["python", *sys.argv]),
         "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                     "loadavg_start": os.getloadavg(), "torch": torch.__version__, "faiss": faiss.__version__},
         "data": {"items": a.items, "dim": a.dim, "kind": a.data, "k": a.k, "queries": a.queries,

@@ -136,10 +136,11 @@ def block_topk(queries: np.ndarray, item_matrix: np.ndarray, k: int, *,
     ex_order = np.argsort(ex_items, kind="stable")
     ex_rows, ex_items = np.asarray(ex_rows, np.int64)[ex_order], np.asarray(ex_items, np.int64)[ex_order]
     best = TopK(np.full((q.shape[0], k), NO_ITEM, np.int64), np.full((q.shape[0], k), -np.inf, np.float32))
+    buffer = torch.empty(q.shape[0], min(chunk, n_items))  # reused: a fresh block per chunk costs page faults
     for lo in range(0, n_items, chunk):
         hi = min(lo + chunk, n_items)
         block = torch.from_numpy(np.ascontiguousarray(item_matrix[lo:hi], dtype=np.float32))  # (C, D)
-        scores = q @ block.T  # (B, C)
+        scores = torch.matmul(q, block.T, out=buffer) if hi - lo == buffer.shape[1] else q @ block.T  # (B, C)
         a, b = np.searchsorted(ex_items, [lo, hi])
         if b > a:
             scores[torch.from_numpy(ex_rows[a:b]), torch.from_numpy(ex_items[a:b] - lo)] = -torch.inf

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 
+from gnn.ann import IndexSpec, build_index
 from gnn.baselines import Histories
 from pipeline.cli import main
 from pipeline.config import ConfigError
@@ -219,6 +220,9 @@ def test_errors_name_the_problem(client: Client, tmp_path: Path) -> None:
     pd.DataFrame({"item": [0, 1], "embedding": [[1.0, 2.0], [1.0]]}).to_parquet(tmp_path / "ragged.parquet")
     with pytest.raises(ValueError, match="different lengths"):
         top_k_items(tmp_path / "ragged.parquet")
+    other = build_index(np.ones((N_ITEMS, DIM + 1), np.float32), IndexSpec(kind="flat"))
+    with pytest.raises(ValueError, match=r"index holds 50 vectors of D=4 but the embeddings are \(50, 3\)"):
+        top_k_items(emb, index=other)
     nan = tie_embeddings()
     nan[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -158,7 +158,7 @@ def load_item_embeddings(path: str | Path) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"embeddings {p}: no such file; run `pinsage infer` (or train), or pass "
-                                "--embeddings-path PATH (.npy or parquet)")
+                                "--embeddings PATH (.npy or parquet)")
     if p.suffix == ".npy":
         matrix = np.load(p, mmap_mode="c", allow_pickle=False)
     elif p.suffix == ".parquet" or p.is_dir():
@@ -181,7 +181,7 @@ def embeddings_path(run_dir: str | Path, cfg: RecommendConfig) -> Path:
             return run / rel
     looked = " and ".join(str(run / r) for r in EMBEDDING_CANDIDATES)
     raise FileNotFoundError(f"no embeddings in {run}: looked for {looked}; run `pinsage infer` or pass "
-                            "--embeddings-path PATH")
+                            "--embeddings PATH")
 
 
 # A worker process memory-maps a .npy once per (path, size, mtime) and shares it across tasks.
@@ -584,6 +584,8 @@ def register(subparsers: Any) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_arguments(parser, RecommendConfig)
+    parser.add_argument("--embeddings", dest="RecommendConfig.embeddings_path", default=None, metavar="PATH",
+                        help="short for --embeddings-path")
     parser.set_defaults(func=_main)
 
 

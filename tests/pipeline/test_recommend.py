@@ -237,6 +237,6 @@ def test_cli_writes_recommendations_and_reports_errors_in_one_line(tmp_path: Pat
     out = capsys.readouterr().out
     assert "pinsage recommend: done" in out and "items: 50 queries" in out
     assert json.loads((tmp_path / "recommend" / REPORT).read_text())["config"]["k"] == 3
-    assert main([*args, "--k", "3", "--embeddings-path", str(tmp_path / "nope.npy")]) == 2
+    assert main([*args, "--k", "3", "--embeddings", str(tmp_path / "nope.npy")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.npy: no such file" in err[0]

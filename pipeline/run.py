@@ -99,7 +99,17 @@ def run_pipeline(run_dir: str | Path, cfg: RunConfig, client: Any, backend: Back
         return _finish(run, report, started)
     if done("walks", run_walks(run, walk_cfg, client, backend=backend, force=force)):
         return _finish(run, report, started)
-    done("evaluate", evaluate(run, eval_cfg, force=force))
+    if done("evaluate", evaluate(run, eval_cfg, force=force)):
+        return _finish(run, report, started)
+    from pipeline.recommend import RecommendConfig, embeddings_path, recommend
+
+    rec_cfg = from_sources(RecommendConfig, toml=toml, section="recommend", args=args)
+    try:
+        embeddings_path(run, rec_cfg)
+    except FileNotFoundError as e:  # no trained embeddings yet: the baselines' evaluation is the end of the run
+        _say(f"[recommend] skipped: {e}")
+    else:
+        done("recommend", recommend(run, rec_cfg, client, force=force))
     return _finish(run, report, started)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster
 
@@ -182,6 +184,13 @@ def test_infer_embeddings_are_preferred_and_parquet_is_read(client: Client, tmp_
     recommend(tmp_path, RecommendConfig(k=3, targets=("items",), embeddings_path=str(tmp_path / "emb.parquet")),
               client)
     pd.testing.assert_frame_equal(read_recommendations(tmp_path, "items"), from_npy)
+    parts = tmp_path / "infer_parts"  # the infer stage's layout: a folder of parts, fixed-size vector lists
+    parts.mkdir()
+    for b, chunk in enumerate(np.array_split(order, 3)):
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(infer[chunk].reshape(-1)), DIM)
+        pq.write_table(pa.table({"item": pa.array(chunk, pa.int64()), "embedding": vectors}),
+                       parts / f"part-{b:05d}.parquet")
+    pd.testing.assert_frame_equal(top_k_items(parts, RecommendConfig(k=3)), from_npy)
 
 
 def test_flat_index_recall_is_one_and_ivf_recall_reported(client: Client, tmp_path: Path) -> None:

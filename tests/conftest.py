@@ -38,13 +38,17 @@ def cora_npz() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"gpu test: {reason}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    import torch
+
+    reasons = {"gpu": gpu_unavailable_reason(),
+               "cuda": None if torch.cuda.is_available() else "no CUDA device visible to torch"}
+    for marker, reason in reasons.items():
+        if reason is None:
+            continue
+        skip = pytest.mark.skip(reason=f"{marker} test: {reason}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

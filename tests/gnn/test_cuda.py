@@ -31,7 +31,7 @@ def test_forward_and_loss_on_cuda_equal_the_cpu(kind: str) -> None:
     loss_cpu = compute_loss(cpu_model, MaxMarginLoss(0.1), batch)
     loss_gpu = compute_loss(gpu_model, MaxMarginLoss(0.1), batch.to("cuda"))
     assert loss_gpu.device.type == "cuda"
-    assert abs(float(loss_cpu) - float(loss_gpu)) < 1e-4
+    assert abs(float(loss_cpu.detach()) - float(loss_gpu.detach())) < 1e-4
     ids = np.arange(40)  # community_store() has 40 items
     cpu = embed_items(cpu_model, sampler, ids, batch_size=16)
     gpu = embed_items(gpu_model, sampler, ids, batch_size=16)

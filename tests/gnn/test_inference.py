@@ -13,12 +13,14 @@ from gnn.inference import (
     Layerwise,
     WalkLayerNeighbors,
     counter_uniforms,
+    fixed_width_mean,
     layer_neighbors_for,
     layerwise_embeddings,
     message_table,
     plan_join,
     reference_sampler,
 )
+from gnn.layers import weighted_mean
 from gnn.models import ModelConfig, build_model
 from gnn.sampler import CoInteractionNeighbors
 from gnn.trainer import embed_items
@@ -126,3 +128,14 @@ def test_layerwise_rejects_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="block_items"):
         layerwise_embeddings(build_model(small_config("pinsage")), lambda ids: torch.zeros(0), lambda k, i: (i, i),
                              3, block_items=0)
+
+
+def test_fixed_width_mean_equals_weighted_mean() -> None:
+    rng = np.random.default_rng(0)
+    messages = torch.randn(30, 6)
+    index = torch.from_numpy(rng.integers(0, 30, (12, 4)))
+    weight = torch.from_numpy(rng.random((12, 4)).astype(np.float32))
+    weight[3] = 0.0  # a row without neighbours gives zeros
+    got = fixed_width_mean(messages, index, weight)
+    assert float((got - weighted_mean(messages, index, weight)).abs().max()) <= 1e-6
+    assert float(got[3].abs().max()) == 0.0

@@ -102,13 +102,22 @@ def flops_per_item(c: ModelConfig, store: GraphStore) -> float:
     return total + 2.0 * c.hidden_dim * c.hidden_dim + 2.0 * c.hidden_dim * c.embed_dim
 
 
-def worker_rss(client: Client) -> dict[str, int]:
-    def rss() -> int:
-        import psutil
+def _rss() -> int:
+    import psutil
 
-        return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process().memory_info().rss)
 
-    return {k: v for k, v in client.run(rss).items()}
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
+
+
+def workers_cpu(client: Client) -> float:
+    """CPU seconds used so far by all worker processes (robust to other load on a shared machine)."""
+    return float(sum(client.run(_cpu_seconds).values()))
 
 
 def main() -> int:
@@ -119,9 +128,11 @@ def main() -> int:
     ap.add_argument("--community", type=int, default=2000)
     ap.add_argument("--p-local", type=float, default=0.9)
     ap.add_argument("--block-items", type=int, default=131072)
-    ap.add_argument("--naive-sample", type=int, default=4096, help="items timed with embed_items, batch 1024")
-    ap.add_argument("--per-item-sample", type=int, default=200, help="items timed with embed_items, batch 1")
+    ap.add_argument("--naive-sample", type=int, default=2048, help="items timed with embed_items, batch 1024")
+    ap.add_argument("--per-item-sample", type=int, default=100, help="items timed with embed_items, batch 1")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--backend", choices=("cpu", "gpu"), default="cpu", help="device of the map-reduce workers")
+    ap.add_argument("--no-in-process", action="store_true", help="skip the one-process layer-wise run")
     ap.add_argument("--run-dir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "infer.json")
     args = ap.parse_args()
@@ -158,61 +169,39 @@ def main() -> int:
     sampler = build_sampler(config, rows=rows, neighborhoods=nb)
     rng = np.random.default_rng(5)
     sample = np.sort(rng.choice(args.items, args.naive_sample, replace=False))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     naive_emb = embed_items(model, sampler, sample, batch_size=1024)
-    naive_s = time.perf_counter() - t1
+    naive_s, naive_cpu = time.perf_counter() - t1, time.process_time() - c1
     single = sample[: args.per_item_sample]
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     embed_items(model, sampler, single, batch_size=1)
-    single_s = time.perf_counter() - t1
+    single_s, single_cpu = time.perf_counter() - t1, time.process_time() - c1
     naive = {"batch_1024": {"items": int(sample.shape[0]), "seconds": round(naive_s, 2),
-                            "items_per_s": round(sample.shape[0] / naive_s, 1)},
+                            "items_per_s": round(sample.shape[0] / naive_s, 1),
+                            "items_per_cpu_s": round(sample.shape[0] / naive_cpu, 1)},
              "batch_1": {"items": int(single.shape[0]), "seconds": round(single_s, 2),
-                         "items_per_s": round(single.shape[0] / single_s, 1)},
+                         "items_per_s": round(single.shape[0] / single_s, 1),
+                         "items_per_cpu_s": round(single.shape[0] / single_cpu, 1)},
              "threads": 1, "note": "timed on a random sample, extrapolated to all items as items/s"}
     naive["batch_1024"]["gflops_useful"] = round(naive["batch_1024"]["items_per_s"] * flops_item / 1e9, 3)
     result["naive"] = naive
 
     # layer-wise in one process (no Dask): the algorithm's own cost
-    t1 = time.perf_counter()
-    inproc = layerwise_embeddings(model, rows, WalkLayerNeighbors(nb, n_neighbors=args.top_t), args.items,
-                                  block_items=args.block_items)
-    inproc_s = time.perf_counter() - t1
-    result["layerwise_in_process"] = {"seconds": round(inproc_s, 2), "items_per_s": round(args.items / inproc_s),
-                                      "threads": 1, "fraction_of_peak": round(
-                                          args.items * flops_item / inproc_s / peaks[1], 4),
-                                      "max_abs_diff_vs_naive_sample": float(
-                                          (inproc[torch.from_numpy(sample)] - naive_emb).abs().max())}
-    del inproc
-
+    if not args.no_in_process:
+        in_process(args, result, model, rows, nb, sample, naive_emb, flops_item, peaks[1])
     runs = []
     for n_workers in [int(w) for w in args.workers.split(",")]:
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-            t1 = time.perf_counter()
-            out = run_infer(run_dir, InferConfig(block_items=args.block_items), client, force=True, progress=False)
-            wall = time.perf_counter() - t1
-            emb = torch.from_numpy(np.array(load_embeddings(run_dir)[sample]))
-            rep = out.report
-            runs.append({
-                "workers": n_workers, "threads_per_worker": 1, "blocks": rep["blocks"],
-                "stage_wall_seconds": round(wall, 2), "compute_seconds": rep["seconds"],
-                "layer_seconds": rep["layer_seconds"], "fetched_rows_per_layer": rep["fetched_rows_per_layer"],
-                "fetched_mb_per_layer": [round(b / 2**20, 1) for b in rep["fetched_bytes_per_layer"]],
-                "items_per_s": round(args.items / wall),
-                "speedup_vs_naive_batch_1024": round(args.items / wall / naive["batch_1024"]["items_per_s"], 1),
-                "speedup_vs_naive_batch_1": round(args.items / wall / naive["batch_1"]["items_per_s"], 1),
-                "fraction_of_matmul_peak": round(args.items * flops_item / wall / peaks[min(n_workers, 2)], 4),
-                "max_abs_diff_vs_naive_sample": float((emb - naive_emb).abs().max()),
-                "worker_rss_mb_after": [round(v / 2**20) for v in worker_rss(client).values()],
-                "loadavg_after": os.getloadavg(),
-            })
-            print(json.dumps(runs[-1]), file=sys.stderr)
+        runs.append(map_reduce_run(args, run_dir, n_workers, sample, naive_emb, naive, flops_item, peaks))
+        print(json.dumps(runs[-1]), file=sys.stderr)
     result["map_reduce"] = runs
     by = {r["workers"]: r for r in runs}
     result["summary"] = {
+        "backend": args.backend,
         "items_per_s": {f"{w}_workers": r["items_per_s"] for w, r in by.items()},
         "speedup_vs_naive_batch_1024": {f"{w}_workers": r["speedup_vs_naive_batch_1024"] for w, r in by.items()},
+        "speedup_vs_naive_batch_1024_cpu_time": {f"{w}_workers": r["speedup_vs_naive_batch_1024_cpu_time"]
+                                                 for w, r in by.items()},
+        "items_per_cpu_s": {f"{w}_workers": r["items_per_cpu_s"] for w, r in by.items()},
         "goal_10x_met": any(r["speedup_vs_naive_batch_1024"] >= 10 for r in runs),
         "scaling_2_over_1": round(by[2]["items_per_s"] / by[1]["items_per_s"], 2) if 1 in by and 2 in by else None,
     }
@@ -223,6 +212,52 @@ def main() -> int:
     tmp.cleanup()
     return 0
 
+
+def in_process(args: argparse.Namespace, result: dict[str, Any], model: torch.nn.Module, rows: ItemFeatureTable,
+               nb: Neighborhoods, sample: np.ndarray, naive_emb: torch.Tensor, flops_item: float,
+               peak: float) -> None:
+    torch.set_num_threads(1)
+    t1, c1 = time.perf_counter(), time.process_time()
+    inproc = layerwise_embeddings(model, rows, WalkLayerNeighbors(nb, n_neighbors=args.top_t), args.items,
+                                  block_items=args.block_items)
+    inproc_s, inproc_cpu = time.perf_counter() - t1, time.process_time() - c1
+    result["layerwise_in_process"] = {"seconds": round(inproc_s, 2), "items_per_s": round(args.items / inproc_s),
+                                      "items_per_cpu_s": round(args.items / inproc_cpu),
+                                      "threads": 1, "fraction_of_peak": round(
+                                          args.items * flops_item / inproc_s / peak, 4),
+                                      "max_abs_diff_vs_naive_sample": float(
+                                          (inproc[torch.from_numpy(sample)] - naive_emb).abs().max())}
+    del inproc
+
+
+def map_reduce_run(args: argparse.Namespace, run_dir: Path, n_workers: int, sample: np.ndarray,
+                   naive_emb: torch.Tensor, naive: dict[str, Any], flops_item: float,
+                   peaks: dict[int, float]) -> dict[str, Any]:
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("torch") and __import__("pipeline.infer"))  # imports are not inference
+        cpu0, t1 = workers_cpu(client), time.perf_counter()
+        out = run_infer(run_dir, InferConfig(block_items=args.block_items), client, backend=args.backend,
+                        force=True, progress=False)
+        wall, cpu = time.perf_counter() - t1, workers_cpu(client) - cpu0
+        emb = torch.from_numpy(np.array(load_embeddings(run_dir)[sample]))
+        rep = out.report
+        return {
+            "workers": n_workers, "threads_per_worker": 1, "device": rep["device"], "blocks": rep["blocks"],
+            "stage_wall_seconds": round(wall, 2), "compute_seconds": rep["seconds"],
+            "layer_seconds": rep["layer_seconds"], "fetched_rows_per_layer": rep["fetched_rows_per_layer"],
+            "fetched_mb_per_layer": [round(b / 2**20, 1) for b in rep["fetched_bytes_per_layer"]],
+            "items_per_s": round(args.items / wall),
+            "workers_cpu_seconds": round(cpu, 1), "items_per_cpu_s": round(args.items / cpu),
+            "speedup_vs_naive_batch_1024": round(args.items / wall / naive["batch_1024"]["items_per_s"], 1),
+            "speedup_vs_naive_batch_1024_cpu_time": round(args.items / cpu / naive["batch_1024"]["items_per_cpu_s"], 1),
+            "speedup_vs_naive_batch_1": round(args.items / wall / naive["batch_1"]["items_per_s"], 1),
+            "fraction_of_matmul_peak": round(args.items * flops_item / wall / peaks[min(n_workers, 2)], 4)
+            if args.backend == "cpu" else None,
+            "max_abs_diff_vs_naive_sample": float((emb - naive_emb).abs().max()),
+            "worker_rss_mb_after": [round(v / 2**20) for v in client.run(_rss).values()],
+            "loadavg_after": os.getloadavg(),
+        }
 
 if __name__ == "__main__":
     raise SystemExit(main())

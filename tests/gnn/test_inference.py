@@ -139,3 +139,30 @@ def test_fixed_width_mean_equals_weighted_mean() -> None:
     got = fixed_width_mean(messages, index, weight)
     assert float((got - weighted_mean(messages, index, weight)).abs().max()) <= 1e-6
     assert float(got[3].abs().max()) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["pinsage", "graphsage"])
+def test_layerwise_on_cuda_equals_the_cpu_reference(kind: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to torch")
+    store = community_store(n_items=48)
+    nb = co_count_neighborhoods(store)
+    rows = ItemFeatureTable.from_graph_store(store)
+    config = small_config(kind)
+    model = build_model(config, seed=1)
+    ref = embed_items(model, reference_sampler(config, rows=rows, neighborhoods=nb, store=store), np.arange(48))
+    table = layer_neighbors_for(config, neighborhoods=nb, store=store)
+    cuda = build_model(config, seed=1).cuda()
+
+    def cuda_rows(ids: np.ndarray) -> torch.Tensor:
+        return rows(ids).cuda()
+
+    lw = Layerwise(cuda)
+    h = lw.encode(torch.arange(48, device="cuda"), cuda_rows(np.arange(48)))
+    for layer in range(lw.n_layers):
+        nbr, w = table(layer, np.arange(48))
+        index = torch.from_numpy(np.where(nbr >= 0, nbr, 0)).cuda()
+        h = lw.combine(layer, h, lw.message(layer, h), index, torch.from_numpy(w).cuda())
+    got = lw.head(h).cpu()
+    assert float((got - ref).abs().max()) <= TOL

@@ -142,3 +142,13 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path: Path, dask_client_1: C
     with pytest.raises(ValueError, match="this code reads 'pinsage-checkpoint'"):
         run_infer(tmp_path, InferConfig(checkpoint=str(tmp_path / "foreign.pt")), dask_client_1)
     assert not (tmp_path / "infer").exists() and not (tmp_path / "infer" / EMBEDDINGS_NPY).exists()
+
+
+@pytest.mark.gpu
+def test_gpu_workers_equal_the_cpu_reference(tmp_path: Path, dask_client: Client) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to torch")
+    store, nb = make_run(tmp_path, "pinsage")
+    out = run_infer(tmp_path, InferConfig(block_items=16), dask_client, backend="gpu", progress=False)
+    assert out.report["device"] == "cuda"
+    assert_equal_to_reference(tmp_path, reference(tmp_path, store, nb))

@@ -29,7 +29,7 @@ from pipeline.infer import (
     run_infer,
 )
 from pipeline.partition import PartitionConfig, run_partition
-from pipeline.rundir import run_stage
+from pipeline.rundir import read_stage, run_stage
 from tests.gnn.model_graphs import co_count_neighborhoods, community_store, pairs_of
 
 TOL = 1e-5
@@ -106,6 +106,9 @@ def test_partition_shards_are_the_blocks(tmp_path: Path, kind: str, dask_client:
     store, nb = make_run(tmp_path, kind, partition_parts=3, pooling="mean", n_layers=3, fanouts=(3, 2, 2))
     out = run_infer(tmp_path, InferConfig(), dask_client, progress=False)
     assert out.report["layout"] == "partition" and out.report["blocks"] == 3
+    if kind == "pinsage":  # T covers every row: a shard fetches exactly its halo, once per layer
+        halos = read_stage(tmp_path, "partition").report["halo_sizes"]
+        assert out.report["fetched_rows_per_layer"] == [sum(halos)] * 3
     assert_equal_to_reference(tmp_path, reference(tmp_path, store, nb))
     ranges = run_infer(tmp_path, InferConfig(use_partition=False, block_items=25), dask_client, progress=False)
     assert ranges.report["layout"] == "ranges" and ranges.report["blocks"] == 3
@@ -152,3 +155,14 @@ def test_gpu_workers_equal_the_cpu_reference(tmp_path: Path, dask_client: Client
     out = run_infer(tmp_path, InferConfig(block_items=16), dask_client, backend="gpu", progress=False)
     assert out.report["device"] == "cuda"
     assert_equal_to_reference(tmp_path, reference(tmp_path, store, nb))
+
+
+def test_cli_writes_the_stage_and_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store, nb = make_run(tmp_path, "pinsage")
+    argv = ["infer", "--run-dir", str(tmp_path), "--workers", "1", "--dashboard-address", "127.0.0.1:0",
+            "--block-items", "20", "--backend", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pinsage infer: done: 60 items x 8 (pinsage, 3 blocks by ranges" in out
+    assert_equal_to_reference(tmp_path, reference(tmp_path, store, nb))
+    assert main(argv) == 0 and "pinsage infer: up to date" in capsys.readouterr().out

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module, in pipeline o
     "pipeline.walks",
     "pipeline.partition",
     "pipeline.evaluate",
+    "pipeline.update",
     "pipeline.run",
 )
 

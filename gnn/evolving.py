@@ -43,9 +43,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -428,7 +432,8 @@ def apply_batch(store: GraphStore, batch: InteractionBatch, *, edge_weight: Edge
 def refresh(version: GraphVersion, traces: WalkTraces, batch: InteractionBatch, cfg: WalkConfig, *,
             edge_weight: EdgeWeight = "sum") -> tuple[GraphVersion, WalkTraces]:
     """The next version after ``batch``: the new graph plus the neighbourhoods / importance of only the touched
-    start items recomputed (see the module docstring). ``traces`` is not modified; the new traces are returned."""
+    start items recomputed (see the module docstring). Returns the version and the traces: ``traces`` itself,
+    updated in place as the very last step (so an error leaves it matching ``version``), or a grown copy."""
     old = version.store
     store = apply_batch(old, batch, edge_weight=edge_weight)
     touched = touched_items(traces, cfg.hops, np.unique(batch.item), np.unique(batch.user), store.n_items,
@@ -451,17 +456,18 @@ def refresh(version: GraphVersion, traces: WalkTraces, batch: InteractionBatch, 
     negs[touched] = rows.hard_negatives
     nb = Neighborhoods(ptr, idx, wts, _frozen(normalise(item_visits)), _frozen(normalise(user_visits)),
                        _frozen(negs))
-    new_traces = WalkTraces(_grow(traces.items, store.n_items), _grow(traces.users, store.n_items))
-    new_traces.items[touched] = rows.items
-    new_traces.users[touched] = rows.users
     nxt = _version(version.number + 1, store, nb, item_visits, user_visits, cfg, touched=int(touched.shape[0]),
                    n_interactions=version.n_interactions + batch.n_rows)
-    return nxt, new_traces
+    # Last, when nothing can fail any more: the touched starts' traces, in place (a copy of all traces per update
+    # would cost more than the refresh; only the writer reads them).
+    if store.n_items > traces.items.shape[0]:
+        traces = WalkTraces(_grow(traces.items, store.n_items), _grow(traces.users, store.n_items))
+    traces.items[touched] = rows.items
+    traces.users[touched] = rows.users
+    return nxt, traces
 
 
 def _grow(trace: np.ndarray, n: int) -> np.ndarray:
-    if trace.shape[0] >= n:
-        return trace.copy()
     return np.concatenate([trace, np.full((n - trace.shape[0], trace.shape[1]), -1, trace.dtype)])
 
 
@@ -552,6 +558,103 @@ def _check_sizes(store: GraphStore, batch: InteractionBatch) -> None:
     if batch.n_users < store.n_users or batch.n_items < store.n_items or batch.n_categories < store.n_categories:
         raise ValueError(f"batch sizes ({batch.n_users} users, {batch.n_items} items) are below the live graph's "
                          f"({store.n_users}, {store.n_items}): build the batch against the current version")
+
+
+# ------------------------------------------------------------------------------------------------ background writer
+
+
+def merge_batches(batches: list[InteractionBatch]) -> InteractionBatch:
+    """Consecutive batches (in log order) as one: rows concatenated, the last sizes, ``raw`` arrays concatenated."""
+    if not batches:
+        raise ValueError("batches is empty: pass at least one InteractionBatch")
+    if len(batches) == 1:
+        return batches[0]
+    cat = np.concatenate
+    keys = sorted({k for b in batches for k in b.raw})
+    return InteractionBatch(cat([b.user for b in batches]), cat([b.item for b in batches]),
+                            cat([b.behavior for b in batches]), cat([b.ts for b in batches]),
+                            cat([b.category for b in batches]), max(b.n_users for b in batches),
+                            max(b.n_items for b in batches), max(b.n_categories for b in batches),
+                            raw={k: cat([np.asarray(b.raw[k]) for b in batches if k in b.raw]) for k in keys})
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Raise the calling thread's nice value by ``nice`` (Linux: threads have their own). False where unsupported."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:  # e.g. a sandbox that forbids it: the writer still works, at normal priority
+        log.warning("could not lower the writer thread's priority: %s", e)
+        return False
+    return True
+
+
+class UpdateWriter:
+    """The one writer of a :class:`LiveGraph` as a background thread: :meth:`submit` queues a batch and returns a
+    future of the version that contains it (resolved once it is logged and published). Batches waiting while a
+    refresh runs are applied together as one version (group commit: one refresh, one fsync), so the writer keeps up
+    with the arrivals however busy the machine is.
+
+    Args:
+        live: the live graph. nice: the writer thread's nice increment (default 10; Linux): under CPU contention the
+            samplers keep their share and the writer gets what is left. max_rows: most interactions per group
+            (default 100 000).
+    """
+
+    def __init__(self, live: LiveGraph, *, nice: int = 10, max_rows: int = 100_000) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: must be at least 1")
+        self.live = live
+        self.nice = nice
+        self.max_rows = max_rows
+        self.groups = 0
+        self._queue: queue.Queue[tuple[InteractionBatch, Future[GraphVersion]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="live-graph-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: InteractionBatch) -> Future[GraphVersion]:
+        fut: Future[GraphVersion] = Future()
+        self._queue.put((batch, fut))
+        return fut
+
+    def close(self) -> None:
+        """Apply what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        lower_thread_priority(self.nice)
+        done = False
+        while not done:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            rows = item[0].n_rows
+            while rows < self.max_rows:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    done = True
+                    break
+                group.append(nxt)
+                rows += nxt[0].n_rows
+            try:
+                version = self.live.append(merge_batches([b for b, _ in group]))
+            except Exception as e:
+                for _, fut in group:
+                    fut.set_exception(e)
+                continue
+            self.groups += 1
+            for _, fut in group:
+                fut.set_result(version)
+
+    def __repr__(self) -> str:
+        return f"UpdateWriter(groups={self.groups}, queued={self._queue.qsize()}, nice={self.nice})"
 
 
 # ------------------------------------------------------------------------------------------------ readers

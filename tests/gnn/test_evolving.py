@@ -21,8 +21,10 @@ from gnn.evolving import (
     InteractionBatch,
     LiveGraph,
     LiveOwnerTable,
+    UpdateWriter,
     VersionedPinSageSampler,
     build_store,
+    merge_batches,
 )
 from gnn.features import ItemFeatureTable
 from gnn.graphstore import GraphStore, load_graph_store, write_graph_store
@@ -239,6 +241,32 @@ def test_old_versions_are_reclaimed_when_no_reader_holds_them() -> None:
     gc.collect()
     assert ref() is None and indices() is None  # reclaimed once the last reader let go
     assert live.current.number == 2
+
+
+def test_background_writer_group_commits_in_order() -> None:
+    hist = History()
+    live = LiveGraph(hist.store(), CFG)
+    writer = UpdateWriter(live, nice=5)
+    rng = np.random.default_rng(12)
+    futures = [writer.submit(hist.batch(rng, 4)) for _ in range(15)]
+    writer.close()
+    numbers = [f.result(timeout=60).number for f in futures]
+    assert numbers == sorted(numbers) and numbers[-1] == live.current.number == writer.groups <= 15
+    assert_same_graph(live.current.store, hist.store())
+    assert_equals_full_recomputation(live.current)
+
+
+def test_merged_batches_give_the_same_version_as_one_by_one() -> None:
+    hist = History()
+    one, merged = LiveGraph(hist.store(), CFG), LiveGraph(hist.store(), CFG)
+    rng = np.random.default_rng(13)
+    batches = [hist.batch(rng, 5) for _ in range(4)]
+    for b in batches:
+        one.append(b)
+    v = merged.append(merge_batches(batches))
+    assert_same_graph(v.store, one.current.store)
+    for name in NB_FIELDS:
+        np.testing.assert_array_equal(getattr(v.neighborhoods, name), getattr(one.current.neighborhoods, name))
 
 
 # ------------------------------------------------------------------------------------------- durability

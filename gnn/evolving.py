@@ -165,23 +165,6 @@ def build_store(*, n_users: int, n_items: int, n_categories: int, user: np.ndarr
 # ------------------------------------------------------------------------------------------------ CSR splicing
 
 
-@numba.njit(nogil=True, cache=True)
-def _splice(old_ptr, old_vals, new_ptr, seg_start, seg_vals, out):  # type: ignore[no-untyped-def]
-    """Row r of ``out`` = segment ``seg_vals[seg_start[r]:...]`` when ``seg_start[r] >= 0``, else old row r.
-    ``old_ptr`` covers every row of ``new_ptr`` (rows past the old end are empty)."""
-    for r in range(new_ptr.shape[0] - 1):
-        a = new_ptr[r]
-        n = new_ptr[r + 1] - a
-        s = seg_start[r]
-        if s >= 0:
-            for k in range(n):
-                out[a + k] = seg_vals[s + k]
-        else:
-            b = old_ptr[r]
-            for k in range(n):
-                out[a + k] = old_vals[b + k]
-
-
 def _frozen(arr: np.ndarray) -> np.ndarray:
     arr.flags.writeable = False
     return arr
@@ -203,12 +186,24 @@ def splice_rows(indptr: np.ndarray, arrays: tuple[np.ndarray, ...], n_rows: int,
     deg[rows] = lengths
     new_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(deg, out=new_ptr[1:])
-    seg_start = np.full(n_rows, -1, np.int64)
-    seg_start[rows] = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if rows.shape[0] else rows
+    seg_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Unchanged rows between two replaced ones are one contiguous run in the old and in the new arrays: copy each
+    # run with one slice assignment (a memcpy), so the cost is the bytes moved plus one step per replaced row.
+    run_lo = np.concatenate([[0], rows + 1])  # first row of each unchanged run
+    run_hi = np.concatenate([rows, [n_rows]])  # one past its last row
+    bounds = list(zip(old_ptr[run_lo].tolist(), old_ptr[run_hi].tolist(), new_ptr[run_lo].tolist(),
+                      new_ptr[run_hi].tolist(), strict=True))
+    seg = list(zip(new_ptr[rows].tolist(), seg_ptr[:-1].tolist(), seg_ptr[1:].tolist(), strict=True))
     out = []
-    for old, seg in zip(arrays, values, strict=True):
-        dst = np.empty(int(new_ptr[-1]), np.asarray(old).dtype)
-        _splice(old_ptr, np.asarray(old), new_ptr, seg_start, np.asarray(seg, dst.dtype), dst)
+    for old, values_k in zip(arrays, values, strict=True):
+        src = np.asarray(old)
+        new_vals = np.asarray(values_k, src.dtype)
+        dst = np.empty(int(new_ptr[-1]), src.dtype)
+        for o0, o1, d0, _d1 in bounds:
+            if o1 > o0:
+                dst[d0 : d0 + (o1 - o0)] = src[o0:o1]
+        for d0, v0, v1 in seg:
+            dst[d0 : d0 + (v1 - v0)] = new_vals[v0:v1]
         out.append(_frozen(dst))
     return _frozen(new_ptr), tuple(out)
 
@@ -311,21 +306,28 @@ def _counts(trace: np.ndarray, n: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _touched_kernel(items, users, hops, item_changed, user_changed, out):  # type: ignore[no-untyped-def]
-    """``out[s]`` = True when start s's walks read the row of a changed vertex (see the module docstring)."""
+def _touched_kernel(items, users, n_walks, hops, item_changed, user_changed, out):  # type: ignore[no-untyped-def]
+    """``out[s]`` = True when start s's walks read the row of a changed vertex (see the module docstring).
+    A walk's entries after its end are -1, so the scan of a walk stops there."""
     for s in range(items.shape[0]):
         if item_changed[s]:
             out[s] = True
             continue
         hit = False
-        for k in range(items.shape[1]):
-            it = items[s, k]
-            if it >= 0 and k % hops < hops - 1 and item_changed[it]:
-                hit = True
-                break
-            u = users[s, k]
-            if u >= 0 and user_changed[u]:
-                hit = True
+        for j in range(n_walks):
+            base = j * hops
+            for h in range(hops):
+                u = users[s, base + h]
+                if u < 0:
+                    break
+                if user_changed[u]:
+                    hit = True
+                    break
+                it = items[s, base + h]
+                if it >= 0 and h < hops - 1 and item_changed[it]:
+                    hit = True
+                    break
+            if hit:
                 break
         out[s] = hit
 
@@ -340,7 +342,7 @@ def touched_items(traces: WalkTraces, hops: int, changed_items: np.ndarray, chan
     user_changed = np.zeros(n_users, bool)
     user_changed[changed_users] = True
     out = np.zeros(n_old, bool)
-    _touched_kernel(traces.items, traces.users, hops, item_changed, user_changed, out)
+    _touched_kernel(traces.items, traces.users, traces.items.shape[1] // hops, hops, item_changed, user_changed, out)
     return np.concatenate([np.flatnonzero(out), np.arange(n_old, n_items)]).astype(np.int64)
 
 

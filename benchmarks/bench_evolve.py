@@ -85,11 +85,11 @@ def refresh_vs_full(live: LiveGraph, reps: int) -> dict[str, Any]:
     rng = np.random.default_rng(5)
     b = one_percent_batch(live, rng)
     v0, cfg = live.current, live.cfg
-    refresh(v0, type(live._traces)(live._traces.items.copy(), live._traces.users.copy()), b, cfg)  # compile
+    refresh(v0, live._traces.copy(), b, cfg)  # compile
     compute_neighborhoods(v0.store, cfg)
     inc, full = [], []
     for _ in range(reps):
-        traces = type(live._traces)(live._traces.items.copy(), live._traces.users.copy())  # refresh updates them
+        traces = live._traces.copy()  # refresh updates them
         t0 = time.perf_counter()
         v1, _ = refresh(v0, traces, b, cfg, edge_weight=live.edge_weight)
         inc.append(time.perf_counter() - t0)

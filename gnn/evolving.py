@@ -66,6 +66,7 @@ from gnn.walks import Neighborhoods, WalkConfig, WalkGraph, _rank_batch, _walk_b
 log = logging.getLogger(__name__)
 
 EdgeWeight = Literal["sum", "max"]
+MAX_INDEX_DELTAS = 32  # refreshes between compactions of the departure index (or when its deltas reach 1/4 of it)
 
 
 # ------------------------------------------------------------------------------------------------ update batches
@@ -246,10 +247,18 @@ def add_edges(csr: CSR, n_rows: int, rows: np.ndarray, cols: np.ndarray, weights
 @dataclass
 class WalkTraces:
     """Every start item's walks (writer-private, never published): ``items`` / ``users`` (n_items, n_walks*hops)
-    int32, entry ``j*hops + h`` = the item reached / user passed by traversal h of walk j, -1 after the walk ended."""
+    int32, entry ``j*hops + h`` = the item reached / user passed by traversal h of walk j, -1 after the walk ended;
+    ``index``: the :class:`DepartureIndex` of these walks (None: :func:`touched_items` scans the traces)."""
 
     items: np.ndarray
     users: np.ndarray
+    index: DepartureIndex | None = None
+
+    def copy(self) -> WalkTraces:
+        """An independent copy (the index's CSRs are never modified, so they are shared)."""
+        index = None if self.index is None else DepartureIndex(self.index.hops, self.index.base,
+                                                               list(self.index.deltas))
+        return WalkTraces(self.items.copy(), self.users.copy(), index)
 
 
 @dataclass(frozen=True)
@@ -332,11 +341,92 @@ def _touched_kernel(items, users, n_walks, hops, item_changed, user_changed, out
         out[s] = hit
 
 
+@numba.njit(nogil=True, cache=True)
+def _bucket(trace, row_start, n_walks, hops, limit_h, n_keys):  # type: ignore[no-untyped-def]
+    """Counting sort of the (vertex, start) departures in ``trace`` (rows = starts ``row_start``; per walk the first
+    ``limit_h`` traversals): a CSR vertex -> starts, ``(indptr (n_keys+1,) int64, starts int32)``."""
+    indptr = np.zeros(n_keys + 1, np.int64)
+    for r in range(trace.shape[0]):
+        for j in range(n_walks):
+            for h in range(limit_h):
+                v = trace[r, j * hops + h]
+                if v < 0:
+                    break
+                indptr[v + 1] += 1
+    for k in range(n_keys):
+        indptr[k + 1] += indptr[k]
+    fill = indptr[:-1].copy()
+    out = np.empty(indptr[n_keys], np.int32)
+    for r in range(trace.shape[0]):
+        s = row_start[r]
+        for j in range(n_walks):
+            for h in range(limit_h):
+                v = trace[r, j * hops + h]
+                if v < 0:
+                    break
+                out[fill[v]] = s
+                fill[v] += 1
+    return indptr, out
+
+
+@dataclass
+class DepartureIndex:
+    """Which start items' walks leave each vertex (writer-private): CSRs item -> starts and user -> starts, one
+    built from all traces (``base``) plus one per refresh since (``deltas``, the refreshed starts' new walks).
+
+    Entries are only ever added between compactions, so a lookup may return a start whose refreshed walks no longer
+    leave the vertex: a superset of the exact touched set, which costs a needless recomputation but never a wrong
+    row (walks are deterministic). :meth:`compact` rebuilds ``base`` from the traces and drops the deltas.
+    """
+
+    hops: int
+    base: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    deltas: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @staticmethod
+    def _csrs(items: np.ndarray, users: np.ndarray, starts: np.ndarray, hops: int, n_items: int,
+              n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        n_walks = items.shape[1] // hops
+        ip, ist = _bucket(items, starts, n_walks, hops, hops - 1, n_items)  # an item is left before the last hop
+        up, ust = _bucket(users, starts, n_walks, hops, hops, n_users)
+        return ip, ist, up, ust
+
+    @classmethod
+    def build(cls, traces: WalkTraces, hops: int, n_users: int) -> DepartureIndex:
+        n = traces.items.shape[0]
+        return cls(hops, cls._csrs(traces.items, traces.users, np.arange(n, dtype=np.int64), hops, n, n_users))
+
+    def add(self, items: np.ndarray, users: np.ndarray, starts: np.ndarray, n_items: int, n_users: int) -> None:
+        self.deltas.append(self._csrs(items, users, starts, self.hops, n_items, n_users))
+
+    @property
+    def base_entries(self) -> int:
+        return int(self.base[1].shape[0] + self.base[3].shape[0])
+
+    @property
+    def delta_entries(self) -> int:
+        return sum(int(d[1].shape[0] + d[3].shape[0]) for d in self.deltas)
+
+    def lookup(self, items: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """Sorted distinct starts whose walks may leave one of ``items`` / ``users``."""
+        found = []
+        for ip, ist, up, ust in (self.base, *self.deltas):
+            for ptr, starts, keys in ((ip, ist, items), (up, ust, users)):
+                keys = keys[keys < ptr.shape[0] - 1]
+                found.append(starts[_row_positions(ptr, keys)])
+        return np.unique(np.concatenate(found)).astype(np.int64) if found else np.zeros(0, np.int64)
+
+
 def touched_items(traces: WalkTraces, hops: int, changed_items: np.ndarray, changed_users: np.ndarray,
                   n_items: int, n_users: int) -> np.ndarray:
     """Sorted start items whose walks an update of ``changed_items`` / ``changed_users`` can change: the old starts
-    whose recorded walks read a changed row, plus every new item (ids from ``traces.items.shape[0]`` up)."""
+    whose recorded walks read a changed row, plus every new item (ids from ``traces.items.shape[0]`` up). With
+    ``traces.index`` a lookup (a superset: see :class:`DepartureIndex`), else an exact scan of all traces."""
     n_old = traces.items.shape[0]
+    if traces.index is not None:
+        found = traces.index.lookup(changed_items, changed_users)
+        starts = np.concatenate([found[found < n_old], changed_items[changed_items < n_old], np.arange(n_old, n_items)])
+        return np.unique(starts).astype(np.int64)
     item_changed = np.zeros(max(n_items, n_old), bool)
     item_changed[changed_items] = True
     user_changed = np.zeros(n_users, bool)
@@ -397,7 +487,12 @@ def base_version(store: GraphStore, cfg: WalkConfig) -> tuple[GraphVersion, Walk
     nb = Neighborhoods(_frozen(indptr), _frozen(rows.indices), _frozen(rows.weights),
                        _frozen(normalise(item_visits)), _frozen(normalise(user_visits)), _frozen(rows.hard_negatives))
     return (_version(0, store, nb, item_visits, user_visits, cfg, touched=store.n_items, n_interactions=0),
-            WalkTraces(rows.items, rows.users))
+            _indexed(WalkTraces(rows.items, rows.users), cfg.hops, store.n_users))
+
+
+def _indexed(traces: WalkTraces, hops: int, n_users: int) -> WalkTraces:
+    traces.index = DepartureIndex.build(traces, hops, n_users)
+    return traces
 
 
 def apply_batch(store: GraphStore, batch: InteractionBatch, *, edge_weight: EdgeWeight = "sum") -> GraphStore:
@@ -463,9 +558,14 @@ def refresh(version: GraphVersion, traces: WalkTraces, batch: InteractionBatch, 
     # Last, when nothing can fail any more: the touched starts' traces, in place (a copy of all traces per update
     # would cost more than the refresh; only the writer reads them).
     if store.n_items > traces.items.shape[0]:
-        traces = WalkTraces(_grow(traces.items, store.n_items), _grow(traces.users, store.n_items))
+        traces = WalkTraces(_grow(traces.items, store.n_items), _grow(traces.users, store.n_items), traces.index)
     traces.items[touched] = rows.items
     traces.users[touched] = rows.users
+    index = traces.index
+    if index is not None:
+        index.add(rows.items, rows.users, touched, store.n_items, store.n_users)
+        if len(index.deltas) >= MAX_INDEX_DELTAS or index.delta_entries > index.base_entries // 4:
+            traces.index = DepartureIndex.build(traces, cfg.hops, store.n_users)  # compaction
     return nxt, traces
 
 

@@ -23,8 +23,10 @@ from gnn.evolving import (
     LiveOwnerTable,
     UpdateWriter,
     VersionedPinSageSampler,
+    WalkTraces,
     build_store,
     merge_batches,
+    touched_items,
 )
 from gnn.features import ItemFeatureTable
 from gnn.graphstore import GraphStore, load_graph_store, write_graph_store
@@ -115,6 +117,28 @@ def test_incremental_refresh_equals_full_recomputation(cfg: WalkConfig) -> None:
         assert_equals_full_recomputation(v, cfg)  # touched and untouched rows, importance, hard negatives
         touched.append(v.touched)
     assert min(touched) > 0 and max(touched) < N_ITEMS  # a real subset was recomputed, not everything
+
+
+def test_departure_index_finds_every_start_the_exact_scan_finds() -> None:
+    hist = History()
+    live = LiveGraph(hist.store(), CFG)
+    rng = np.random.default_rng(21)
+    compactions = 0
+    for _ in range(40):
+        b = hist.batch(rng, 3, tail=True)
+        tr = live._traces
+        st = live.current.store
+        n_items, n_users = max(b.n_items, st.n_items), max(b.n_users, st.n_users)
+        items, users = np.unique(b.item), np.unique(b.user)
+        exact = touched_items(WalkTraces(tr.items, tr.users), CFG.hops, items, users, n_items, n_users)
+        indexed = touched_items(tr, CFG.hops, items, users, n_items, n_users)
+        assert np.isin(exact, indexed).all()  # a superset: never a missed start
+        assert tr.index is not None
+        deltas = len(tr.index.deltas)
+        live.append(b)
+        compactions += live._traces.index is not None and len(live._traces.index.deltas) < deltas
+    assert compactions > 0  # the index was rebuilt from the traces on the way ...
+    assert_equals_full_recomputation(live.current)  # ... and the result is still exact
 
 
 def test_untouched_rows_are_reused_not_recomputed() -> None:

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module, in pipeline o
     "pipeline.infer",
     "pipeline.evaluate",
     "pipeline.recommend",
+    "pipeline.update",
     "pipeline.run",
 )
 

@@ -22,12 +22,17 @@ class CacheConfig:
             when ``capacity_bytes`` is set.
         capacity_bytes: capacity in bytes of row payload (default None = use ``capacity_fraction``).
         seed: seed of the ``random`` policy's subset (default 0).
+        max_staleness: for an evolving graph (rows carry the graph version they were read from): a cached row
+            older than ``max_staleness`` versions behind the current one is fetched again and replaced, so every
+            row served is at most that many versions old; 0 = always current. Default None: rows are never
+            refreshed (a static graph). Needs ``current_version`` on the cache.
     """
 
     policy: Policy = "importance"
     capacity_fraction: float | None = 0.1
     capacity_bytes: int | None = None
     seed: int = 0
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -44,6 +49,10 @@ class CacheConfig:
                                  "(share of remote vertices), or set capacity_bytes instead")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
+        m = self.max_staleness
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"max_staleness={m!r}: must be an integer >= 0 (versions a cached row may lag), "
+                             "or None for a static graph")
 
     @property
     def static(self) -> bool:

@@ -9,6 +9,10 @@ at once through ``fetch_async``. Usage::
     cache.fill()                       # static policies: one bulk fetch per owner before training
     block = cache.get(batch_ids)       # RowBlock in the order of batch_ids
 
+Evolving graph: with ``CacheConfig(max_staleness=k)`` and ``current_version`` (a callable giving the graph's
+current version number), rows carry the version they were read from (``RowBlock.version``); a cached row more than
+``k`` versions behind is treated as a miss, fetched again and replaced in its slot (any policy, static ones too).
+
 Locking: one lock guards the id → slot map, the slot arrays, the LRU order and the counters. A ``get`` holds it
 twice, briefly: to look up and copy the hits, and to insert the fetched misses (LRU) and count. The fetches run
 outside the lock, so several producer threads fetch at once. Two threads missing the same row both fetch it; the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -46,13 +51,15 @@ class RemoteRowCache:
             the row shape for ``capacity_bytes``.
         importance: (n_items,) importance for the ``importance`` policy (visit counts or pre-sampled access counts).
         row_nbytes: payload bytes of one row (default None: from ``local``), needed with ``capacity_bytes``.
+        current_version: ``() -> int``, the current graph version (default None); needed with
+            ``config.max_staleness``.
 
     Shapes: ``get(ids)``: ids (n,) int64 → RowBlock of n rows.
     """
 
     def __init__(self, config: CacheConfig, *, fetcher: RowFetcher, owner_of: np.ndarray, local_rank: int,
                  local: LocalOwnerTable | None = None, importance: np.ndarray | None = None,
-                 row_nbytes: int | None = None) -> None:
+                 row_nbytes: int | None = None, current_version: Callable[[], int] | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config={config!r}: pass a cache.CacheConfig")
         owner_of = np.asarray(owner_of)
@@ -64,7 +71,11 @@ class RemoteRowCache:
         if config.policy == "importance" and importance is None:
             raise ValueError("importance=None with policy='importance': pass the (n_items,) visit counts "
                              "(or count_accesses of a pre-sampling pass)")
+        if config.max_staleness is not None and current_version is None:
+            raise ValueError(f"max_staleness={config.max_staleness} needs current_version=<callable giving the "
+                             "graph's version number> (e.g. lambda: live.current.number)")
         self.config = config
+        self.current_version = current_version
         self.owner_of = owner_of
         self.local_rank = int(local_rank)
         self.local = local
@@ -85,7 +96,7 @@ class RemoteRowCache:
         self._filled = False
         self._c = dict.fromkeys(("requests", "hits", "misses", "local_rows", "fetches", "rows_fetched",
                                  "bytes_fetched", "bytes_saved", "fill_rows", "fill_bytes", "insertions",
-                                 "evictions"), 0)
+                                 "evictions", "refreshes"), 0)
 
     # ---------------------------------------------------------------------------------------------- capacity
 
@@ -145,10 +156,13 @@ class RemoteRowCache:
         is_local = self.owner_of[uniq] == self.local_rank
         remote = uniq[~is_local]
 
-        # 1. hits: look up and copy under the lock
+        floor = self._version_floor()
+        # 1. hits: look up and copy under the lock (rows older than the staleness bound count as misses)
         with self._lock:
             slots = self._slot_of[remote]
             hit = slots >= 0
+            if floor is not None and self._store is not None and self._store.version is not None and hit.any():
+                hit[hit] = self._store.version[slots[hit]] >= floor
             hit_block = self._store.take(slots[hit]) if self._store is not None and hit.any() else None
             if self.config.policy == "lru":
                 for i in remote[hit].tolist():
@@ -178,6 +192,9 @@ class RemoteRowCache:
                 c["bytes_fetched"] += block.nbytes
             if hit_block is not None:
                 c["bytes_saved"] += hit_block.nbytes
+            if floor is not None:
+                for block in fetched:
+                    self._replace(block)
             if self.config.policy == "lru":
                 for block in fetched:
                     self._insert(block)
@@ -190,6 +207,34 @@ class RemoteRowCache:
         # block holds each distinct id once, in some order; put it in the order of uniq, then of ids
         order = np.argsort(block.ids, kind="stable")
         return block.take(order[inverse])
+
+    def _version_floor(self) -> int | None:
+        """The oldest version a served row may have, or None when rows are never refreshed."""
+        if self.config.max_staleness is None or self.current_version is None:
+            return None
+        return int(self.current_version()) - self.config.max_staleness
+
+    def _replace(self, block: RowBlock) -> None:
+        """Overwrite the cached rows among ``block``'s with the fetched ones (caller holds the lock)."""
+        if block.version is None:
+            raise ValueError("rows without version arrived at a cache with max_staleness: the owners must stamp "
+                             "each row with its graph version (RowBlock.version)")
+        store = self._store
+        if store is None or block.n_rows == 0:
+            return
+        slots = self._slot_of[block.ids]
+        cached = slots >= 0
+        if store.version is not None:  # never overwrite a fresher row another thread cached meanwhile
+            cached[cached] = block.version[cached] >= store.version[slots[cached]]
+        if not cached.any():
+            return
+        s, rows = slots[cached], np.flatnonzero(cached)
+        store.features[s] = block.features[rows]
+        store.neighbors[s] = block.neighbors[rows]
+        store.neighbor_weights[s] = block.neighbor_weights[rows]
+        if store.version is not None:
+            store.version[s] = block.version[rows]
+        self._c["refreshes"] += int(rows.shape[0])
 
     def _submit_grouped(self, ids: np.ndarray) -> list[Future[RowBlock]]:
         if ids.size == 0:

@@ -15,7 +15,8 @@ class CacheStats:
     each is a ``hit`` (served from the cache) or a ``miss`` (fetched from its owner). ``rows_fetched`` /
     ``bytes_fetched`` are the misses' traffic, ``fill_rows`` / ``fill_bytes`` the one-off fill of a static
     policy; ``bytes_saved`` is the payload the hits did not move. ``local_rows`` were served by the trainer's
-    own shard and are not requests. ``used_*`` / ``capacity_*`` describe the content now.
+    own shard and are not requests. ``refreshes``: cached rows replaced because they were older than
+    ``max_staleness`` versions (each also counted as a miss). ``used_*`` / ``capacity_*`` describe the content now.
     """
 
     policy: str = "none"
@@ -31,6 +32,7 @@ class CacheStats:
     fill_bytes: int = 0
     insertions: int = 0
     evictions: int = 0
+    refreshes: int = 0
     used_rows: int = 0
     used_bytes: int = 0
     capacity_rows: int = 0

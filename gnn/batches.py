@@ -8,6 +8,7 @@ whichever thread builds it and in whatever order (what makes producer-consumer e
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -60,6 +61,15 @@ class TrainBatch:
     @property
     def n_pairs(self) -> int:
         return int(self.query.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on ``device`` (the trainer calls this for a CUDA model)."""
+        if torch.device(device) == self.query.device:
+            return self
+        return dataclasses.replace(
+            self, subgraph=self.subgraph.to(device),
+            **{name: getattr(self, name).to(device, non_blocking=True)
+               for name in ("query", "positive", "weight", "negatives", "hard", "hard_mask")})
 
 
 def pick_hard_negatives(candidates: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

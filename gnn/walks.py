@@ -300,11 +300,13 @@ def _step_weighted(idx, cum, cur, key, off, deg, counter):  # type: ignore[no-un
 
 @numba.njit(nogil=True, cache=True)
 def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts, n_walks, hops, restart,  # type: ignore[no-untyped-def]
-                prob, seed, trace, user_visits, count_users):
+                prob, seed, trace, user_visits, count_users, user_trace):
     """Advance all ``len(starts) * n_walks`` walks together, one half-step (item→user or user→item) at a time
     and each half-step in two passes (row offsets, then the neighbour), so that the loads of different walks are
     independent and many cache misses are in flight. Fills ``trace`` (W, hops) with the item reached by each
-    traversal (-1 once a walk has ended); adds user visits into ``user_visits``. Returns the steps made."""
+    traversal (-1 once a walk has ended); adds user visits into ``user_visits``; when ``user_trace`` has rows
+    (W, hops), also records the user each traversal passed through there (gnn/evolving.py needs it to know which
+    walks an update can change; pass an empty (0, hops) array otherwise). Returns the steps made."""
     n_w = starts.shape[0] * n_walks
     seed_u = np.uint64(seed)
     cur = np.empty(n_w, np.int64)
@@ -337,6 +339,9 @@ def _walk_batch(iu_ptr, iu_idx, iu_cum, ui_ptr, ui_idx, ui_cum, weighted, starts
             steps += _step_uniform(iu_idx, cur, key, off, deg, 3 * h)
         if count_users:
             users[:] = cur
+        if user_trace.shape[0] > 0:
+            for w in range(n_w):
+                user_trace[w, h] = cur[w]
         _row_offsets(ui_ptr, cur, off, deg)  # user -> item
         if weighted:
             steps += _step_weighted(ui_idx, ui_cum, cur, key, off, deg, 3 * h + 1)
@@ -476,6 +481,11 @@ def cached_walk_graph(path: str | Path, token: str, *, weighted: bool) -> WalkGr
         return hit
 
 
+def no_user_trace(hops: int) -> np.ndarray:
+    """The empty ``user_trace`` argument of the walk kernel: do not record the users."""
+    return np.empty((0, hops), np.int64)
+
+
 def _batch_starts(cfg: WalkConfig) -> int:
     return max(1, 8192 // cfg.n_walks)  # ~8k walks in flight: their state stays in L2
 
@@ -512,7 +522,7 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
         tr = trace[: (b1 - b0) * cfg.n_walks]
         steps += _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum, weighted, starts,
                              cfg.n_walks, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob), cfg.seed, tr,
-                             user_visits, True)
+                             user_visits, True, no_user_trace(cfg.hops))
         r0, r1 = b0 - lo, b1 - lo
         _rank_batch(starts, cfg.n_walks, tr, scratch, item_visits, t, cfg.include_self, neg_lo, neg_hi, cfg.seed,
                     row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1])
@@ -547,7 +557,7 @@ def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConf
         tr = trace[: s.shape[0]]
         steps += _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum,
                              cfg.bias == "weight", s, 1, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob),
-                             cfg.seed, tr, user_visits, count_users)
+                             cfg.seed, tr, user_visits, count_users, no_user_trace(cfg.hops))
         if count_users:
             _count_items(tr, item_visits)
     return item_visits, user_visits.astype(np.int64), int(steps)

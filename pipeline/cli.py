@@ -24,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module, in pipeline o
     "pipeline.partition",
     "pipeline.infer",
     "pipeline.evaluate",
+    "pipeline.recommend",
+    "pipeline.update",
     "pipeline.run",
 )
 

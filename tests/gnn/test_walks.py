@@ -17,6 +17,7 @@ from gnn.walks import (
     cached_walk_graph,
     compute_neighborhoods,
     load_neighborhoods,
+    no_user_trace,
     save_neighborhoods,
     store_token,
     walk_chunk,
@@ -154,7 +155,7 @@ def test_walks_stay_bipartite() -> None:
     users = np.zeros(STORE.n_users, np.int64)
     iu, ui = STORE.item_users, STORE.user_items
     _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum, False, starts, n_walks, hops,
-                False, 0.0, 3, trace, users, True)
+                False, 0.0, 3, trace, users, True, no_user_trace(hops))
     nbrs = {i: set(iu.row(i).tolist()) for i in range(6)}
     prev = np.repeat(starts, n_walks)
     for h in range(hops):
@@ -254,7 +255,8 @@ def test_gpu_ranking_logic_on_pandas() -> None:
     trace = np.empty((starts.size, cfg.hops), np.int64)
     iu, ui = STORE.item_users, STORE.user_items
     _walk_batch(iu.indptr, iu.indices, g.iu_cum, ui.indptr, ui.indices, g.ui_cum, False, np.arange(6), cfg.n_walks,
-                cfg.hops, False, 0.5, cfg.seed, trace, np.zeros(4, np.int64), False)
+                cfg.hops, False, 0.5, cfg.seed, trace, np.zeros(4, np.int64), False,
+                no_user_trace(cfg.hops))
     indptr, idx, w, negs, visits = rank_paths(pd, starts, trace, cfg, n_items=6)
     ref = compute_neighborhoods(STORE, cfg)  # same walks (same seed), ranked by the numba code
     assert np.array_equal(indptr, ref.indptr) and np.array_equal(idx, ref.indices)

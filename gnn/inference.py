@@ -296,15 +296,15 @@ def plan_join(block: int, n_own: int, nbr: np.ndarray, weight: np.ndarray, owner
     index = np.zeros(nbr.shape, np.int64)
     own = valid & (owner == block)
     index[own] = position[own]
-    requests: dict[int, np.ndarray] = {}
-    offset = n_own
     remote = valid & ~own
-    for c in np.unique(owner[remote]).tolist():
-        sel = remote & (owner == c)
-        wanted, where = np.unique(position[sel], return_inverse=True)
-        index[sel] = offset + where.ravel()
-        requests[int(c)] = wanted.astype(np.int64)
-        offset += wanted.shape[0]
+    # one sort of the remote entries by (owner block, row): the distinct keys in order are exactly the fetched
+    # rows in table order (blocks ascending, rows ascending within a block), so a key's rank is its table row
+    stride = int(position[remote].max()) + 1 if remote.any() else 1
+    keys, rank = np.unique(owner[remote].astype(np.int64) * stride + position[remote], return_inverse=True)
+    index[remote] = n_own + rank.ravel()
+    blocks, first = np.unique(keys // stride, return_index=True)
+    rows = np.split(keys % stride, first[1:]) if keys.size else []
+    requests = {int(c): r.astype(np.int64) for c, r in zip(blocks.tolist(), rows, strict=True)}
     return JoinPlan(index, np.where(valid, weight, 0).astype(np.float32), requests)
 
 

@@ -164,3 +164,25 @@ def test_layerwise_on_cuda_equals_the_cpu_reference(kind: str) -> None:
         h = lw.combine(layer, h, lw.message(layer, h), index, torch.from_numpy(w).cuda())
     got = lw.head(h).cpu()
     assert float((got - ref).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plan_join_over_several_blocks_and_none(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items, n_blocks = 50, 4
+    owner_of = rng.integers(0, n_blocks, n_items)
+    pos_of = np.zeros(n_items, np.int64)
+    for b in range(n_blocks):
+        pos_of[owner_of == b] = np.arange((owner_of == b).sum())
+    members = {b: np.flatnonzero(owner_of == b) for b in range(n_blocks)}
+    nbr = np.where(rng.random((len(members[0]), 6)) < 0.8, rng.integers(0, n_items, (len(members[0]), 6)), -1)
+    safe = np.maximum(nbr, 0)
+    plan = plan_join(0, len(members[0]), nbr, np.ones(nbr.shape, np.float32), owner_of[safe], pos_of[safe])
+    assert sorted(plan.requests) == sorted(set(owner_of[nbr[nbr >= 0]].tolist()) - {0})
+    ids = {b: torch.tensor(m, dtype=torch.float32)[:, None] for b, m in members.items()}
+    table = message_table(ids[0], {c: ids[c][torch.from_numpy(r)] for c, r in plan.requests.items()})
+    got = table[torch.from_numpy(plan.nbr_index)][..., 0].numpy()
+    assert np.array_equal(got[nbr >= 0], nbr[nbr >= 0])
+    local = plan_join(0, 3, np.array([[0, 2, -1]]), np.ones((1, 3), np.float32), np.zeros((1, 3), np.int64),
+                      np.array([[0, 2, 0]]))
+    assert local.requests == {} and local.nbr_index.tolist() == [[0, 2, 0]] and local.n_fetched == 0

@@ -65,11 +65,19 @@ class TrainStageConfig:
         default="importance", metadata={"help": "remote-row cache policy"})
     cache_fraction: float = field(default=0.1, metadata={"help": "cache capacity, share of the remote vertices"})
     cache_bytes: int | None = field(default=None, metadata={"help": "cache capacity in bytes (overrides fraction)"})
+    importance: Literal["presample", "visits"] = field(
+        default="presample", metadata={"help": "importance cache ranking: presample (the shard's own sampler over "
+                                               "some batches, counted) or visits (global walk visit counts)"})
+    presample_batches: int = field(default=16, metadata={"help": "batches of the importance pre-sampling pass"})
     compression: Literal["none", "fp16", "bf16", "powersgd", "dgc"] = field(
         default="none", metadata={"help": "gradient compression"})
     sync: str = field(default="allreduce", metadata={"help": "allreduce | local:H | hierarchical:G@P,...,all@P"})
     sync_warmup_steps: int = field(default=0, metadata={"help": "global all-reduce steps before local averaging"})
     dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
+    dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
+                            metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
+    dgc_warmup_unit: Literal["epoch", "step"] = field(default="epoch", metadata={"help": "DGC warm-up stage unit"})
+    dgc_warmup_stage_length: int = field(default=1, metadata={"help": "epochs or steps per DGC warm-up stage"})
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
@@ -81,7 +89,7 @@ class TrainStageConfig:
 
     def __post_init__(self) -> None:
         for name in ("workers", "epochs", "batch_size", "n_negatives", "hidden_dim", "embed_dim", "n_neighbors",
-                     "producer_threads", "queue_size"):
+                     "producer_threads", "queue_size", "presample_batches"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"train.{name}",
                   getattr(self, name), "must be an integer >= 1")
         check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
@@ -106,9 +114,12 @@ class TrainStageConfig:
 
     def comm_config(self) -> Any:
         from gnn.comm import DGCConfig, parse_comm
+        from gnn.comm.config import parse_sparsities
 
-        return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
-                          dgc=DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum))
+        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum,
+                        warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
+                        warmup_stage_length=self.dgc_warmup_stage_length)
+        return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps, dgc=dgc)
 
     @property
     def optimizer_kind(self) -> str:
@@ -213,7 +224,7 @@ class _Progress:
             self.digests.append(weights_digest(self.model))
         now = time.perf_counter()
         if self.every_s and now - self.t0 >= self.every_s:
-            self.emit("step", epoch=info.epoch, step=info.step, now=now)
+            self.emit("step", epoch=info.epoch, step=info.batch + 1, now=now)
 
     def emit(self, kind: str, *, epoch: int, step: int, now: float | None = None, **extra: Any) -> None:
         now = time.perf_counter() if now is None else now
@@ -279,28 +290,41 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     store = load_graph_store(job.graph_path)
     nb = load_neighborhoods(job.walks_path)
     local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
+    mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
+                     embed_dim=cfg.embed_dim, n_categories=store.n_categories,
+                     content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
+    pairs = TrainingPairs.from_arrays(job.query, job.positive, job.weight)
+
+    def make_sampler(neighbors: Any, rows: Any) -> Any:
+        if cfg.model == "pinsage":
+            return PinSageSampler(neighbors=neighbors, rows=rows, n_layers=mc.n_layers)
+        return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
+                                fanouts=mc.fanouts)
+
+    def make_batches(sampler: Any, seed: int) -> PairBatcher:
+        return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,
+                           n_negatives=cfg.n_negatives, hard_negatives=np.asarray(nb.hard_negatives), seed=seed)
+
+    importance = np.asarray(nb.item_importance, dtype=np.float64)
+    presample_s = 0.0
+    if cfg.cache == "importance" and cfg.importance == "presample" and world > 1:
+        started = time.perf_counter()
+        importance = presample_importance(make_sampler, make_batches, nb, cfg, store.n_items, rank) \
+            + importance  # global visit shares (< 1 in total) only break ties between equal counts
+        presample_s = time.perf_counter() - started
     fetcher = actor_fetcher(servers, local_rank=rank)
     try:
         cache = RemoteRowCache(cfg.cache_config(), fetcher=fetcher, owner_of=job.owner, local_rank=rank,
-                               local=local, importance=np.asarray(nb.item_importance))
+                               local=local, importance=importance)
         fill_started = time.perf_counter()
         cache.fill()
         fill_s = time.perf_counter() - fill_started
         shard_rows = ShardRows(cache)
-        mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
-                         embed_dim=cfg.embed_dim, n_categories=store.n_categories,
-                         content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
-        inner = PinSageSampler(neighbors=shard_rows.neighbors, rows=shard_rows.rows, n_layers=mc.n_layers) \
-            if cfg.model == "pinsage" else GraphSageSampler(
-                neighbors=CoInteractionNeighbors.from_graph_store(store), rows=shard_rows.rows, fanouts=mc.fanouts)
-        sampler = BatchScopedSampler(inner, shard_rows)
+        sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, n_negatives=cfg.n_negatives,
                          seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
                          num_threads=nthreads, log_every=0)
-        batches = PairBatcher(TrainingPairs.from_arrays(job.query, job.positive, job.weight), sampler,
-                              n_items=store.n_items, batch_size=cfg.batch_size, n_negatives=cfg.n_negatives,
-                              hard_negatives=np.asarray(nb.hard_negatives), seed=cfg.seed + rank)
-        stepped = _StepBatches(batches, cfg.steps_per_epoch)
+        stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
         model: torch.nn.Module = build_model(mc, seed=cfg.seed)
         comm = cfg.comm_config()
         session = None
@@ -331,7 +355,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                 session.set_epoch(epoch)
             rep = trainer.train_epoch()
             epochs.append(dataclasses.asdict(rep))
-            progress.emit("epoch", epoch=epoch, step=trainer.step, mean_loss=rep.mean_loss,
+            progress.emit("epoch", epoch=epoch, step=rep.steps, mean_loss=rep.mean_loss,
                           epoch_pairs_per_s=rep.pairs_per_s, seconds=rep.seconds)
             if rank == 0:
                 save_checkpoint(job.resume_path, trainer, mc, extra=extra)
@@ -347,11 +371,35 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
+                "presample_s": round(presample_s, 3),
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
                 "embeddings": emb.astype(np.float32), "embed_s": round(time.perf_counter() - embed_started, 3),
                 "digests": progress.digests, "final_digest": weights_digest(model)}
     finally:
         fetcher.close()
+
+
+def presample_importance(make_sampler: Any, make_batches: Any, nb: Any, cfg: TrainStageConfig, n_items: int,
+                         rank: int) -> np.ndarray:
+    """GNNLab-style pre-sampled access counts of this shard: its own sampler over ``cfg.presample_batches``
+    batches (drawn with a seed no training epoch uses), counting each item once per batch. The topology comes
+    from the walks output (memory-mapped), no row moves. Returns (n_items,) float64."""
+    import torch
+
+    from cache import count_accesses
+    from gnn.sampler import WalkNeighbors
+
+    seen: list[np.ndarray] = []
+
+    def record(ids: np.ndarray) -> torch.Tensor:
+        seen.append(np.asarray(ids, dtype=np.int64))
+        return torch.zeros((len(ids), 1))
+
+    batches = make_batches(make_sampler(WalkNeighbors(nb, n_neighbors=cfg.n_neighbors), record),
+                           cfg.seed + rank + 1_000_003)
+    for b in range(min(cfg.presample_batches, batches.n_batches)):
+        batches(0, b)
+    return count_accesses(seen, n_items)
 
 
 def _average_parameters(model: Any, world: int) -> None:
@@ -399,11 +447,50 @@ def _print_progress(event: Any) -> None:
         line = (f"[train] rank {m['rank']} epoch {m['epoch']} done: loss {m['mean_loss']:.4f}, "
                 f"{m['epoch_pairs_per_s']:.0f} pairs/s, {m['seconds']:.1f} s")
     else:
-        line = (f"[train] rank {m['rank']} epoch {m['epoch']} step {m['step']} (of {m['steps_per_epoch']}/epoch): "
+        line = (f"[train] rank {m['rank']} epoch {m['epoch']} step {m['step']}/{m['steps_per_epoch']}: "
                 f"loss {m['loss']:.4f}, {m['pairs_per_s']:.0f} pairs/s")
     line += (f", cache hit {100 * m['hit_rate']:.1f} %, remote {m['remote_bytes'] / 1e6:.2f} MB, "
              f"gradients {m['grad_bytes'] / 1e6:.1f} MB")
     print(line, file=sys.stderr, flush=True)
+
+
+def _current_partition(run: Path, cfg: TrainStageConfig) -> StageOutput | None:
+    """The finished partition stage when it has ``cfg.workers`` shards made by ``cfg.partition`` and is newer
+    than the walks it was made from (any other settings of it are kept), else None."""
+    from pipeline.rundir import MANIFEST
+
+    if not (run / "partition" / MANIFEST).is_file():
+        return None
+    out = read_stage(run, "partition")
+    walks_key = out.manifest.get("inputs", {}).get("walks", {}).get("key")
+    method = str(out.report.get("method", ""))
+    same_method = method == cfg.partition or (cfg.partition == "metis" and method == "random-fallback")
+    current = walks_key == read_stage(run, "walks").key
+    return out if current and out.report.get("parts") == cfg.workers and same_method else None
+
+
+def stage_inputs(run: Path, cfg: TrainStageConfig, *, partition: bool = False) -> dict[str, StageOutput]:
+    """The upstream outputs the stage reads; with ``partition`` the partition stage is run when it is missing
+    or does not fit ``cfg`` (``workers > 1`` only)."""
+    from pipeline.partition import PartitionConfig, run_partition
+
+    inputs = {s: read_stage(run, s) for s in ("graph", "walks", "split")}
+    if cfg.workers > 1:
+        current = _current_partition(run, cfg)
+        if current is None:
+            current = run_partition(run, PartitionConfig(parts=cfg.workers, method=cfg.partition, seed=cfg.seed)) \
+                if partition else read_stage(run, "partition")
+        inputs["partition"] = current
+    return inputs
+
+
+def resume_path(run_dir: str | Path, cfg: TrainStageConfig) -> Path:
+    """Where a run of ``cfg`` keeps the checkpoint of its last finished epoch until the stage completes
+    (``<run>/.train-resume/<stage key>/checkpoint.pt``)."""
+    run = Path(run_dir)
+    inputs = stage_inputs(run, cfg)
+    key = stage_key(STAGE, to_dict(cfg), {n: {"stage": o.stage, "key": o.key} for n, o in inputs.items()})
+    return run / RESUME_DIR / key / "checkpoint.pt"
 
 
 def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: str = "cpu",
@@ -414,17 +501,12 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
 
     from cache import CacheStats
     from pipeline.launch import rank_infos, run_ranks
-    from pipeline.partition import PartitionConfig, run_partition
 
     run = Path(run_dir)
-    graph, walks, split = (read_stage(run, s) for s in ("graph", "walks", "split"))
-    inputs: dict[str, StageOutput] = {"graph": graph, "walks": walks, "split": split}
-    part_out = None
-    if cfg.workers > 1:
-        part_out = run_partition(run, PartitionConfig(parts=cfg.workers, method=cfg.partition, seed=cfg.seed))
-        inputs["partition"] = part_out
-    key = stage_key(STAGE, to_dict(cfg), {n: {"stage": o.stage, "key": o.key} for n, o in inputs.items()})
-    resume_dir = run / RESUME_DIR / key
+    inputs = stage_inputs(run, cfg, partition=True)
+    graph, walks, part_out = inputs["graph"], inputs["walks"], inputs.get("partition")
+    resume_dir = resume_path(run, cfg).parent
+    key = resume_dir.name
 
     def build(tmp: Path) -> dict[str, Any]:
         from gnn.graphstore import load_graph_store
@@ -484,7 +566,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "config": to_dict(cfg), "workers": cfg.workers, "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
-                                          "cache_fill_s", "comm", "embed_s", "resumed_from_epoch")}
+                                          "cache_fill_s", "presample_s", "comm", "embed_s", "resumed_from_epoch")}
                        for r in results],
         "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
         "grad_bytes_total": int(sum(grad)),

@@ -368,12 +368,14 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         embed_started = time.perf_counter()
         plain = getattr(model, "module", model)
         emb = embed_items(plain, sampler, local.items, batch_size=1024, seed=cfg.seed).numpy()
+        embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
                 "embeddings": emb.astype(np.float32), "embed_s": round(time.perf_counter() - embed_started, 3),
+                "embed_remote_bytes": int(embed_bytes),
                 "digests": progress.digests, "final_digest": weights_digest(model)}
     finally:
         fetcher.close()
@@ -566,7 +568,8 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "config": to_dict(cfg), "workers": cfg.workers, "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
-                                          "cache_fill_s", "presample_s", "comm", "embed_s", "resumed_from_epoch")}
+                                          "cache_fill_s", "presample_s", "comm", "embed_s",
+                                          "embed_remote_bytes", "resumed_from_epoch")}
                        for r in results],
         "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
         "grad_bytes_total": int(sum(grad)),

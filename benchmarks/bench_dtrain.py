@@ -3,7 +3,8 @@
 Generates Taobao-format data (``--rows``), runs ingest/split/graph/walks once into ``--run-dir`` (kept between
 invocations), then runs the real ``train`` stage (pipeline/train.py) on one 2-worker LocalCluster per setting:
 
-* ``--part cache``: policies importance / lru / random at 5 / 10 / 20 % of each shard's remote vertices, and none;
+* ``--part cache [--negatives local|global]``: policies importance / lru / random at 5 / 10 / 20 % of each shard's
+  remote vertices, and none;
   ``--steps`` steps each (METIS, 2 workers): hit rate, remote bytes (fill + misses) measured and per epoch
   (fill + misses per step x steps per epoch), step time and the epoch time it implies;
 * ``--part partition``: METIS vs random (hash) shards, cache none and importance 10 %: remote bytes;
@@ -75,16 +76,16 @@ def quality(run: Path) -> dict[str, float]:
     return {"hit@10": round(gnn["hit@10"], 5), "mrr": round(gnn["mrr"], 5)}
 
 
-def part_cache(run: Path, client: Client, steps: int) -> dict[str, Any]:
-    rows = [one(run, client, workers=2, cache="none", steps_per_epoch=steps, epochs=1)]
+def part_cache(run: Path, client: Client, steps: int, negatives: str) -> dict[str, Any]:
+    rows = [one(run, client, workers=2, cache="none", steps_per_epoch=steps, epochs=1, negatives=negatives)]
     for frac in (0.05, 0.1, 0.2):
         for policy in ("importance", "lru", "random"):
             rows.append(one(run, client, workers=2, cache=policy, cache_fraction=frac, steps_per_epoch=steps,
-                            epochs=1))
+                            epochs=1, negatives=negatives))
             print(json.dumps({k: rows[-1][k] for k in ("settings", "hit_rate", "remote_bytes_per_epoch",
                                                         "epoch_s_implied")}), file=sys.stderr)
     rows.append(one(run, client, workers=2, cache="importance", importance="visits", cache_fraction=0.1,
-                    steps_per_epoch=steps, epochs=1))
+                    steps_per_epoch=steps, epochs=1, negatives=negatives))
     return {"rows": rows}
 
 
@@ -113,6 +114,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/bench_dtrain"))
     parser.add_argument("--steps", type=int, default=20, help="steps per setting (cache, partition)")
+    parser.add_argument("--negatives", choices=("local", "global"), default="local",
+                        help="shared negatives from the rank's shard or from all items (cache part)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per setting (scaling)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
     args = parser.parse_args()
@@ -123,7 +126,7 @@ def main() -> int:
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         prepare(run, args.rows, client)
         if args.part == "cache":
-            section = part_cache(run, client, args.steps)
+            section = part_cache(run, client, args.steps, args.negatives)
         elif args.part == "partition":
             section = part_partition(run, client, args.steps)
         else:
@@ -132,7 +135,8 @@ def main() -> int:
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "seconds": round(time.perf_counter() - started, 1)})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, args.part: section})
+    name = f"cache_{args.negatives}_negatives" if args.part == "cache" else args.part
+    out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(json.dumps(section, indent=1, default=str)[:3000])

@@ -68,6 +68,9 @@ class TrainStageConfig:
     importance: Literal["presample", "visits"] = field(
         default="presample", metadata={"help": "importance cache ranking: presample (the shard's own sampler over "
                                                "some batches, counted) or visits (global walk visit counts)"})
+    negatives: Literal["global", "local"] = field(
+        default="local", metadata={"help": "shared negatives drawn from all items, or from the rank's own shard "
+                                           "(no remote rows for them; with 1 worker both are all items)"})
     presample_batches: int = field(default=16, metadata={"help": "batches of the importance pre-sampling pass"})
     compression: Literal["none", "fp16", "bf16", "powersgd", "dgc"] = field(
         default="none", metadata={"help": "gradient compression"})
@@ -303,7 +306,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
 
     def make_batches(sampler: Any, seed: int) -> PairBatcher:
         return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,
-                           n_negatives=cfg.n_negatives, hard_negatives=np.asarray(nb.hard_negatives), seed=seed)
+                           n_negatives=cfg.n_negatives, hard_negatives=np.asarray(nb.hard_negatives), seed=seed,
+                           negative_pool=local.items if cfg.negatives == "local" and world > 1 else None)
 
     importance = np.asarray(nb.item_importance, dtype=np.float64)
     presample_s = 0.0

@@ -217,6 +217,24 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(cache_fraction=1.5)
 
 
+def test_local_negatives_come_from_the_pool_only() -> None:
+    from gnn.batches import PairBatcher, TrainingPairs
+    from gnn.features import TensorRows
+
+    def no_neighbors(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((len(ids), 1), -1, np.int64), np.zeros((len(ids), 1), np.float32)
+
+    ids_as_rows = TensorRows(torch.arange(N_ITEMS).float()[:, None])
+    sampler = PinSageSampler(neighbors=no_neighbors, rows=ids_as_rows, n_layers=1)
+    pool = np.array([3, 17, 29])
+    pairs = TrainingPairs.from_arrays(np.arange(10), np.arange(10) + 1)
+    batch = PairBatcher(pairs, sampler, n_items=N_ITEMS, batch_size=4, n_negatives=50, negative_pool=pool)(0, 0)
+    negatives = batch.subgraph.node_ids[0][batch.negatives].numpy()
+    assert set(negatives.tolist()) == set(pool.tolist())
+    with pytest.raises(ValueError, match="negative_pool is empty"):
+        PairBatcher(pairs, sampler, n_items=N_ITEMS, negative_pool=np.array([], np.int64))
+
+
 # ------------------------------------------------------------------------------------------------ failure
 
 

@@ -131,7 +131,7 @@ def main() -> int:
             section = part_partition(run, client, args.steps)
         else:
             section = part_scaling(run, client, args.epochs)
-    section.update({"command": "PYTHONPATH=$PWD nice -n 5 python " + " ".join(sys.argv), "rows": args.rows,
+    section.update({"command": "PYTHONPATH=$PWD nice -n 5 python " + " ".join(sys.argv), "data_rows": args.rows,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "seconds": round(time.perf_counter() - started, 1)})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}

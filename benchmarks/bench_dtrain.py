@@ -41,6 +41,7 @@ def prepare(run: Path, rows: int, client: Client) -> None:
 
 
 def one(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
+    settings.setdefault("embed", False)  # the cache / partition parts time the training loop only
     cfg = TrainStageConfig(progress_s=0.0, **settings)
     started = time.perf_counter()
     out = train(run, cfg, client, force=True)
@@ -101,7 +102,7 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 def part_scaling(run: Path, client: Client, epochs: int) -> dict[str, Any]:
     rows = []
     for workers in (1, 2):
-        r = one(run, client, workers=workers, epochs=epochs)
+        r = one(run, client, workers=workers, epochs=epochs, embed=True)
         r["quality"] = quality(run)
         rows.append(r)
     rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)

@@ -88,6 +88,8 @@ class TrainStageConfig:
     seed: int = field(default=0, metadata={"help": "seed of the weights, batches and random cache"})
     progress_s: float = field(default=5.0, metadata={"help": "seconds between progress lines (0 = per epoch)"})
     timeout_s: float = field(default=120.0, metadata={"help": "collective timeout of the process group"})
+    embed: bool = field(default=True, metadata={"help": "write embeddings.npy of all items after training "
+                                                        "(off: benchmarks of the training loop only)"})
     record_weights: bool = field(default=False, metadata={"help": "digest of the weights after every step"})
 
     def __post_init__(self) -> None:
@@ -371,7 +373,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             save_checkpoint(Path(job.out_dir) / "checkpoint.pt", trainer, mc, extra=extra)
         embed_started = time.perf_counter()
         plain = getattr(model, "module", model)
-        emb = embed_items(plain, sampler, local.items, batch_size=1024, seed=cfg.seed).numpy()
+        emb = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
+                          seed=cfg.seed).numpy()
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
@@ -535,14 +538,19 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
                                         workers=[w], allow_other_workers=False, pure=False)
                           for r, w in enumerate(workers)]
                 servers = start_row_servers(client, workers, loaded)
-                results = run_ranks(client, _rank_main, infos, args=[(job, servers) for job in jobs])
+                # each rank's pairs go to its worker once, as data (not inside the task graph)
+                job_fs = [client.scatter(job, workers=[w], hash=False) for job, w in zip(jobs, workers, strict=True)]
+                results = run_ranks(client, _rank_main, infos, args=[(job, servers) for job in job_fs])
                 served = [servers[r].stats().result() for r in range(cfg.workers)]
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
-        emb = np.zeros((n_items, results[0]["embeddings"].shape[1]), np.float32)
+        emb = np.zeros((n_items, cfg.embed_dim), np.float32)
         for r in results:
-            emb[r.pop("items")] = r.pop("embeddings")
-        np.save(tmp / "embeddings.npy", emb)
+            items, part = r.pop("items"), r.pop("embeddings")
+            if cfg.embed:
+                emb[items] = part
+        if cfg.embed:
+            np.save(tmp / "embeddings.npy", emb)
         report = _report(cfg, results, served, part_out, time.perf_counter() - started, CacheStats)
         write_json_atomic(tmp / "report.json", report)
         return {k: report[k] for k in ("workers", "epochs", "pairs_per_s", "cache_total", "grad_bytes_total",

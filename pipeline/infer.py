@@ -295,7 +295,8 @@ def _encode_task(ctx: InferContext, plan: BlockPlan) -> BlockState:
     rows = ItemFeatureTable.from_arrays(category=np.asarray(store.item_category[ids]),
                                         counts=np.asarray(store.item_counts[ids]), content=content,
                                         n_categories=store.n_categories).table
-    h = lw.encode(torch.from_numpy(ids).to(ctx.device), rows.to(ctx.device))  # (n, input_dim)
+    # plan.items may arrive read-only (a partition's memory-mapped shard): torch needs a writable array
+    h = lw.encode(torch.from_numpy(np.array(ids, dtype=np.int64)).to(ctx.device), rows.to(ctx.device))  # (n, input_dim)
     return _to_state(lw, 0, h)
 
 

@@ -109,9 +109,22 @@ def part_scaling(run: Path, client: Client, epochs: int) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def part_baseline(run: Path, client: Client, model: str, max_epochs: int) -> dict[str, Any]:
+    """Quality against training time: GraphSAGE (uniform co-interaction neighbours, no cache) or PinSage++
+    (walk neighbourhoods, importance cache 10 %), 2 workers, one run per epoch count (each from scratch)."""
+    settings: dict[str, Any] = {"model": model, "cache": "none" if model == "graphsage" else "importance"}
+    rows = []
+    for epochs in range(1, max_epochs + 1):
+        r = one(run, client, workers=2, epochs=epochs, embed=True, **settings)
+        r["quality"] = quality(run)
+        rows.append(r)
+    return {"rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=("cache", "partition", "scaling"), required=True)
+    parser.add_argument("--part", choices=("cache", "partition", "scaling", "baseline"), required=True)
+    parser.add_argument("--model", choices=("pinsage", "graphsage"), default="pinsage", help="baseline part")
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/bench_dtrain"))
     parser.add_argument("--steps", type=int, default=20, help="steps per setting (cache, partition)")
@@ -130,13 +143,16 @@ def main() -> int:
             section = part_cache(run, client, args.steps, args.negatives)
         elif args.part == "partition":
             section = part_partition(run, client, args.steps)
-        else:
+        elif args.part == "scaling":
             section = part_scaling(run, client, args.epochs)
+        else:
+            section = part_baseline(run, client, args.model, args.epochs)
     section.update({"command": "PYTHONPATH=$PWD nice -n 5 python " + " ".join(sys.argv), "data_rows": args.rows,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "seconds": round(time.perf_counter() - started, 1)})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    name = f"cache_{args.negatives}_negatives" if args.part == "cache" else args.part
+    name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}"}.get(args.part,
+                                                                                                  args.part)
     out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -190,6 +190,7 @@ class RankJob:
     out_dir: str  # the stage's temporary directory (rank 0 writes the checkpoint there)
     resume_path: str
     key: str
+    device: str = "cpu"  # "cuda" on the GPU backend: each worker's own GPU (LocalCUDACluster sets one visible)
 
 
 class _StepBatches:
@@ -292,6 +293,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
 
     cfg, rank, world = job.cfg, info.rank, info.world_size
     torch.set_num_threads(nthreads)
+    device_name = "cuda:0" if job.device == "cuda" else "cpu"  # the worker's one visible GPU
     store = load_graph_store(job.graph_path)
     nb = load_neighborhoods(job.walks_path)
     local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
@@ -329,13 +331,14 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, n_negatives=cfg.n_negatives,
                          seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
-                         num_threads=nthreads, log_every=0)
+                         num_threads=nthreads, log_every=0, device=device_name)
         stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
-        model: torch.nn.Module = build_model(mc, seed=cfg.seed)
+        model: torch.nn.Module = build_model(mc, seed=cfg.seed).to(device_name)
         comm = cfg.comm_config()
         session = None
         if world > 1:
-            model = DistributedDataParallel(model, forward_sync_buffers=comm.uses_ddp_allreduce)
+            model = DistributedDataParallel(model, forward_sync_buffers=comm.uses_ddp_allreduce,
+                                            device_ids=[0] if job.device == "cuda" else None)
             from gnn.comm import setup_communication
 
             session = setup_communication(model, comm)
@@ -374,7 +377,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         embed_started = time.perf_counter()
         plain = getattr(model, "module", model)
         emb = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
-                          seed=cfg.seed).numpy()
+                          seed=cfg.seed).cpu().numpy()
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
@@ -524,11 +527,14 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         n_items = load_graph_store(graph.path).n_items
         owner = np.zeros(n_items, np.int32) if part_out is None else np.load(part_out.path / "owner.npy")
         per_rank = _pairs_per_rank(run, cfg, owner)
-        # gloo also on the GPU backend: the trainer keeps its tensors on the CPU (NCCL needs CUDA tensors)
-        infos = rank_infos(client, cfg.workers, backend="gloo", timeout_s=cfg.timeout_s)
+        # GPU backend: the model and batches on each worker's GPU, gradients over NCCL; batches are still built
+        # (and remote rows cached) on the CPU and moved per step
+        device = "cuda" if backend == "gpu" else "cpu"
+        infos = rank_infos(client, cfg.workers, backend="nccl" if device == "cuda" else "gloo",
+                           timeout_s=cfg.timeout_s)
         resume_dir.mkdir(parents=True, exist_ok=True)
         jobs = [RankJob(cfg, str(graph.path), str(walks.path), owner, q, p, w, str(tmp),
-                        str(resume_dir / "checkpoint.pt"), key) for q, p, w in per_rank]
+                        str(resume_dir / "checkpoint.pt"), key, device) for q, p, w in per_rank]
         client.subscribe_topic(PROGRESS_TOPIC, _print_progress)
         try:
             with span(STAGE):

@@ -268,3 +268,19 @@ def test_killing_a_worker_mid_run_ends_the_job(small_run: Path, own_cluster: Cli
     killer.join()
     assert not (run / "train").exists()  # nothing a later stage could read
     wait_for_workers(own_cluster, 2)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_trains_on_cuda_with_nccl(small_run: Path, tmp_path: Path) -> None:
+    """One rank per GPU on a LocalCUDACluster: the model on the GPU, NCCL between ranks, the CPU-built batches moved."""
+    from dask_cuda import LocalCUDACluster
+
+    n_gpus = torch.cuda.device_count()
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    with LocalCUDACluster(n_workers=n_gpus, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        cfg = TrainStageConfig(workers=n_gpus, epochs=1, steps_per_epoch=3, **SMALL)  # type: ignore[arg-type]
+        rep = _report(train(run, cfg, client, backend="gpu", force=True))
+    assert rep["workers"] == n_gpus and np.isfinite(rep["epochs"][0]["mean_loss"])
+    assert np.isfinite(np.load(run / "train" / "embeddings.npy")).all()

@@ -289,7 +289,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=500_000)
     ap.add_argument("--items", type=int, default=200_000)
     ap.add_argument("--edges", type=int, default=10_000_000)
-    ap.add_argument("--walks", type=int, default=2_000_000, help="walks for the steps/s figure")
+    ap.add_argument("--walks", type=int, default=20_000_000,
+                    help="walks for the steps/s figure (long enough runs that task overhead does not hide scaling)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--store", type=Path, default=Path("/tmp/pinsage-bench-walks"))
     ap.add_argument("--out", type=Path, default=REPO / "results" / "walks.json")

@@ -8,6 +8,7 @@ whichever thread builds it and in whatever order (what makes producer-consumer e
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -61,6 +62,15 @@ class TrainBatch:
     def n_pairs(self) -> int:
         return int(self.query.shape[0])
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on ``device`` (the trainer calls this for a CUDA model)."""
+        if torch.device(device) == self.query.device:
+            return self
+        return dataclasses.replace(
+            self, subgraph=self.subgraph.to(device),
+            **{name: getattr(self, name).to(device, non_blocking=True)
+               for name in ("query", "positive", "weight", "negatives", "hard", "hard_mask")})
+
 
 def pick_hard_negatives(candidates: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``count`` distinct random entries of each row of ``candidates`` (B, H), -1 entries last.
@@ -88,11 +98,14 @@ class PairBatcher:
         hard_negatives: (n_items, H) candidates, -1 padded (``Neighborhoods.hard_negatives``), or None.
         hard_per_epoch, hard_cap: curriculum (defaults 1 and 6), see ``gnn.loss.hard_negatives_for_epoch``.
         seed: base seed (default 0).
+        negative_pool: (M,) item ids the shared negatives are drawn from, uniformly (default None: all of
+            ``[0, n_items)``). The distributed trainer passes its shard's items ("local" negatives, as
+            PyTorch-BigGraph draws negatives from the partition in memory), so negatives cost no remote rows.
     """
 
     def __init__(self, pairs: TrainingPairs, sampler: Sampler, *, n_items: int, batch_size: int = 512,
                  n_negatives: int = 256, hard_negatives: np.ndarray | None = None, hard_per_epoch: int = 1,
-                 hard_cap: int = 6, seed: int = 0) -> None:
+                 hard_cap: int = 6, seed: int = 0, negative_pool: np.ndarray | None = None) -> None:
         if batch_size < 1 or n_negatives < 1 or len(pairs) == 0:
             raise ValueError(f"batch_size={batch_size}, n_negatives={n_negatives}, {len(pairs)} pairs: all must be "
                              "positive")
@@ -100,6 +113,9 @@ class PairBatcher:
         self.batch_size, self.n_negatives = int(batch_size), int(n_negatives)
         self.hard_negatives = None if hard_negatives is None else np.asarray(hard_negatives, dtype=np.int64)
         self.hard_per_epoch, self.hard_cap, self.seed = hard_per_epoch, hard_cap, int(seed)
+        self.negative_pool = None if negative_pool is None else np.asarray(negative_pool, dtype=np.int64)
+        if self.negative_pool is not None and self.negative_pool.size == 0:
+            raise ValueError("negative_pool is empty: pass at least one item id, or None for all items")
         self._lock = threading.Lock()
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -120,7 +136,8 @@ class PairBatcher:
         rng = np.random.default_rng([self.seed, epoch, index, 1])
         take = self.epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         query, positive = self.pairs.query[take], self.pairs.positive[take]
-        negatives = rng.integers(0, self.n_items, self.n_negatives)
+        negatives = rng.integers(0, self.n_items, self.n_negatives) if self.negative_pool is None \
+            else self.negative_pool[rng.integers(0, self.negative_pool.shape[0], self.n_negatives)]
         n_hard = 0 if self.hard_negatives is None else hard_negatives_for_epoch(
             epoch, per_epoch=self.hard_per_epoch, cap=self.hard_cap)
         if self.hard_negatives is not None and n_hard > 0:

@@ -201,6 +201,10 @@ class Block:
     def n_dst(self) -> int:
         return int(self.nbr_index.shape[0])
 
+    def to(self, device: torch.device | str) -> Block:
+        """The same block on ``device`` (no copy where it is there already)."""
+        return Block(self.nbr_index.to(device, non_blocking=True), self.nbr_weight.to(device, non_blocking=True))
+
 
 @dataclass(frozen=True)
 class Subgraph:
@@ -221,6 +225,11 @@ class Subgraph:
     @property
     def targets(self) -> torch.Tensor:
         return self.node_ids[0]
+
+    def to(self, device: torch.device | str) -> Subgraph:
+        """The same computation graph on ``device`` (ids, blocks and rows)."""
+        return Subgraph(tuple(ids.to(device, non_blocking=True) for ids in self.node_ids),
+                        tuple(block.to(device) for block in self.blocks), self.rows.to(device, non_blocking=True))
 
 
 @numba.njit(nogil=True, cache=True)

@@ -35,7 +35,8 @@ class TrainConfig:
     ``weight_decay`` (0.0); ``n_negatives`` shared negatives per batch (256); ``margin`` (0.1);
     ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 6); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
-    ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50).
+    ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50);
+    ``device`` where the model computes, "cpu" or "cuda[:i]" ("cpu"; batches are built on the CPU and moved).
     """
 
     epochs: int = 5
@@ -52,6 +53,7 @@ class TrainConfig:
     queue_size: int = 4
     num_threads: int = 1
     log_every: int = 50
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -61,6 +63,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive (try 3e-3 with Adam)")
         if self.mode not in ("producer", "sync"):
             raise ValueError(f"TrainConfig.mode={self.mode!r}: use 'producer' or 'sync'")
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"TrainConfig.device={self.device!r}: use 'cpu' or 'cuda[:index]' ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,8 +144,10 @@ class Trainer:
         start = time.perf_counter()
         stream = iterate_batches(self.batches, epoch=self.epoch, n_batches=self.batches.n_batches, mode=cfg.mode,
                                  n_threads=cfg.producer_threads, queue_size=cfg.queue_size, stats=stats)
+        device = torch.device(cfg.device)
         with closing(stream):
             for batch in stream:
+                batch = batch.to(device)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = compute_loss(self.model, self.loss, batch)
                 loss.backward()
@@ -174,7 +182,8 @@ def embed_items(model: nn.Module, sampler: Sampler, item_ids: np.ndarray, *, bat
                 seed: int = 0) -> torch.Tensor:
     """Embeddings of ``item_ids`` (N,) -> (N, D) in eval mode, ``batch_size`` distinct items per forward pass.
 
-    Batch b's sampler draws come from ``default_rng([seed, b])`` (PinSage neighbourhoods draw nothing).
+    Batch b's sampler draws come from ``default_rng([seed, b])`` (PinSage neighbourhoods draw nothing). Computed on
+    the model's device; returned there.
     """
     ids = np.asarray(item_ids, dtype=np.int64)
     if batch_size < 1:
@@ -182,10 +191,11 @@ def embed_items(model: nn.Module, sampler: Sampler, item_ids: np.ndarray, *, bat
     was_training = model.training
     model.eval()
     try:
+        device = next(iter(model.parameters())).device
         uniq, inverse = np.unique(ids, return_inverse=True)
-        chunks = [model(sampler.sample(uniq[i:i + batch_size], np.random.default_rng([seed, b])))
+        chunks = [model(sampler.sample(uniq[i:i + batch_size], np.random.default_rng([seed, b])).to(device))
                   for b, i in enumerate(range(0, uniq.shape[0], batch_size))]
-        out = torch.cat(chunks) if chunks else torch.zeros(0, 0)
-        return out[torch.from_numpy(inverse.ravel())]
+        out = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)
+        return out[torch.from_numpy(inverse.ravel()).to(device)]
     finally:
         model.train(was_training)

@@ -22,7 +22,10 @@ COMMAND_MODULES: tuple[str, ...] = (  # one line per stage module, in pipeline o
     "pipeline.graph",
     "pipeline.walks",
     "pipeline.partition",
+    "pipeline.train",
+    "pipeline.infer",
     "pipeline.evaluate",
+    "pipeline.recommend",
     "pipeline.update",
     "pipeline.run",
 )

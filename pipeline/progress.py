@@ -13,15 +13,19 @@ import distributed
 from distributed import as_completed
 
 
-def track(futures: Iterable[Any], label: str, *, stream: Any = None, every: float = 0.5) -> Iterator[Any]:
-    """Yield futures as they complete while printing ``label  done/total  elapsed`` (TTY or not)."""
+def track(futures: Iterable[Any], label: str, *, stream: Any = None, every: float = 0.5, loop: Any = None
+          ) -> Iterator[Any]:
+    """Yield futures as they complete while printing ``label  done/total  elapsed`` (TTY or not).
+
+    ``loop``: the event loop of the futures' client (``client.loop``); needed when that client is not the default.
+    """
     futs = list(futures)
     out = stream if stream is not None else sys.stderr
     total = len(futs)
     start = last = time.perf_counter()
     done = 0
     tty = getattr(out, "isatty", lambda: False)()
-    for fut in as_completed(futs):
+    for fut in as_completed(futs, loop=loop):
         done += 1
         now = time.perf_counter()
         if now - last >= every or done == total:

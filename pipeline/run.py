@@ -99,7 +99,34 @@ def run_pipeline(run_dir: str | Path, cfg: RunConfig, client: Any, backend: Back
         return _finish(run, report, started)
     if done("walks", run_walks(run, walk_cfg, client, backend=backend, force=force)):
         return _finish(run, report, started)
-    done("evaluate", evaluate(run, eval_cfg, force=force))
+    from pipeline.partition import PartitionConfig, run_partition
+    from pipeline.train import TrainStageConfig, train
+
+    # one rank per worker of the cluster unless [train] workers says otherwise
+    train_cfg = from_sources(TrainStageConfig, toml=toml, section="train",
+                             workers=toml.get("train", {}).get("workers") or len(client.nthreads()))
+    if train_cfg.workers > 1 and done("partition", run_partition(run, from_sources(
+            PartitionConfig, toml=toml, section="partition", parts=train_cfg.workers, method=train_cfg.partition,
+            seed=train_cfg.seed), force=force)):
+        return _finish(run, report, started)
+    if done("train", train(run, train_cfg, client, backend=backend, force=force)):
+        return _finish(run, report, started)
+    from pipeline.infer import InferConfig, run_infer
+
+    if done("infer", run_infer(run, from_sources(InferConfig, toml=toml, section="infer"), client, backend=backend,
+                               force=force)):
+        return _finish(run, report, started)
+    if done("evaluate", evaluate(run, eval_cfg, force=force)):
+        return _finish(run, report, started)
+    from pipeline.recommend import RecommendConfig, embeddings_path, recommend
+
+    rec_cfg = from_sources(RecommendConfig, toml=toml, section="recommend", args=args)
+    try:
+        embeddings_path(run, rec_cfg)
+    except FileNotFoundError as e:  # no trained embeddings yet: the baselines' evaluation is the end of the run
+        _say(f"[recommend] skipped: {e}")
+    else:
+        done("recommend", recommend(run, rec_cfg, client, force=force))
     return _finish(run, report, started)
 
 

@@ -38,13 +38,17 @@ def cora_npz() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"gpu test: {reason}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    import torch
+
+    reasons = {"gpu": gpu_unavailable_reason(),
+               "cuda": None if torch.cuda.is_available() else "no CUDA device visible to torch"}
+    for marker, reason in reasons.items():
+        if reason is None:
+            continue
+        skip = pytest.mark.skip(reason=f"{marker} test: {reason}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +61,11 @@ def dask_client() -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def dask_client_1() -> Iterator[Client]:
-    """A real 1-worker LocalCluster, to compare against the 2-worker one."""
+    """A real 1-worker LocalCluster, to compare against the 2-worker one.
+
+    Not the default client: code that falls back on the default (actor handles unpickled in tasks, say) must keep
+    finding the session's 2-worker cluster, or it waits on a cluster that will never run its work.
+    """
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster, set_as_default=False) as client:
         yield client

@@ -1,0 +1,628 @@
+"""Stage ``train``: data-parallel PinSage / GraphSAGE, one long-running rank per Dask worker owning shard ``rank``.
+
+Each rank (pipeline/launch.py) joins a gloo process group, wraps the model in DDP with the gradient communication
+of ``gnn.comm`` (plain all-reduce, fp16/bf16/PowerSGD, DGC, local or hierarchical averaging) and trains on the
+pairs whose query item its shard owns. Rows of items it does not own (input features, neighbour ids and weights)
+come from their owners' ``ShardServer`` actors (pipeline/rowserver.py) through the remote-row cache (cache/), inside
+the producer threads, one call per owner per hop of a minibatch (pipeline/remote_rows.py). Progress lines (loss,
+pairs/s, cache hit rate, bytes) reach the client as Dask events while the ranks run; everything runs inside
+``distributed.span("train")``. With ``workers = 1`` it is the single-worker trainer (every row local).
+
+    pinsage train --run-dir runs/x --workers 2 --cache importance --cache-fraction 0.1 --compression dgc
+
+Output ``<run>/train/``: ``checkpoint.pt`` (weights, optimizer state, frozen configs incl. compression/sync),
+``embeddings.npy`` (n_items, D) float32, ``report.json`` (per-epoch loss and pairs/s, cache and transport stats per
+worker and in total, gradient bytes, partition). A killed run resumes from the last finished epoch
+(``<run>/.train-resume/<key>/``); re-running with the same inputs and settings does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import operator
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.common import add_arguments, add_common_arguments, cluster_config, from_sources, settings
+from pipeline.config import check, to_dict
+from pipeline.rundir import StageOutput, read_stage, run_stage, stage_key, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+PROGRESS_TOPIC = "pinsage-train-progress"
+RESUME_DIR = ".train-resume"
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    """Settings of the ``train`` stage (section ``[train]``); see the flags' help for each."""
+
+    workers: int = field(default=1, metadata={"help": "ranks, one per Dask worker, each owning one shard"})
+    model: Literal["pinsage", "graphsage"] = field(default="pinsage", metadata={"help": "pinsage or graphsage"})
+    epochs: int = field(default=2, metadata={"help": "epochs over the training pairs"})
+    steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = all pairs)"})
+    batch_size: int = field(default=512, metadata={"help": "pairs per step per rank"})
+    n_negatives: int = field(default=256, metadata={"help": "shared negatives per batch"})
+    lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
+    optimizer: Literal["auto", "adam", "sgd"] = field(
+        default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (DGC: the hook's momentum)"})
+    hidden_dim: int = field(default=128, metadata={"help": "width of the convolutions"})
+    embed_dim: int = field(default=64, metadata={"help": "embedding width"})
+    n_neighbors: int = field(default=10, metadata={"help": "PinSage neighbours per item (T)"})
+    cache: Literal["importance", "lru", "random", "none"] = field(
+        default="importance", metadata={"help": "remote-row cache policy"})
+    cache_fraction: float = field(default=0.1, metadata={"help": "cache capacity, share of the remote vertices"})
+    cache_bytes: int | None = field(default=None, metadata={"help": "cache capacity in bytes (overrides fraction)"})
+    importance: Literal["presample", "visits"] = field(
+        default="presample", metadata={"help": "importance cache ranking: presample (the shard's own sampler over "
+                                               "some batches, counted) or visits (global walk visit counts)"})
+    negatives: Literal["global", "local"] = field(
+        default="local", metadata={"help": "shared negatives drawn from all items, or from the rank's own shard "
+                                           "(no remote rows for them; with 1 worker both are all items)"})
+    presample_batches: int = field(default=16, metadata={"help": "batches of the importance pre-sampling pass"})
+    compression: Literal["none", "fp16", "bf16", "powersgd", "dgc"] = field(
+        default="none", metadata={"help": "gradient compression"})
+    sync: str = field(default="allreduce", metadata={"help": "allreduce | local:H | hierarchical:G@P,...,all@P"})
+    sync_warmup_steps: int = field(default=0, metadata={"help": "global all-reduce steps before local averaging"})
+    dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
+    dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
+                            metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
+    dgc_warmup_unit: Literal["epoch", "step"] = field(default="epoch", metadata={"help": "DGC warm-up stage unit"})
+    dgc_warmup_stage_length: int = field(default=1, metadata={"help": "epochs or steps per DGC warm-up stage"})
+    partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
+    window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
+    producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
+    queue_size: int = field(default=4, metadata={"help": "batches built ahead per rank"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, batches and random cache"})
+    progress_s: float = field(default=5.0, metadata={"help": "seconds between progress lines (0 = per epoch)"})
+    timeout_s: float = field(default=120.0, metadata={"help": "collective timeout of the process group"})
+    embed: bool = field(default=True, metadata={"help": "write embeddings.npy of all items after training "
+                                                        "(off: benchmarks of the training loop only)"})
+    record_weights: bool = field(default=False, metadata={"help": "digest of the weights after every step"})
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "epochs", "batch_size", "n_negatives", "hidden_dim", "embed_dim", "n_neighbors",
+                     "producer_threads", "queue_size", "presample_batches"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"train.{name}",
+                  getattr(self, name), "must be an integer >= 1")
+        check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
+        check(self.lr > 0, "train.lr", self.lr, "must be positive (Adam: 3e-3, SGD: about 0.05)")
+        check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
+        check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
+        check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
+        check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
+        check(not (self.compression == "dgc" and self.optimizer == "adam"), "train.optimizer", self.optimizer,
+              "cannot be adam with --compression dgc (the DGC hook applies SGD momentum); use auto or sgd")
+        try:
+            self.cache_config()
+            self.comm_config()
+        except ValueError as e:
+            raise ValueError(f"train: {e}") from None
+
+    def cache_config(self) -> Any:
+        from cache import CacheConfig
+
+        return CacheConfig(self.cache, capacity_fraction=self.cache_fraction, capacity_bytes=self.cache_bytes,
+                           seed=self.seed)
+
+    def comm_config(self) -> Any:
+        from gnn.comm import DGCConfig, parse_comm
+        from gnn.comm.config import parse_sparsities
+
+        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum,
+                        warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
+                        warmup_stage_length=self.dgc_warmup_stage_length)
+        return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps, dgc=dgc)
+
+    @property
+    def optimizer_kind(self) -> str:
+        if self.optimizer == "auto":
+            return "sgd" if self.compression == "dgc" else "adam"
+        return self.optimizer
+
+
+# ------------------------------------------------------------------------------------------------ shard rows
+
+
+def shard_arrays(graph_path: str, walks_path: str, items: np.ndarray, n_neighbors: int) -> dict[str, np.ndarray]:
+    """The rows of ``items`` (sorted int64): features (n, F) float32, top-T neighbours (n, T) and weights."""
+    from gnn.features import ItemFeatureTable
+    from gnn.graphstore import load_graph_store
+    from gnn.sampler import WalkNeighbors
+    from gnn.walks import load_neighborhoods
+
+    store = load_graph_store(graph_path)
+    items = np.asarray(items, dtype=np.int64)
+    content = None if store.item_content is None else np.asarray(store.item_content[items])
+    table = ItemFeatureTable.from_arrays(category=np.asarray(store.item_category[items]),
+                                         counts=np.asarray(store.item_counts[items]), content=content,
+                                         n_categories=store.n_categories)
+    nb: Any = load_neighborhoods(walks_path)  # memory-mapped arrays: NeighborhoodsLike at run time
+    nbr, w = WalkNeighbors(nb, n_neighbors=n_neighbors)(items)
+    return {"items": items, "features": table.table.numpy(), "neighbors": nbr, "neighbor_weights": w}
+
+
+def _load_shard(graph_path: str, walks_path: str, owner: np.ndarray, rank: int, n_neighbors: int
+                ) -> dict[str, np.ndarray]:
+    return shard_arrays(graph_path, walks_path, np.flatnonzero(owner == rank).astype(np.int64), n_neighbors)
+
+
+def start_row_servers(client: Any, workers: list[str], loaded: list[Any]) -> dict[int, Any]:
+    """One ``ShardServer`` actor per rank on that rank's worker, from ``loaded[r]`` (a future of a dict of
+    :func:`shard_arrays` on that worker, so the rows never pass through the client)."""
+    from pipeline.rowserver import ShardServer
+
+    servers = {}
+    for rank, (worker, fut) in enumerate(zip(workers, loaded, strict=True)):
+        parts = [client.submit(operator.getitem, fut, k, workers=[worker], allow_other_workers=False, pure=False)
+                 for k in ("items", "features", "neighbors", "neighbor_weights")]
+        servers[rank] = client.submit(ShardServer, *parts, rank=rank, workers=[worker], allow_other_workers=False,
+                                      actor=True, pure=False).result()
+    return servers
+
+
+# ------------------------------------------------------------------------------------------------ one rank
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What a rank needs besides its :class:`pipeline.launch.RankInfo` (pickled to its worker)."""
+
+    cfg: TrainStageConfig
+    graph_path: str
+    walks_path: str
+    owner: np.ndarray  # (n_items,) int32
+    query: np.ndarray  # (P,) this rank's pairs, padded to the same length on every rank
+    positive: np.ndarray
+    weight: np.ndarray
+    out_dir: str  # the stage's temporary directory (rank 0 writes the checkpoint there)
+    resume_path: str
+    key: str
+
+
+class _StepBatches:
+    """A ``PairBatcher`` whose epoch is capped at ``max_batches`` steps (0 = no cap)."""
+
+    def __init__(self, inner: Any, max_batches: int) -> None:
+        self.inner, self.max_batches = inner, max_batches
+
+    @property
+    def n_batches(self) -> int:
+        n = int(self.inner.n_batches)
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def __call__(self, epoch: int, index: int) -> Any:
+        return self.inner(epoch, index)
+
+
+class _Progress:
+    """Per-step accounting of a rank; a Dask event (and log line) every ``every_s`` seconds and per epoch."""
+
+    def __init__(self, rank: int, n_steps: int, every_s: float, cache: Any, session: Any, model: Any,
+                 record_weights: bool) -> None:
+        self.rank, self.n_steps, self.every_s = rank, n_steps, every_s
+        self.cache, self.session, self.model = cache, session, model
+        self.record_weights = record_weights
+        self.digests: list[str] = []
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.t0, self.pairs = now, 0
+        self.losses: list[float] = []
+
+    def on_step(self, info: Any) -> None:
+        self.losses.append(info.loss)
+        self.pairs += info.n_pairs
+        if self.record_weights:
+            self.digests.append(weights_digest(self.model))
+        now = time.perf_counter()
+        if self.every_s and now - self.t0 >= self.every_s:
+            self.emit("step", epoch=info.epoch, step=info.batch + 1, now=now)
+
+    def emit(self, kind: str, *, epoch: int, step: int, now: float | None = None, **extra: Any) -> None:
+        now = time.perf_counter() if now is None else now
+        stats = self.cache.stats
+        msg = {"kind": kind, "rank": self.rank, "epoch": epoch, "step": step, "steps_per_epoch": self.n_steps,
+               "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+               "pairs_per_s": self.pairs / max(now - self.t0, 1e-9), "hit_rate": stats.hit_rate,
+               "remote_bytes": stats.remote_bytes, "grad_bytes": _grad_bytes(self.session), **extra}
+        _publish(msg)
+        self._reset(now)
+
+
+def _grad_bytes(session: Any) -> int:
+    return 0 if session is None else int(session.traffic.total_bytes)
+
+
+def _publish(msg: dict[str, Any]) -> None:
+    from distributed import get_worker
+
+    with contextlib.suppress(ValueError):  # ValueError: not on a worker (a plain call in a test): log only
+        get_worker().log_event(PROGRESS_TOPIC, msg)
+    log.info("train %s", msg)
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-1 of all parameters' bytes (replicas with identical weights have identical digests)."""
+    h = hashlib.sha1(usedforsecurity=False)
+    for p in getattr(model, "module", model).parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_main(info: Any, job: RankJob, servers: dict[int, Any]) -> dict[str, Any]:
+    from distributed import get_worker
+
+    from pipeline.launch import process_group
+
+    worker = get_worker()
+    nthreads = int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1)
+    actors = worker.actors if hasattr(worker, "actors") else worker.state.actors
+    server = actors[servers[info.rank].key]  # this rank's own ShardServer: its rows are the local table
+    group = process_group(info) if info.world_size > 1 else contextlib.nullcontext()
+    with group:
+        return _train_rank(info, job, servers, server, nthreads)
+
+
+def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, nthreads: int) -> dict[str, Any]:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cache import LocalOwnerTable, RemoteRowCache
+    from gnn.batches import PairBatcher, TrainingPairs
+    from gnn.checkpoint import restore_checkpoint, save_checkpoint
+    from gnn.graphstore import load_graph_store
+    from gnn.models import ModelConfig, build_model
+    from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
+    from gnn.trainer import TrainConfig, Trainer, embed_items, make_optimizer
+    from gnn.walks import load_neighborhoods
+    from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
+
+    cfg, rank, world = job.cfg, info.rank, info.world_size
+    torch.set_num_threads(nthreads)
+    store = load_graph_store(job.graph_path)
+    nb = load_neighborhoods(job.walks_path)
+    local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
+    mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
+                     embed_dim=cfg.embed_dim, n_categories=store.n_categories,
+                     content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
+    pairs = TrainingPairs.from_arrays(job.query, job.positive, job.weight)
+
+    def make_sampler(neighbors: Any, rows: Any) -> Any:
+        if cfg.model == "pinsage":
+            return PinSageSampler(neighbors=neighbors, rows=rows, n_layers=mc.n_layers)
+        return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
+                                fanouts=mc.fanouts)
+
+    def make_batches(sampler: Any, seed: int) -> PairBatcher:
+        return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,
+                           n_negatives=cfg.n_negatives, hard_negatives=np.asarray(nb.hard_negatives), seed=seed,
+                           negative_pool=local.items if cfg.negatives == "local" and world > 1 else None)
+
+    importance = np.asarray(nb.item_importance, dtype=np.float64)
+    presample_s = 0.0
+    if cfg.cache == "importance" and cfg.importance == "presample" and world > 1:
+        started = time.perf_counter()
+        importance = presample_importance(make_sampler, make_batches, nb, cfg, store.n_items, rank) \
+            + importance  # global visit shares (< 1 in total) only break ties between equal counts
+        presample_s = time.perf_counter() - started
+    fetcher = actor_fetcher(servers, local_rank=rank)
+    try:
+        cache = RemoteRowCache(cfg.cache_config(), fetcher=fetcher, owner_of=job.owner, local_rank=rank,
+                               local=local, importance=importance)
+        fill_started = time.perf_counter()
+        cache.fill()
+        fill_s = time.perf_counter() - fill_started
+        shard_rows = ShardRows(cache)
+        sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
+        tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, n_negatives=cfg.n_negatives,
+                         seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
+                         num_threads=nthreads, log_every=0)
+        stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
+        model: torch.nn.Module = build_model(mc, seed=cfg.seed)
+        comm = cfg.comm_config()
+        session = None
+        if world > 1:
+            model = DistributedDataParallel(model, forward_sync_buffers=comm.uses_ddp_allreduce)
+            from gnn.comm import setup_communication
+
+            session = setup_communication(model, comm)
+        if cfg.optimizer_kind == "sgd":
+            momentum = 0.0 if cfg.compression == "dgc" else cfg.momentum
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
+        else:
+            optimizer = make_optimizer(model, tc)
+        if session is not None:
+            optimizer = session.wrap_optimizer(optimizer)
+        progress = _Progress(rank, stepped.n_batches, cfg.progress_s, cache, session, model, cfg.record_weights)
+        trainer = Trainer(model, stepped, config=tc, optimizer=optimizer,  # type: ignore[arg-type]
+                          on_step=progress.on_step)
+        resumed_from = 0
+        if Path(job.resume_path).is_file():
+            restore_checkpoint(job.resume_path, trainer)
+            resumed_from = trainer.epoch
+        extra = {"stage": STAGE, "stage_config": to_dict(cfg), "comm": comm.to_dict(), "key": job.key,
+                 "world_size": world}
+        epochs = []
+        for epoch in range(trainer.epoch, cfg.epochs):
+            if session is not None:
+                session.set_epoch(epoch)
+            rep = trainer.train_epoch()
+            epochs.append(dataclasses.asdict(rep))
+            progress.emit("epoch", epoch=epoch, step=rep.steps, mean_loss=rep.mean_loss,
+                          epoch_pairs_per_s=rep.pairs_per_s, seconds=rep.seconds)
+            if rank == 0:
+                save_checkpoint(job.resume_path, trainer, mc, extra=extra)
+        train_stats = cache.stats.to_dict()
+        transport = cache.transport_stats.to_dict()
+        if world > 1 and not comm.uses_ddp_allreduce:
+            _average_parameters(model, world)  # local/hierarchical: one final global average before embedding
+        if rank == 0:
+            save_checkpoint(Path(job.out_dir) / "checkpoint.pt", trainer, mc, extra=extra)
+        embed_started = time.perf_counter()
+        plain = getattr(model, "module", model)
+        emb = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
+                          seed=cfg.seed).numpy()
+        embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
+        return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
+                "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
+                "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
+                "presample_s": round(presample_s, 3),
+                "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
+                "embeddings": emb.astype(np.float32), "embed_s": round(time.perf_counter() - embed_started, 3),
+                "embed_remote_bytes": int(embed_bytes),
+                "digests": progress.digests, "final_digest": weights_digest(model)}
+    finally:
+        fetcher.close()
+
+
+def presample_importance(make_sampler: Any, make_batches: Any, nb: Any, cfg: TrainStageConfig, n_items: int,
+                         rank: int) -> np.ndarray:
+    """GNNLab-style pre-sampled access counts of this shard: its own sampler over ``cfg.presample_batches``
+    batches (drawn with a seed no training epoch uses), counting each item once per batch. The topology comes
+    from the walks output (memory-mapped), no row moves. Returns (n_items,) float64."""
+    import torch
+
+    from cache import count_accesses
+    from gnn.sampler import WalkNeighbors
+
+    seen: list[np.ndarray] = []
+
+    def record(ids: np.ndarray) -> torch.Tensor:
+        seen.append(np.asarray(ids, dtype=np.int64))
+        return torch.zeros((len(ids), 1))
+
+    batches = make_batches(make_sampler(WalkNeighbors(nb, n_neighbors=cfg.n_neighbors), record),
+                           cfg.seed + rank + 1_000_003)
+    for b in range(min(cfg.presample_batches, batches.n_batches)):
+        batches(0, b)
+    return count_accesses(seen, n_items)
+
+
+def _average_parameters(model: Any, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in getattr(model, "module", model).parameters():
+            dist.all_reduce(p.data)
+            p.data /= world
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _pairs_per_rank(run_dir: Path, cfg: TrainStageConfig, owner: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Training pairs of the split's train table, by the owner of the query item, padded (with a seeded draw of
+    the rank's own pairs) to the same length on every rank so that every rank takes the same number of steps."""
+    import pandas as pd
+
+    from gnn.pairs import training_pairs
+
+    split = read_stage(run_dir, "split")
+    pairs = training_pairs(pd.read_parquet(split.path / "train.parquet"), window_s=cfg.window_s)
+    if len(pairs) == 0:
+        raise ValueError(f"{split.path / 'train.parquet'}: no training pairs (consecutive items of a user within "
+                         f"{cfg.window_s} s); raise --window-s or use more data")
+    rank_of = owner[pairs.query]
+    groups = [np.flatnonzero(rank_of == r) for r in range(cfg.workers)]
+    empty = [r for r, g in enumerate(groups) if g.size == 0]
+    if empty:
+        raise ValueError(f"shard {empty[0]} owns no query item of any training pair: use fewer --workers")
+    longest = max(g.size for g in groups)
+    rng = np.random.default_rng([cfg.seed, 7])
+    out: list[tuple[np.ndarray, ...]] = []
+    for g in groups:
+        idx = np.concatenate([g, rng.choice(g, longest - g.size)]) if g.size < longest else g
+        out.append((pairs.query[idx], pairs.positive[idx], pairs.weight[idx]))
+    return out
+
+
+def _print_progress(event: Any) -> None:
+    _, m = event
+    if m.get("kind") == "epoch":
+        line = (f"[train] rank {m['rank']} epoch {m['epoch']} done: loss {m['mean_loss']:.4f}, "
+                f"{m['epoch_pairs_per_s']:.0f} pairs/s, {m['seconds']:.1f} s")
+    else:
+        line = (f"[train] rank {m['rank']} epoch {m['epoch']} step {m['step']}/{m['steps_per_epoch']}: "
+                f"loss {m['loss']:.4f}, {m['pairs_per_s']:.0f} pairs/s")
+    line += (f", cache hit {100 * m['hit_rate']:.1f} %, remote {m['remote_bytes'] / 1e6:.2f} MB, "
+             f"gradients {m['grad_bytes'] / 1e6:.1f} MB")
+    print(line, file=sys.stderr, flush=True)
+
+
+def _current_partition(run: Path, cfg: TrainStageConfig) -> StageOutput | None:
+    """The finished partition stage when it has ``cfg.workers`` shards made by ``cfg.partition`` and is newer
+    than the walks it was made from (any other settings of it are kept), else None."""
+    from pipeline.rundir import MANIFEST
+
+    if not (run / "partition" / MANIFEST).is_file():
+        return None
+    out = read_stage(run, "partition")
+    walks_key = out.manifest.get("inputs", {}).get("walks", {}).get("key")
+    method = str(out.report.get("method", ""))
+    same_method = method == cfg.partition or (cfg.partition == "metis" and method == "random-fallback")
+    current = walks_key == read_stage(run, "walks").key
+    return out if current and out.report.get("parts") == cfg.workers and same_method else None
+
+
+def stage_inputs(run: Path, cfg: TrainStageConfig, *, partition: bool = False) -> dict[str, StageOutput]:
+    """The upstream outputs the stage reads; with ``partition`` the partition stage is run when it is missing
+    or does not fit ``cfg`` (``workers > 1`` only)."""
+    from pipeline.partition import PartitionConfig, run_partition
+
+    inputs = {s: read_stage(run, s) for s in ("graph", "walks", "split")}
+    if cfg.workers > 1:
+        current = _current_partition(run, cfg)
+        if current is None:
+            current = run_partition(run, PartitionConfig(parts=cfg.workers, method=cfg.partition, seed=cfg.seed)) \
+                if partition else read_stage(run, "partition")
+        inputs["partition"] = current
+    return inputs
+
+
+def resume_path(run_dir: str | Path, cfg: TrainStageConfig) -> Path:
+    """Where a run of ``cfg`` keeps the checkpoint of its last finished epoch until the stage completes
+    (``<run>/.train-resume/<stage key>/checkpoint.pt``)."""
+    run = Path(run_dir)
+    inputs = stage_inputs(run, cfg)
+    key = stage_key(STAGE, to_dict(cfg), {n: {"stage": o.stage, "key": o.key} for n, o in inputs.items()})
+    return run / RESUME_DIR / key / "checkpoint.pt"
+
+
+def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: str = "cpu",
+          force: bool = False) -> StageOutput:
+    """Run stage ``train`` in ``run_dir`` (a no-op when its output is current); partitions first when
+    ``cfg.workers > 1`` (itself a no-op when ``<run>/partition`` already holds that partition)."""
+    from distributed import span
+
+    from cache import CacheStats
+    from pipeline.launch import rank_infos, run_ranks
+
+    run = Path(run_dir)
+    inputs = stage_inputs(run, cfg, partition=True)
+    graph, walks, part_out = inputs["graph"], inputs["walks"], inputs.get("partition")
+    resume_dir = resume_path(run, cfg).parent
+    key = resume_dir.name
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from gnn.graphstore import load_graph_store
+
+        started = time.perf_counter()
+        n_items = load_graph_store(graph.path).n_items
+        owner = np.zeros(n_items, np.int32) if part_out is None else np.load(part_out.path / "owner.npy")
+        per_rank = _pairs_per_rank(run, cfg, owner)
+        # gloo also on the GPU backend: the trainer keeps its tensors on the CPU (NCCL needs CUDA tensors)
+        infos = rank_infos(client, cfg.workers, backend="gloo", timeout_s=cfg.timeout_s)
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [RankJob(cfg, str(graph.path), str(walks.path), owner, q, p, w, str(tmp),
+                        str(resume_dir / "checkpoint.pt"), key) for q, p, w in per_rank]
+        client.subscribe_topic(PROGRESS_TOPIC, _print_progress)
+        try:
+            with span(STAGE):
+                workers = [i.worker for i in infos]
+                owner_f = client.scatter(owner, broadcast=True)
+                loaded = [client.submit(_load_shard, str(graph.path), str(walks.path), owner_f, r, cfg.n_neighbors,
+                                        workers=[w], allow_other_workers=False, pure=False)
+                          for r, w in enumerate(workers)]
+                servers = start_row_servers(client, workers, loaded)
+                # each rank's pairs go to its worker once, as data (not inside the task graph)
+                job_fs = [client.scatter(job, workers=[w], hash=False) for job, w in zip(jobs, workers, strict=True)]
+                results = run_ranks(client, _rank_main, infos, args=[(job, servers) for job in job_fs])
+                served = [servers[r].stats().result() for r in range(cfg.workers)]
+        finally:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
+        emb = np.zeros((n_items, cfg.embed_dim), np.float32)
+        for r in results:
+            items, part = r.pop("items"), r.pop("embeddings")
+            if cfg.embed:
+                emb[items] = part
+        if cfg.embed:
+            np.save(tmp / "embeddings.npy", emb)
+        report = _report(cfg, results, served, part_out, time.perf_counter() - started, CacheStats)
+        write_json_atomic(tmp / "report.json", report)
+        return {k: report[k] for k in ("workers", "epochs", "pairs_per_s", "cache_total", "grad_bytes_total",
+                                       "replicas_identical", "seconds")}
+
+    out = run_stage(run, STAGE, config=cfg, inputs=inputs, build=build, force=force)
+    shutil.rmtree(run / RESUME_DIR, ignore_errors=True)
+    return out
+
+
+def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[dict[str, Any]],
+            part_out: StageOutput | None, seconds: float, stats_cls: Any) -> dict[str, Any]:
+    epochs = []
+    for e in range(len(results[0]["epochs"])):
+        rows = [r["epochs"][e] for r in results]
+        pairs, secs = sum(x["pairs"] for x in rows), max(x["seconds"] for x in rows)
+        epochs.append({"epoch": rows[0]["epoch"], "mean_loss": float(np.mean([x["mean_loss"] for x in rows])),
+                       "pairs": pairs, "seconds": round(secs, 3), "pairs_per_s": round(pairs / secs, 1),
+                       "per_rank_loss": [x["mean_loss"] for x in rows]})
+    caches = [stats_cls(**{k: v for k, v in r["cache"].items() if k != "hit_rate"}) for r in results]
+    total = stats_cls.merge(caches)
+    grad = [0 if r["comm"] is None else int(r["comm"].get("total_bytes", 0)) for r in results]
+    part = None if part_out is None else {k: part_out.report.get(k) for k in (
+        "parts", "method", "edge_cut_fraction", "weight_cut_fraction", "neighbor_entries_cut_fraction",
+        "halo_sizes", "items")}
+    return {
+        "config": to_dict(cfg), "workers": cfg.workers, "epochs": epochs,
+        "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
+        "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
+                                          "cache_fill_s", "presample_s", "comm", "embed_s",
+                                          "embed_remote_bytes", "resumed_from_epoch")}
+                       for r in results],
+        "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
+        "grad_bytes_total": int(sum(grad)),
+        "replicas_identical": len({r["final_digest"] for r in results}) == 1,
+        "weight_digests": [r["digests"] for r in results] if cfg.record_weights else None,
+        "partition": part, "seconds": round(seconds, 2),
+    }
+
+
+def train_config(args: argparse.Namespace, toml: dict[str, Any]) -> TrainStageConfig:
+    """``--workers`` (a cluster flag) is also the number of ranks."""
+    return from_sources(TrainStageConfig, toml=toml, section=STAGE, args=args, workers=getattr(args, "workers", None))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from pipeline.cluster import cluster_client
+    from pipeline.launch import RankFailed
+    from pipeline.rundir import StageError
+
+    toml = settings(args)
+    cfg = train_config(args, toml)
+    ccfg = cluster_config(args, toml)
+    if ccfg.scheduler is None and ccfg.n_workers < cfg.workers:
+        ccfg = dataclasses.replace(ccfg, n_workers=cfg.workers)
+    with cluster_client(ccfg) as (client, backend):
+        print(f"pinsage train: dashboard {client.dashboard_link}", file=sys.stderr)
+        try:
+            out = train(args.run_dir, cfg, client, backend=backend, force=args.force)
+        except RankFailed as e:  # one line for the CLI: which rank, which worker, what it raised
+            raise StageError(f"train: {e}") from e
+    r = out.report
+    state = "up to date" if out.reused else "done"
+    c = r.get("cache_total", {})
+    print(f"pinsage train: {state}: {out.path} ({r.get('workers')} workers, {r.get('pairs_per_s')} pairs/s, "
+          f"cache hit {100 * c.get('hit_rate', 0.0):.1f} %, remote {c.get('bytes_fetched', 0) / 1e6:.1f} MB)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(STAGE, help="distributed training: one rank per Dask worker, remote rows via a cache",
+                              description=__doc__.splitlines()[0] if __doc__ else None)
+    add_common_arguments(p)
+    add_arguments(p, TrainStageConfig, skip=("workers",))
+    p.set_defaults(func=_main)

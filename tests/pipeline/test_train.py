@@ -1,0 +1,270 @@
+"""The train stage on a real 2-worker LocalCluster with real gloo: remote rows, cache, DDP replicas, resume, failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+from cache import POLICIES, CacheConfig, LocalOwnerTable, RemoteRowCache
+from gnn.checkpoint import load_checkpoint
+from gnn.sampler import PinSageSampler
+from pipeline.config import ConfigError
+from pipeline.generate import GenerateConfig, generate
+from pipeline.launch import RankFailed, RankInfo, rank_infos, run_ranks, wait_for_workers, worker_pid
+from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
+from pipeline.run import RunConfig, run_pipeline
+from pipeline.train import (
+    PROGRESS_TOPIC,
+    TrainStageConfig,
+    resume_path,
+    start_row_servers,
+    train,
+)
+
+N_ITEMS = 40
+T = 3
+
+# A small model and few steps: the tests check wiring and invariants, not quality.
+Trained = tuple[TrainStageConfig, Any, dict[str, Any]]
+
+SMALL = {"hidden_dim": 16, "embed_dim": 8, "batch_size": 64, "n_negatives": 16, "progress_s": 0.0,
+         "producer_threads": 2}
+
+
+# ------------------------------------------------------------------------------------------------ hand-made shards
+
+
+def id_rows(items: np.ndarray) -> dict[str, np.ndarray]:
+    """Node ids as features: row of item i = [i, i, i], neighbours (i+1, i+7, i+13) mod N with weights i + k/10."""
+    items = np.asarray(items, np.int64)
+    nbr = (items[:, None] + np.array([1, 7, 13])[None, :]) % N_ITEMS
+    return {"items": items, "features": np.repeat(items[:, None], 3, axis=1).astype(np.float32),
+            "neighbors": nbr.astype(np.int64),
+            "neighbor_weights": (items[:, None] + np.arange(T)[None, :] / 10).astype(np.float32)}
+
+
+OWNER = (np.arange(N_ITEMS) * 7 % 3 == 0).astype(np.int32)  # an irregular 2-way split
+
+
+def _id_rows_on_worker(rank: int) -> dict[str, np.ndarray]:
+    return id_rows(np.flatnonzero(np.equal(OWNER, rank)))
+
+
+def _check_rows_rank(info: RankInfo, servers: dict[int, Any], policy: str) -> dict[str, Any]:
+    """Through the real actors and cache: every row of every batch equals the owner's row; capacity holds."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    actors = worker.actors if hasattr(worker, "actors") else worker.state.actors
+    own = actors[servers[info.rank].key]
+    local = LocalOwnerTable(own.items, own.features, own.neighbors, own.neighbor_weights, owner=info.rank)
+    fetcher = actor_fetcher(servers, local_rank=info.rank)
+    try:
+        cache = RemoteRowCache(CacheConfig(policy, capacity_fraction=0.3), fetcher=fetcher, owner_of=OWNER,
+                               local_rank=info.rank, local=local, importance=np.arange(N_ITEMS, dtype=np.float64))
+        cache.fill()
+        rows = ShardRows(cache)
+        sampler = BatchScopedSampler(PinSageSampler(neighbors=rows.neighbors, rows=rows.rows, n_layers=2), rows)
+        rng = np.random.default_rng(info.rank)
+        bad, over = 0, 0
+        for _ in range(25):
+            ids = rng.choice(N_ITEMS, 6)
+            block = rows.block(ids)
+            want = id_rows(ids)
+            bad += int(not np.array_equal(block.features, want["features"]))
+            bad += int(not np.array_equal(block.neighbors, want["neighbors"]))
+            bad += int(not np.array_equal(block.neighbor_weights, want["neighbor_weights"]))
+            sub = sampler.sample(np.unique(ids), rng)
+            bad += int(not torch.equal(sub.rows[:, 0].long(), sub.node_ids[-1]))  # ids as features
+            s = cache.stats
+            over += int(s.used_rows > s.capacity_rows or s.used_rows > cache.capacity_rows)
+        stats = cache.stats
+        remote = int(np.count_nonzero(np.not_equal(OWNER, info.rank)))
+        return {"bad": bad, "over": over, "requests": stats.requests, "hits": stats.hits,
+                "capacity_rows": cache.capacity_rows, "expected_capacity": int(0.3 * remote)}
+    finally:
+        fetcher.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_remote_rows_equal_the_owners_rows_with_every_policy(dask_client: Client, policy: str) -> None:
+    infos = rank_infos(dask_client, 2)
+    workers = [i.worker for i in infos]
+    loaded = [dask_client.submit(_id_rows_on_worker, r, workers=[w], pure=False) for r, w in enumerate(workers)]
+    servers = start_row_servers(dask_client, workers, loaded)
+    out = run_ranks(dask_client, _check_rows_rank, infos, args=[(servers, policy)] * 2)
+    for r in out:
+        assert r["bad"] == 0 and r["over"] == 0
+        assert r["requests"] > 0
+        assert r["capacity_rows"] == (0 if policy == "none" else r["expected_capacity"])
+        if policy in ("importance", "lru"):
+            assert r["hits"] > 0
+        if policy == "none":
+            assert r["hits"] == 0
+    served = [servers[k].stats().result() for k in (0, 1)]
+    assert all(s["requests"] > 0 for s in served)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory, dask_client: Client) -> Path:
+    """A generated data set through ingest, split, graph and walks (shared by the stage tests)."""
+    base = tmp_path_factory.mktemp("train")
+    data = base / "data.csv"
+    generate(data, GenerateConfig(rows=20_000, seed=1))
+    run = base / "run"
+    run_pipeline(run, RunConfig(input=str(data), until="walks"), dask_client, "cpu")
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(small_run: Path, dask_client: Client) -> Trained:
+    """Plain all-reduce, 2 workers, 5 steps (its report is read now: later tests replace <run>/train)."""
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=5, record_weights=True, **SMALL)  # type: ignore[arg-type]
+    out = train(small_run, cfg, dask_client)
+    return cfg, out, _report(out)
+
+
+def _report(out: Any) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads((out.path / "report.json").read_text()))
+
+
+def test_two_workers_keep_identical_replicas_after_every_step(trained: Trained) -> None:
+    rep = trained[2]
+    d0, d1 = rep["weight_digests"]
+    assert len(d0) == len(d1) == 5
+    assert d0 == d1  # plain all-reduce: same weights on both ranks after each step
+    assert len(set(d0)) == 5  # and the weights moved every step
+    assert rep["replicas_identical"] is True
+    assert rep["grad_bytes_total"] > 0
+
+
+def test_stage_outputs_report_checkpoint_and_embeddings(small_run: Path, trained: Trained) -> None:
+    cfg, out, rep = trained
+    n_items = int(np.load(small_run / "partition" / "owner.npy").shape[0])
+    emb = np.load(out.path / "embeddings.npy")
+    assert emb.shape == (n_items, cfg.embed_dim) and np.isfinite(emb).all()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # every item embedded (L2-normalised)
+    total = rep["cache_total"]
+    per = [w["cache"] for w in rep["per_worker"]]
+    assert len(per) == 2 and total["requests"] == sum(p["requests"] for p in per) > 0
+    assert total["hits"] + total["misses"] == total["requests"]
+    for w in rep["per_worker"]:  # traffic counted at the one interface equals what the cache fetched
+        assert w["transport"]["total"]["bytes"] == w["cache"]["bytes_fetched"] + w["cache"]["fill_bytes"]
+    received = sum(w["transport"]["total"]["bytes"] + w["embed_remote_bytes"] for w in rep["per_worker"])
+    assert sum(s["bytes"] for s in rep["served"]) == received  # what the owners served, training + embedding
+    assert rep["partition"]["parts"] == 2 and len(rep["epochs"]) == 1
+    ckpt = load_checkpoint(out.path / "checkpoint.pt")
+    assert ckpt.extra["comm"]["compression"] == "none" and ckpt.extra["stage_config"]["workers"] == 2
+    assert ckpt.step == 5 and ckpt.optimizer_state is not None
+
+
+def test_rerun_is_a_noop_and_a_killed_run_resumes(small_run: Path, dask_client: Client,
+                                                  trained: Trained) -> None:
+    cfg, out, _ = trained
+    assert train(small_run, cfg, dask_client).reused
+    longer = TrainStageConfig(**{**cfg.__dict__, "epochs": 2})
+    ckpt = resume_path(small_run, longer)  # what a run killed after its first epoch leaves behind
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(out.path / "checkpoint.pt", ckpt)
+    second = train(small_run, longer, dask_client)
+    rep = _report(second)
+    assert [w["resumed_from_epoch"] for w in rep["per_worker"]] == [1, 1]
+    assert [e["epoch"] for e in rep["epochs"]] == [1]
+    assert load_checkpoint(second.path / "checkpoint.pt").step == 10
+    assert not ckpt.parent.exists()
+
+
+@pytest.mark.parametrize(("compression", "sync"), [("dgc", "allreduce"), ("none", "local:2")])
+def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Client, compression: str,
+                                             sync: str, trained: Trained) -> None:
+    dense = trained[2]["grad_bytes_total"]
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression=compression, sync=sync,  # type: ignore[arg-type]
+                           lr=0.05 if compression == "dgc" else 3e-3, **SMALL)  # type: ignore[arg-type]
+    rep = _report(train(small_run, cfg, dask_client))
+    comm = rep["per_worker"][0]["comm"]
+    assert comm["config"]["compression"] == compression and comm["config"]["sync_spec"] == sync
+    assert rep["replicas_identical"] is True  # local: after the final average
+    # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the
+    # model (dense-sized) every 2nd step: both about half the dense bytes per step
+    assert rep["grad_bytes_total"] / 4 < 0.6 * dense / 5
+    assert np.isfinite(rep["epochs"][0]["mean_loss"])
+
+
+def test_config_errors_name_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"train\.workers=0"):
+        TrainStageConfig(workers=0)
+    with pytest.raises(ConfigError, match=r"train\.optimizer='adam'.*dgc"):
+        TrainStageConfig(compression="dgc", optimizer="adam")
+    with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
+        TrainStageConfig(sync="local:x")
+    with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):
+        TrainStageConfig(cache_fraction=1.5)
+
+
+def test_local_negatives_come_from_the_pool_only() -> None:
+    from gnn.batches import PairBatcher, TrainingPairs
+    from gnn.features import TensorRows
+
+    def no_neighbors(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((len(ids), 1), -1, np.int64), np.zeros((len(ids), 1), np.float32)
+
+    ids_as_rows = TensorRows(torch.arange(N_ITEMS).float()[:, None])
+    sampler = PinSageSampler(neighbors=no_neighbors, rows=ids_as_rows, n_layers=1)
+    pool = np.array([3, 17, 29])
+    pairs = TrainingPairs.from_arrays(np.arange(10), np.arange(10) + 1)
+    batch = PairBatcher(pairs, sampler, n_items=N_ITEMS, batch_size=4, n_negatives=50, negative_pool=pool)(0, 0)
+    negatives = batch.subgraph.node_ids[0][batch.negatives].numpy()
+    assert set(negatives.tolist()) == set(pool.tolist())
+    with pytest.raises(ValueError, match="negative_pool is empty"):
+        PairBatcher(pairs, sampler, n_items=N_ITEMS, negative_pool=np.array([], np.int64))
+
+
+# ------------------------------------------------------------------------------------------------ failure
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Client]:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.mark.timeout(90)
+def test_killing_a_worker_mid_run_ends_the_job(small_run: Path, own_cluster: Client, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("train", ".train-resume"))
+    cfg = TrainStageConfig(workers=2, epochs=50, timeout_s=20, **SMALL)  # type: ignore[arg-type]
+    victim = sorted(own_cluster.nthreads())[1]
+    pid = own_cluster.submit(worker_pid, workers=[victim], pure=False).result()
+
+    def kill_when_training() -> None:
+        for _ in range(600):
+            if own_cluster.get_events(PROGRESS_TOPIC):
+                break
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_training)
+    killer.start()
+    # whichever the launcher sees first: rank 1's worker leaving, or rank 0 losing the row server on it
+    with pytest.raises(RankFailed, match=r"rank 1: its worker .* left the cluster|rank 0 .* Actor was lost"):
+        train(run, cfg, own_cluster)
+    killer.join()
+    assert not (run / "train").exists()  # nothing a later stage could read
+    wait_for_workers(own_cluster, 2)

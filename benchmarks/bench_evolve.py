@@ -106,10 +106,11 @@ def refresh_vs_full(live: LiveGraph, reps: int) -> dict[str, Any]:
             "speedup": statistics.median(full) / statistics.median(inc), "identical_to_full": same}
 
 
-def sampler_rounds(live: LiveGraph, seconds: float, rounds: int, batch: int, arrival_ms: float) -> dict[str, Any]:
-    """Per round: sampling alone; with a stream of 64-interaction batches arriving every ``arrival_ms`` into an
-    ``UpdateWriter`` (background thread, nice +10, group commit); with a naive writer appending back to back at
-    normal priority."""
+def sampler_rounds(live: LiveGraph, seconds: float, rounds: int, batch: int, arrival_ms: float,
+                   arrival_rows: int) -> dict[str, Any]:
+    """Per round: sampling alone; with a stream of batches (``arrival_rows`` interactions every ``arrival_ms``) into
+    an ``UpdateWriter`` (background thread, nice +10, group commit); with a naive writer appending 64-interaction
+    batches back to back at normal priority."""
     st = live.current.store
     table = ItemFeatureTable.from_arrays(category=np.asarray(st.item_category), counts=np.asarray(st.item_counts),
                                          n_categories=st.n_categories)
@@ -138,7 +139,8 @@ def sampler_rounds(live: LiveGraph, seconds: float, rounds: int, batch: int, arr
 
         def feed() -> None:
             while not stop.wait(arrival_ms / 1e3):
-                futures.append((time.perf_counter(), writer.submit(random_batch(live.current.store, rng, 64))))
+                futures.append((time.perf_counter(),
+                                writer.submit(random_batch(live.current.store, rng, arrival_rows))))
 
         feeder = threading.Thread(target=feed)
         feeder.start()
@@ -148,7 +150,7 @@ def sampler_rounds(live: LiveGraph, seconds: float, rounds: int, batch: int, arr
         writer.close()
         lat = [1e3 * (f.result().created - t) for t, f in futures]
         return {"batches_per_s": n / seconds, "sampler_cpu_ms_per_batch": cpu_ms[0],
-                "arrived_interactions": 64 * len(futures),
+                "arrived_interactions": arrival_rows * len(futures),
                 "versions_published": live.current.number - v0, "versions_seen": len(seen),
                 "ack_latency_ms_median": statistics.median(lat) if lat else float("nan")}
 
@@ -184,7 +186,7 @@ def sampler_rounds(live: LiveGraph, seconds: float, rounds: int, batch: int, arr
         return r - 1 if lower_is_better else 1 - r
 
     return {"runs": runs, "batch_targets": batch, "n_layers": 2, "seconds_per_mode": seconds, "rounds": rounds,
-            "arrival": f"64 interactions every {arrival_ms} ms",
+            "arrival": f"{arrival_rows} interactions every {arrival_ms} ms",
             "throughput_slowdown_update_writer": slowdown("update_writer", "batches_per_s", False),
             "throughput_slowdown_naive_writer": slowdown("naive_writer", "batches_per_s", False),
             "cpu_per_batch_increase_update_writer": slowdown("update_writer", "sampler_cpu_ms_per_batch", True),
@@ -238,7 +240,8 @@ def main() -> None:
     ap.add_argument("--n-walks", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=3.0, help="sampling time per mode per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--arrival-ms", type=float, default=10.0, help="a 64-interaction batch arrives every ... ms")
+    ap.add_argument("--arrival-ms", type=float, default=10.0, help="a batch of new interactions arrives every ... ms")
+    ap.add_argument("--arrival-rows", type=int, default=64, help="interactions per arriving batch")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "evolve.json")
     a = ap.parse_args()
@@ -259,7 +262,7 @@ def main() -> None:
         print(json.dumps(result["refresh_vs_full"], indent=1), file=sys.stderr)
         result["append_to_visible"] = append_to_visible(live, 30)
         print(json.dumps(result["append_to_visible"], indent=1), file=sys.stderr)
-        result["sampler"] = sampler_rounds(live, a.seconds, a.rounds, 512, a.arrival_ms)
+        result["sampler"] = sampler_rounds(live, a.seconds, a.rounds, 512, a.arrival_ms, a.arrival_rows)
         print(json.dumps(result["sampler"], indent=1), file=sys.stderr)
     result["goals"] = {"sampler_slowdown_at_most_20pct":
                        result["sampler"]["throughput_slowdown_update_writer"] <= 0.2,

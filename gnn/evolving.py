@@ -27,15 +27,23 @@ Incremental refresh (:func:`refresh`): walks use counter-based randomness (``gnn
 are a function of the seed, the item and the rows the walks read. An update changes only the rows of its endpoint
 users and items. The *touched* start items are therefore exactly those whose recorded walks leave (read the row of)
 a changed vertex: a changed user anywhere on a walk, a changed item before a walk's last traversal, or the start
-item itself; plus new items. The writer keeps every start's walk trace (items and users, int32) to find them, reruns
-the walks of only those starts on the new graph, and replaces their neighbourhood rows and hard negatives. Raw visit
-counts are updated by subtracting the touched starts' old traces and adding their new ones. With ``bias="uniform"``
+item itself; plus new items. The writer keeps every start's walk trace (items and users, int32) and an inverted
+:class:`DepartureIndex` (vertex → starts whose walks leave it) to find them without scanning all walks, reruns the
+walks of only those starts on the new graph, and replaces their neighbourhood rows and hard negatives. Raw visit
+counts are updated by subtracting the touched starts' old traces and adding their new ones. Cost of an update: the
+touched walks, plus copying the CSR arrays into the new version (memcpy of the unchanged runs: versions share
+nothing, so that nothing a reader holds is ever written). With ``bias="uniform"``
 the result is *identical* to a full recomputation (``compute_neighborhoods`` on the new graph), for touched and
 untouched items and the importance alike; with ``bias="weight"`` an untouched walk can differ only where a
 cumulative-weight comparison falls within float64 rounding of the row's offset (tests bound the rows that differ).
 
-Run: ``live = LiveGraph(store, WalkConfig(), log_path=run / "live" / "updates.log")``; ``live.append(batch)``;
-``sampler = VersionedPinSageSampler(live, rows=table)``. ``pinsage update`` (pipeline/update.py) appends from the CLI.
+The writer's CPU: :class:`UpdateWriter` runs the refreshes on a background thread at a lower thread priority (nice,
+Linux) and applies the batches that queued up meanwhile as one version (group commit), so samplers keep their cores
+when the machine is busy and the writer keeps up with any arrival rate (at the price of fewer, larger versions).
+
+Run: ``live = LiveGraph(store, WalkConfig(), log_path=run / "live" / "updates.log")``; ``live.append(batch)`` (or
+``UpdateWriter(live).submit(batch)``); ``sampler = VersionedPinSageSampler(live, rows=table)``. ``pinsage update``
+(pipeline/update.py) appends from the CLI; a serving process publishes those with ``live.catch_up()``.
 """
 
 from __future__ import annotations

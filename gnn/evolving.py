@@ -229,7 +229,9 @@ def add_edges(csr: CSR, n_rows: int, rows: np.ndarray, cols: np.ndarray, weights
               how: EdgeWeight) -> CSR:
     """``csr`` with the edges ``(rows, cols, weights, times)`` merged in: a pair already present combines its weight
     (``how``) and keeps the latest time; each changed row is re-sorted by (time, column) as ``csr_from_edges`` does,
-    so the result equals a rebuild from all edges. Only the changed rows are sorted; the rest is copied."""
+    so the result equals a rebuild from all edges. Only the changed rows are sorted; the rest is copied.
+    ``csr`` must hold each (row, column) pair once, as ``pinsage graph`` writes it (repeats in a changed row are
+    merged, elsewhere kept)."""
     if rows.shape[0] == 0 and n_rows == csr.n_rows:
         return csr
     changed = np.unique(rows)
@@ -539,8 +541,14 @@ def refresh(version: GraphVersion, traces: WalkTraces, batch: InteractionBatch, 
     """The next version after ``batch``: the new graph plus the neighbourhoods / importance of only the touched
     start items recomputed (see the module docstring). Returns the version and the traces: ``traces`` itself,
     updated in place as the very last step (so an error leaves it matching ``version``), or a grown copy."""
+    store = apply_batch(version.store, batch, edge_weight=edge_weight)
+    return refresh_neighborhoods(version, traces, batch, store, cfg)
+
+
+def refresh_neighborhoods(version: GraphVersion, traces: WalkTraces, batch: InteractionBatch, store: GraphStore,
+                          cfg: WalkConfig) -> tuple[GraphVersion, WalkTraces]:
+    """The neighbourhood half of :func:`refresh`: ``store`` is ``apply_batch(version.store, batch)``."""
     old = version.store
-    store = apply_batch(old, batch, edge_weight=edge_weight)
     touched = touched_items(traces, cfg.hops, np.unique(batch.item), np.unique(batch.user), store.n_items,
                             store.n_users)
     rows = walk_starts(store, cfg, touched)

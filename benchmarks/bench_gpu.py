@@ -12,7 +12,6 @@ Run: ``PYTHONPATH=$PWD python benchmarks/bench_gpu.py [--items 200000] [--batche
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ from gnn.features import ItemFeatureTable
 from gnn.models import ModelConfig, build_model
 from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler, WalkNeighbors
 from gnn.trainer import TrainConfig, Trainer, embed_items
+from pipeline.rundir import write_json_atomic
 
 
 def sync(device: str) -> None:
@@ -135,9 +135,7 @@ def main() -> int:
     report["results"] = results
     report["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gnn.batches import PairBatcher, TrainBatch
-from gnn.loss import MaxMarginLoss
+from gnn.loss import MaxMarginLoss, SampledSoftmaxLoss, log_frequency
 from gnn.producer import QueueStats, iterate_batches
 from gnn.sampler import Sampler
 
@@ -35,7 +35,10 @@ class TrainConfig:
     ``weight_decay`` (0.0); ``n_negatives`` shared negatives per batch (256); ``margin`` (0.1);
     ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 6); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
-    ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50).
+    ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50);
+    ``loss`` "max_margin" | "softmax" ("max_margin"): the hinge loss or the sampled softmax over the batch's
+    distinct items (:class:`gnn.loss.SampledSoftmaxLoss`); ``temperature`` τ of the softmax (0.1);
+    ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0).
     """
 
     epochs: int = 5
@@ -52,6 +55,9 @@ class TrainConfig:
     queue_size: int = 4
     num_threads: int = 1
     log_every: int = 50
+    loss: Literal["max_margin", "softmax"] = "max_margin"
+    temperature: float = 0.1
+    logq_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -61,6 +67,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive (try 3e-3 with Adam)")
         if self.mode not in ("producer", "sync"):
             raise ValueError(f"TrainConfig.mode={self.mode!r}: use 'producer' or 'sync'")
+        if self.loss not in ("max_margin", "softmax"):
+            raise ValueError(f"TrainConfig.loss={self.loss!r}: use 'max_margin' or 'softmax'")
+        if self.temperature <= 0:
+            raise ValueError(f"TrainConfig.temperature={self.temperature}: must be > 0 (try 0.1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,12 +106,30 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss, batch: TrainBatch) -> torch.Tensor:
-    """Forward pass over the batch's distinct items, then the max-margin loss of its pairs."""
+def query_side(model: nn.Module, item_embeddings: torch.Tensor) -> torch.Tensor:
+    """Query vectors from item embeddings: the model's query head when it has one (``ModelConfig.query_head``),
+    else the embeddings themselves. Works on a DDP-wrapped model. Shapes: ``(N, D) -> (N, D)``."""
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "queries", None)
+    return item_embeddings if head is None else head(item_embeddings)
+
+
+def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss | SampledSoftmaxLoss, batch: TrainBatch) -> torch.Tensor:
+    """Forward pass over the batch's distinct items, then the loss of its pairs (hinge or sampled softmax)."""
     emb = model(batch.subgraph)  # (N_0, D): every distinct item of the batch once
+    query = query_side(model, emb[batch.query])  # (B, D)
+    if isinstance(loss_fn, SampledSoftmaxLoss):
+        return loss_fn(query, emb, batch.query, batch.positive, batch.weight, batch.subgraph.node_ids[0])
     hard = emb[batch.hard] if batch.hard.shape[1] else None  # (B, H, D)
-    return loss_fn(emb[batch.query], emb[batch.positive], emb[batch.negatives], batch.weight, hard,
-                   batch.hard_mask)
+    return loss_fn(query, emb[batch.positive], emb[batch.negatives], batch.weight, hard, batch.hard_mask)
+
+
+def make_loss(config: TrainConfig, batches: PairBatcher) -> MaxMarginLoss | SampledSoftmaxLoss:
+    """The loss ``config`` names; the softmax's logQ table counts the positives of the batcher's pairs."""
+    if config.loss == "max_margin":
+        return MaxMarginLoss(config.margin)
+    log_q = log_frequency(batches.pairs.positive, batches.n_items) if config.logq_alpha else None
+    return SampledSoftmaxLoss(config.temperature, log_q=log_q, logq_alpha=config.logq_alpha)
 
 
 class Trainer:
@@ -111,18 +139,20 @@ class Trainer:
         model: maps a ``Subgraph`` to target embeddings (possibly DDP-wrapped).
         batches: builds ``TrainBatch`` i of an epoch (``PairBatcher``).
         optimizer: default Adam with ``config.lr``.
-        loss: default ``MaxMarginLoss(config.margin)``.
+        loss: default :func:`make_loss` of ``config`` (``MaxMarginLoss(config.margin)`` unless ``config.loss``
+            is "softmax").
         config: ``TrainConfig``.
         on_step: called with a ``StepInfo`` after each step (progress, gradient-sync statistics, ...).
     """
 
     def __init__(self, model: nn.Module, batches: PairBatcher, *, config: TrainConfig | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, loss: MaxMarginLoss | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 loss: MaxMarginLoss | SampledSoftmaxLoss | None = None,
                  on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.config = TrainConfig() if config is None else config
         self.model, self.batches = model, batches
         self.optimizer = make_optimizer(model, self.config) if optimizer is None else optimizer
-        self.loss = MaxMarginLoss(self.config.margin) if loss is None else loss
+        self.loss = make_loss(self.config, batches) if loss is None else loss
         self.on_step = on_step
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken

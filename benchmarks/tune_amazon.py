@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_baselines import read_amazon
-from benchmarks.quality_lib import train_gnn
+from benchmarks.quality_lib import QueryItemScorer, train_gnn
 from gnn.evaluation import evaluate_leave_last_out, leave_last_out
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
@@ -52,7 +52,11 @@ def main() -> int:
 
     def evaluate(scorer: Any) -> dict[str, float]:
         r = evaluate_leave_last_out(scorer, split, target="valid", ks=(10,))
-        return {"hr@10": round(r["hit@10"], 4), "mrr": round(r["mrr"], 4)}
+        out = {"hr@10": round(r["hit@10"], 4), "mrr": round(r["mrr"], 4)}
+        if scorer.queries is not scorer.items:  # the item embeddings alone, without the query head
+            sym = QueryItemScorer(scorer.items, scorer.items, name="symmetric")
+            out["hr@10_item_only"] = round(evaluate_leave_last_out(sym, split, target="valid", ks=(10,))["hit@10"], 4)
+        return out
 
     res = train_gnn(split.train, mc, tc, walk_cfg=wc, both_directions=not args.one_direction, evaluate=evaluate)
     line = {"command": " ".join([sys.executable, *sys.argv]), "loadavg": os.getloadavg(), "overrides": over,

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,23 +129,25 @@ def _sample(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def _scorers(cfg: EvalConfig, train: Histories, embeddings: np.ndarray | None) -> dict[str, Scorer]:
+def _scorers(cfg: EvalConfig, train: Histories, embeddings: np.ndarray | None,
+             extra: Mapping[str, Scorer] | None = None) -> dict[str, Scorer]:
     factories = baseline_factories(seed=cfg.seed, cooc_normalize=cfg.cooc_normalize, cooc_window=cfg.cooc_window,
                                    popularity_tiebreak=cfg.popularity_tiebreak, user_mode=cfg.user_mode,
                                    recent=cfg.recent)
     out: dict[str, Scorer] = {name: factories[name](train) for name in cfg.baselines}
     if embeddings is not None:
         out["gnn"] = EmbeddingScorer(embeddings[: train.n_items], user_mode=cfg.user_mode, recent=cfg.recent)
-    return out
+    return {**out, **(extra or {})}
 
 
 def _subset(pairs: EvalPairs, keep: np.ndarray) -> EvalPairs:
     return EvalPairs(pairs.user[keep], pairs.query[keep], pairs.positive[keep], pairs.query_from_holdout[keep])
 
 
-def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings: np.ndarray | None = None
-                    ) -> dict[str, Any]:
-    """All protocols for all models on in-memory split tables (``train``, ``valid``, ``test``); the report."""
+def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings: np.ndarray | None = None,
+                    extra_scorers: Mapping[str, Scorer] | None = None) -> dict[str, Any]:
+    """All protocols for all models on in-memory split tables (``train``, ``valid``, ``test``); the report.
+    ``extra_scorers``: further models by name (e.g. trained GNNs with a query side), scored like the rest."""
     started = time.perf_counter()
     everything = pd.concat([tables[n] for n in ("train", "valid", "test")], ignore_index=True)
     n_users = int(everything["user"].max()) + 1 if len(everything) else 0
@@ -159,7 +162,7 @@ def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings
         "config": dataclasses.asdict(cfg),
         "protocol_a": {},
     }
-    scorers = _scorers(cfg, hist["train"], embeddings)
+    scorers = _scorers(cfg, hist["train"], embeddings, extra_scorers)
     for h in cfg.holdouts:
         context_df = tables["train"] if h == "valid" else pd.concat([tables["train"], tables["valid"]])
         context = hist["train"] if h == "valid" else Histories.from_interactions(
@@ -179,16 +182,17 @@ def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings
             log.info("protocol A %s %s: %s", h, name, part["item_to_item"][name])
         report["protocol_a"][h] = part
     if cfg.protocol_b:
-        report["protocol_b"] = _protocol_b(everything, cfg, n_users, n_items, hist["train"], embeddings)
+        report["protocol_b"] = _protocol_b(everything, cfg, n_users, n_items, hist["train"], embeddings,
+                                           extra_scorers)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
 
 def _protocol_b(everything: pd.DataFrame, cfg: EvalConfig, n_users: int, n_items: int, temporal_train: Histories,
-                embeddings: np.ndarray | None) -> dict[str, Any]:
+                embeddings: np.ndarray | None, extra: Mapping[str, Scorer] | None = None) -> dict[str, Any]:
     split = leave_last_out(everything["user"].to_numpy(), everything["item"].to_numpy(), n_users=n_users,
                            n_items=n_items, order=(everything["line"].to_numpy(), everything["ts"].to_numpy()))
-    scorers = _scorers(cfg, split.train, embeddings)
+    scorers = _scorers(cfg, split.train, embeddings, extra)
     out: dict[str, Any] = {}
     for target in ("valid", "test"):
         goal = split.valid if target == "valid" else split.test

@@ -36,6 +36,7 @@ from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
 from pipeline.evaluate import EvalConfig, evaluate_tables, format_table
 from pipeline.generate import GenerateConfig, generate
+from pipeline.rundir import write_json_atomic
 
 MODELS: dict[str, dict[str, Any]] = {
     "pinsage": {"kind": "pinsage", "pooling": "importance"},
@@ -113,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     merged = json.loads(args.out.read_text()) if args.out.is_file() else {}
     merged[args.dataset] = result
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, default=str) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, merged)
     print(f"wrote {args.out} [{args.dataset}] in {result['seconds']:.1f}s")
     return 0
 

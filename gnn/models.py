@@ -41,9 +41,9 @@ class ModelConfig:
     ("importance", PinSage only); ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
     ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
     ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);
-    ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (32);
+    ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (64);
     ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True);
-    ``query_head`` a separate linear map for the query side of a pair, outside the item encoder (False):
+    ``query_head`` a separate linear map for the query side of a pair, outside the item encoder (True):
     next-item relations are directional, so a query item is scored as ``queries(z_q) · z_p``.
     """
 
@@ -58,11 +58,11 @@ class ModelConfig:
     n_categories: int = 1
     category_dim: int = 16
     id_buckets: int = 65536
-    id_dim: int = 32
+    id_dim: int = 64
     n_numeric: int = N_COUNT_FEATURES
     content_dim: int = 0
     normalize_output: bool = True
-    query_head: bool = False
+    query_head: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("pinsage", "graphsage"):

@@ -36,7 +36,7 @@ class TrainConfig:
     ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 6); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
     ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50);
-    ``loss`` "max_margin" | "softmax" ("max_margin"): the hinge loss or the sampled softmax over the batch's
+    ``loss`` "max_margin" | "softmax" ("softmax"): the hinge loss or the sampled softmax over the batch's
     distinct items (:class:`gnn.loss.SampledSoftmaxLoss`); ``temperature`` τ of the softmax (0.1);
     ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0).
     """
@@ -55,7 +55,7 @@ class TrainConfig:
     queue_size: int = 4
     num_threads: int = 1
     log_every: int = 50
-    loss: Literal["max_margin", "softmax"] = "max_margin"
+    loss: Literal["max_margin", "softmax"] = "softmax"
     temperature: float = 0.1
     logq_alpha: float = 0.0
 
@@ -139,8 +139,8 @@ class Trainer:
         model: maps a ``Subgraph`` to target embeddings (possibly DDP-wrapped).
         batches: builds ``TrainBatch`` i of an epoch (``PairBatcher``).
         optimizer: default Adam with ``config.lr``.
-        loss: default :func:`make_loss` of ``config`` (``MaxMarginLoss(config.margin)`` unless ``config.loss``
-            is "softmax").
+        loss: default :func:`make_loss` of ``config`` (the sampled softmax; ``MaxMarginLoss(config.margin)``
+            when ``config.loss`` is "max_margin").
         config: ``TrainConfig``.
         on_step: called with a ``StepInfo`` after each step (progress, gradient-sync statistics, ...).
     """

@@ -67,7 +67,7 @@ class Trained:
 
 
 def train_gnn(train: Histories, model_cfg: ModelConfig, train_cfg: TrainConfig, *, walk_cfg: WalkConfig,
-              both_directions: bool = True, time_budget_s: float = 540.0, store: GraphStore | None = None,
+              both_directions: bool = False, time_budget_s: float = 540.0, store: GraphStore | None = None,
               evaluate: Any = None, name: str = "pinsage") -> Trained:
     """Walks, pairs and ``train_cfg.epochs`` epochs (stopping early once ``time_budget_s`` is spent);
     ``evaluate(scorer) -> dict`` runs after each epoch when given."""

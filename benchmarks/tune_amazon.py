@@ -34,7 +34,8 @@ def parse(value: str) -> Any:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[], help="field=value of ModelConfig/TrainConfig/WalkConfig")
-    ap.add_argument("--one-direction", action="store_true")
+    ap.add_argument("--one-direction", action="store_true", help="(the default now; kept for the logged commands)")
+    ap.add_argument("--both-directions", action="store_true")
     ap.add_argument("--data", type=Path, default=Path("..") / "shared/data/amazon-videogames/Video.txt")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -58,9 +59,9 @@ def main() -> int:
             out["hr@10_item_only"] = round(evaluate_leave_last_out(sym, split, target="valid", ks=(10,))["hit@10"], 4)
         return out
 
-    res = train_gnn(split.train, mc, tc, walk_cfg=wc, both_directions=not args.one_direction, evaluate=evaluate)
+    res = train_gnn(split.train, mc, tc, walk_cfg=wc, both_directions=args.both_directions, evaluate=evaluate)
     line = {"command": " ".join([sys.executable, *sys.argv]), "loadavg": os.getloadavg(), "overrides": over,
-            "one_direction": args.one_direction, "epochs": res.epochs, "seconds": round(res.seconds, 1)}
+            "both_directions": args.both_directions, "epochs": res.epochs, "seconds": round(res.seconds, 1)}
     with open("results/quality_tuning.jsonl", "a") as fh:
         fh.write(json.dumps(line) + "\n")
     return 0

@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Training settings (saved in checkpoints).
 
-    Fields (defaults): ``epochs`` (5); ``batch_size`` pairs per step (512); ``lr`` Adam learning rate (3e-3);
+    Fields (defaults): ``epochs`` (5); ``batch_size`` pairs per step (1024); ``lr`` Adam learning rate (3e-3);
     ``weight_decay`` (0.0); ``n_negatives`` shared negatives per batch (256); ``margin`` (0.1);
-    ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 6); ``seed`` (0);
+    ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 0: none; with the softmax loss every
+    distinct item of the batch is already a negative, and the Amazon sample trained best without them); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
     ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50);
     ``loss`` "max_margin" | "softmax" ("softmax"): the hinge loss or the sampled softmax over the batch's
@@ -42,13 +43,13 @@ class TrainConfig:
     """
 
     epochs: int = 5
-    batch_size: int = 512
+    batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
     n_negatives: int = 256
     margin: float = 0.1
     hard_per_epoch: int = 1
-    hard_cap: int = 6
+    hard_cap: int = 0
     seed: int = 0
     mode: Literal["producer", "sync"] = "producer"
     producer_threads: int = 1

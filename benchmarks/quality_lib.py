@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gnn.baselines import Histories, ItemScorer
+from gnn.baselines import EmbeddingScorer, Histories
 from gnn.batches import PairBatcher, TrainingPairs
 from gnn.features import ItemFeatureTable
 from gnn.graphstore import GraphStore, csr_from_edges
@@ -46,22 +46,11 @@ def consecutive_pairs(train: Histories, *, both_directions: bool) -> TrainingPai
     return TrainingPairs.from_arrays(q, p)
 
 
-class QueryItemScorer(ItemScorer):
-    """Scores ``queries_emb[q] · items_emb`` (the model's query side against item embeddings)."""
-
-    def __init__(self, items_emb: torch.Tensor, queries_emb: torch.Tensor, *, name: str) -> None:
-        super().__init__(items_emb.shape[0])
-        self.name = name
-        self.items, self.queries = items_emb.contiguous(), queries_emb.contiguous()
-
-    def score_items(self, queries: np.ndarray) -> np.ndarray:
-        return (self.queries[torch.from_numpy(np.asarray(queries, dtype=np.int64))] @ self.items.T).numpy()
-
 
 @dataclass
 class Trained:
     model: torch.nn.Module
-    scorer: QueryItemScorer
+    scorer: EmbeddingScorer
     epochs: list[dict[str, Any]]
     seconds: float
 
@@ -85,11 +74,11 @@ def train_gnn(train: Histories, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     epochs: list[dict[str, Any]] = []
     scorer = None
 
-    def make_scorer() -> QueryItemScorer:
+    def make_scorer() -> EmbeddingScorer:
         emb = embed_items(model, sampler, np.arange(store.n_items), batch_size=2048)
         with torch.no_grad():
             q = query_side(model, emb)
-        return QueryItemScorer(emb, q, name=name)
+        return EmbeddingScorer(emb.numpy(), query_embeddings=q.numpy(), name=name)
 
     for _ in range(train_cfg.epochs):
         rep = trainer.train_epoch()

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from benchmarks.bench_baselines import read_amazon
-from benchmarks.quality_lib import QueryItemScorer, train_gnn
+from benchmarks.quality_lib import train_gnn
+from gnn.baselines import EmbeddingScorer
 from gnn.evaluation import evaluate_leave_last_out, leave_last_out
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
@@ -54,8 +55,8 @@ def main() -> int:
     def evaluate(scorer: Any) -> dict[str, float]:
         r = evaluate_leave_last_out(scorer, split, target="valid", ks=(10,))
         out = {"hr@10": round(r["hit@10"], 4), "mrr": round(r["mrr"], 4)}
-        if scorer.queries is not scorer.items:  # the item embeddings alone, without the query head
-            sym = QueryItemScorer(scorer.items, scorer.items, name="symmetric")
+        if scorer.query_emb is not scorer.emb:  # the item embeddings alone, without the query head
+            sym = EmbeddingScorer(scorer.emb.numpy(), name="symmetric")
             out["hr@10_item_only"] = round(evaluate_leave_last_out(sym, split, target="valid", ks=(10,))["hit@10"], 4)
         return out
 

@@ -91,3 +91,17 @@ def test_softmax_training_learns_the_communities() -> None:
     assert reports[-1].mean_loss < 0.9 * reports[0].mean_loss
     after = group_purity(model, sampler)
     assert after > 0.85 and after > before + 0.2
+
+
+def test_embedding_scorer_scores_the_query_side_against_the_items() -> None:
+    from gnn.baselines import EmbeddingScorer, Histories
+
+    items = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
+    queries = np.array([[0.0, 1.0], [1.0, 0.0], [0.8, 0.6]], np.float32)  # a "query head" swapping the axes
+    scorer = EmbeddingScorer(items, query_embeddings=queries)
+    assert np.allclose(scorer.score_items(np.array([0, 2])), [[0.0, 1.0, 0.8], [0.8, 0.6, 0.96]])
+    hist = Histories.from_arrays(np.array([0, 0]), np.array([2, 1]), n_users=1, n_items=3)
+    assert np.allclose(scorer.score_users(hist, np.array([0])), [[1.0, 0.0, 0.6]])  # query side of item 1
+    assert np.allclose(EmbeddingScorer(items).score_items(np.array([0])), [[1.0, 0.0, 0.6]])
+    with pytest.raises(ValueError, match="query_embeddings"):
+        EmbeddingScorer(items, query_embeddings=queries[:, :1])

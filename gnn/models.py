@@ -88,7 +88,8 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        # Checkpoints written before the query head existed have none.
+        return cls(**{"query_head": False, **values})
 
 
 class ItemEncoder(nn.Module):

@@ -105,3 +105,9 @@ def test_embedding_scorer_scores_the_query_side_against_the_items() -> None:
     assert np.allclose(EmbeddingScorer(items).score_items(np.array([0])), [[1.0, 0.0, 0.6]])
     with pytest.raises(ValueError, match="query_embeddings"):
         EmbeddingScorer(items, query_embeddings=queries[:, :1])
+
+
+def test_configs_from_before_the_query_head_build_without_one() -> None:
+    old = {k: v for k, v in ModelConfig().to_dict().items() if k != "query_head"}
+    assert ModelConfig.from_dict(old).query_head is False
+    assert ModelConfig.from_dict(ModelConfig().to_dict()).query_head is True

@@ -2,6 +2,8 @@
 item after every epoch, append a line to results/quality_tuning.jsonl.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/tune_amazon.py --set loss=softmax --set epochs=3``
+(runs stopped early are not logged: lr 1e-2 gave 0.022 after one epoch; batch 4096 0.035 after one epoch;
+embed_dim 128 gave 0.0472 / 0.0701 / 0.0746 / 0.0766 after epochs 1-4, no better than 64.)
 """
 
 from __future__ import annotations

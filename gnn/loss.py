@@ -1,4 +1,8 @@
-"""Max-margin ranking loss with negatives shared across the batch plus per-query hard negatives (PinSage).
+"""Training losses: the sampled softmax over the batch's distinct items (the default, ``TrainConfig.loss``) and
+PinSage's max-margin ranking loss with negatives shared across the batch plus per-query hard negatives.
+
+On the Amazon sample (protocol B, validation HR@10 after 3-4 epochs) the softmax reaches 0.071-0.079 where the
+max-margin loss stayed at 0.022; a logQ correction with alpha 1 lowered the first epoch from 0.062 to 0.054.
 
 For a pair (q, p) with weight w and negatives n: ``w · mean_n max(0, q·n − q·p + margin)``, averaged over pairs
 with the weights. Shared negatives (uniform over items by default) are drawn once per batch; hard negatives come

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Training settings (saved in checkpoints).
 
-    Fields (defaults): ``epochs`` (5); ``batch_size`` pairs per step (1024); ``lr`` Adam learning rate (3e-3);
-    ``weight_decay`` (0.0); ``n_negatives`` shared negatives per batch (256); ``margin`` (0.1);
+    Fields (defaults): ``epochs`` (6); ``batch_size`` pairs per step (1024); ``lr`` Adam learning rate (3e-3);
+    ``weight_decay`` (0.0); ``n_negatives`` shared uniform negatives per batch
+    (4096: with the softmax loss more candidates rank better over all items); ``margin`` (0.1);
     ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 0: none; with the softmax loss every
     distinct item of the batch is already a negative, and the Amazon sample trained best without them); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
@@ -42,11 +43,11 @@ class TrainConfig:
     ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0).
     """
 
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
-    n_negatives: int = 256
+    n_negatives: int = 4096
     margin: float = 0.1
     hard_per_epoch: int = 1
     hard_cap: int = 0

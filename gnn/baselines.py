@@ -295,7 +295,8 @@ def cooccurrence(history: Histories, *, normalize: Literal["count", "cosine"] = 
 
 
 class EmbeddingScorer(ItemScorer):
-    """Dot products of item embeddings (e.g. PinSage's ``embed_items`` output).
+    """Dot products of item embeddings (e.g. PinSage's ``embed_items`` output); with ``query_embeddings`` the
+    query item / user side uses those (``gnn.trainer.query_side`` of the embeddings) against the item embeddings.
 
     A user is represented by the embedding of the latest history item (``user_mode="last"``, default, the DGL
     protocol), or the sum / mean of the latest ``recent`` items' embeddings. Shapes: ``item_embeddings``
@@ -303,7 +304,7 @@ class EmbeddingScorer(ItemScorer):
     """
 
     def __init__(self, item_embeddings: np.ndarray, *, name: str = "gnn", user_mode: UserMode = "last",
-                 recent: int = 10) -> None:
+                 recent: int = 10, query_embeddings: np.ndarray | None = None) -> None:
         emb = np.asarray(item_embeddings)
         if emb.ndim != 2:
             raise ValueError(f"item_embeddings has shape {emb.shape}: pass an (n_items, D) matrix")
@@ -312,15 +313,23 @@ class EmbeddingScorer(ItemScorer):
         super().__init__(emb.shape[0], user_mode=user_mode, recent=recent)
         self.name = name
         self.emb = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+        # The query side (a model's query head applied to the item embeddings), default the embeddings themselves.
+        self.query_emb = self.emb
+        if query_embeddings is not None:
+            q = np.asarray(query_embeddings)
+            if q.shape[1:] != emb.shape[1:] or q.shape[0] < emb.shape[0] or not np.all(np.isfinite(q)):
+                raise ValueError(f"query_embeddings has shape {q.shape}: pass finite ({emb.shape[0]}, "
+                                 f"{emb.shape[1]}) query vectors, one per item")
+            self.query_emb = torch.from_numpy(np.ascontiguousarray(q[: emb.shape[0]], dtype=np.float32))
 
     def score_items(self, queries: np.ndarray) -> np.ndarray:
-        q = self.emb[torch.from_numpy(np.asarray(queries, dtype=np.int64))]  # (B, D)
+        q = self.query_emb[torch.from_numpy(np.asarray(queries, dtype=np.int64))]  # (B, D)
         return (q @ self.emb.T).numpy()  # (B, N)
 
     def score_users(self, history: Histories, users: np.ndarray) -> np.ndarray:
         row, item = history.rows(users, recent=self.recent)
         user_vec = torch.zeros(len(users), self.emb.shape[1])
-        user_vec.index_add_(0, torch.from_numpy(row), self.emb[torch.from_numpy(item)])
+        user_vec.index_add_(0, torch.from_numpy(row), self.query_emb[torch.from_numpy(item)])
         if self.user_mode == "recent_mean":
             user_vec /= torch.from_numpy(np.maximum(np.bincount(row, minlength=len(users)), 1))[:, None]
         return (user_vec @ self.emb.T).numpy()

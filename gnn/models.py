@@ -41,8 +41,10 @@ class ModelConfig:
     ("importance", PinSage only); ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
     ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
     ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);
-    ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (32);
-    ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True).
+    ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (64);
+    ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True);
+    ``query_head`` a separate linear map for the query side of a pair, outside the item encoder (True):
+    next-item relations are directional, so a query item is scored as ``queries(z_q) · z_p``.
     """
 
     kind: ModelKind = "pinsage"
@@ -56,10 +58,11 @@ class ModelConfig:
     n_categories: int = 1
     category_dim: int = 16
     id_buckets: int = 65536
-    id_dim: int = 32
+    id_dim: int = 64
     n_numeric: int = N_COUNT_FEATURES
     content_dim: int = 0
     normalize_output: bool = True
+    query_head: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("pinsage", "graphsage"):
@@ -85,7 +88,8 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        # Checkpoints written before the query head existed have none.
+        return cls(**{"query_head": False, **values})
 
 
 class ItemEncoder(nn.Module):
@@ -111,6 +115,9 @@ class ItemEncoder(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.g1 = nn.Linear(config.hidden_dim, config.hidden_dim)
         self.g2 = nn.Linear(config.hidden_dim, config.embed_dim)
+        # Query side (not part of the item embedding, so inference stays layer by layer): starts as the identity.
+        self.query_proj = nn.Linear(config.embed_dim, config.embed_dim) if config.query_head else None
+        self._reset_query_head()
 
     def reset_parameters(self) -> None:
         self.input.reset_parameters()
@@ -118,6 +125,20 @@ class ItemEncoder(nn.Module):
             conv.reset_parameters()  # type: ignore[operator]
         self.g1.reset_parameters()
         self.g2.reset_parameters()
+        self._reset_query_head()
+
+    def _reset_query_head(self) -> None:
+        if self.query_proj is not None:
+            nn.init.eye_(self.query_proj.weight)
+            nn.init.zeros_(self.query_proj.bias)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        """Query vectors of item embeddings ``z`` (N, D) -> (N, D): the query head when configured (then
+        re-normalised like the embeddings), else ``z`` unchanged."""
+        if self.query_proj is None:
+            return z
+        q = self.query_proj(z)
+        return l2_normalize(q) if self.config.normalize_output else q
 
     def forward(self, subgraph: Subgraph) -> torch.Tensor:
         k = len(self.convs)

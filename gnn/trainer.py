@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gnn.batches import PairBatcher, TrainBatch
-from gnn.loss import MaxMarginLoss
+from gnn.loss import MaxMarginLoss, SampledSoftmaxLoss, log_frequency
 from gnn.producer import QueueStats, iterate_batches
 from gnn.sampler import Sampler
 
@@ -31,22 +31,27 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Training settings (saved in checkpoints).
 
-    Fields (defaults): ``epochs`` (5); ``batch_size`` pairs per step (512); ``lr`` Adam learning rate (3e-3);
-    ``weight_decay`` (0.0); ``n_negatives`` shared negatives per batch (256); ``margin`` (0.1);
-    ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 6); ``seed`` (0);
+    Fields (defaults): ``epochs`` (6); ``batch_size`` pairs per step (1024); ``lr`` Adam learning rate (3e-3);
+    ``weight_decay`` (0.0); ``n_negatives`` shared uniform negatives per batch
+    (4096: with the softmax loss more candidates rank better over all items); ``margin`` (0.1);
+    ``hard_per_epoch`` / ``hard_cap`` curriculum of hard negatives (1 / 0: none; with the softmax loss every
+    distinct item of the batch is already a negative, and the Amazon sample trained best without them); ``seed`` (0);
     ``mode`` "producer" | "sync" ("producer"); ``producer_threads`` (1); ``queue_size`` (4);
     ``num_threads`` torch intra-op threads, set explicitly (1); ``log_every`` steps between log lines (50);
-    ``device`` where the model computes, "cpu" or "cuda[:i]" ("cpu"; batches are built on the CPU and moved).
+    ``device`` where the model computes, "cpu" or "cuda[:i]" ("cpu"; batches are built on the CPU and moved);
+    ``loss`` "max_margin" | "softmax" ("softmax"): the hinge loss or the sampled softmax over the batch's
+    distinct items (:class:`gnn.loss.SampledSoftmaxLoss`); ``temperature`` τ of the softmax (0.1);
+    ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0).
     """
 
-    epochs: int = 5
-    batch_size: int = 512
+    epochs: int = 6
+    batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.0
-    n_negatives: int = 256
+    n_negatives: int = 4096
     margin: float = 0.1
     hard_per_epoch: int = 1
-    hard_cap: int = 6
+    hard_cap: int = 0
     seed: int = 0
     mode: Literal["producer", "sync"] = "producer"
     producer_threads: int = 1
@@ -54,6 +59,9 @@ class TrainConfig:
     num_threads: int = 1
     log_every: int = 50
     device: str = "cpu"
+    loss: Literal["max_margin", "softmax"] = "softmax"
+    temperature: float = 0.1
+    logq_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -67,6 +75,10 @@ class TrainConfig:
             torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"TrainConfig.device={self.device!r}: use 'cpu' or 'cuda[:index]' ({exc})") from None
+        if self.loss not in ("max_margin", "softmax"):
+            raise ValueError(f"TrainConfig.loss={self.loss!r}: use 'max_margin' or 'softmax'")
+        if self.temperature <= 0:
+            raise ValueError(f"TrainConfig.temperature={self.temperature}: must be > 0 (try 0.1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,12 +114,30 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss, batch: TrainBatch) -> torch.Tensor:
-    """Forward pass over the batch's distinct items, then the max-margin loss of its pairs."""
+def query_side(model: nn.Module, item_embeddings: torch.Tensor) -> torch.Tensor:
+    """Query vectors from item embeddings: the model's query head when it has one (``ModelConfig.query_head``),
+    else the embeddings themselves. Works on a DDP-wrapped model. Shapes: ``(N, D) -> (N, D)``."""
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "queries", None)
+    return item_embeddings if head is None else head(item_embeddings)
+
+
+def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss | SampledSoftmaxLoss, batch: TrainBatch) -> torch.Tensor:
+    """Forward pass over the batch's distinct items, then the loss of its pairs (hinge or sampled softmax)."""
     emb = model(batch.subgraph)  # (N_0, D): every distinct item of the batch once
+    query = query_side(model, emb[batch.query])  # (B, D)
+    if isinstance(loss_fn, SampledSoftmaxLoss):
+        return loss_fn(query, emb, batch.query, batch.positive, batch.weight, batch.subgraph.node_ids[0])
     hard = emb[batch.hard] if batch.hard.shape[1] else None  # (B, H, D)
-    return loss_fn(emb[batch.query], emb[batch.positive], emb[batch.negatives], batch.weight, hard,
-                   batch.hard_mask)
+    return loss_fn(query, emb[batch.positive], emb[batch.negatives], batch.weight, hard, batch.hard_mask)
+
+
+def make_loss(config: TrainConfig, batches: PairBatcher) -> MaxMarginLoss | SampledSoftmaxLoss:
+    """The loss ``config`` names; the softmax's logQ table counts the positives of the batcher's pairs."""
+    if config.loss == "max_margin":
+        return MaxMarginLoss(config.margin)
+    log_q = log_frequency(batches.pairs.positive, batches.n_items) if config.logq_alpha else None
+    return SampledSoftmaxLoss(config.temperature, log_q=log_q, logq_alpha=config.logq_alpha)
 
 
 class Trainer:
@@ -117,18 +147,20 @@ class Trainer:
         model: maps a ``Subgraph`` to target embeddings (possibly DDP-wrapped).
         batches: builds ``TrainBatch`` i of an epoch (``PairBatcher``).
         optimizer: default Adam with ``config.lr``.
-        loss: default ``MaxMarginLoss(config.margin)``.
+        loss: default :func:`make_loss` of ``config`` (the sampled softmax; ``MaxMarginLoss(config.margin)``
+            when ``config.loss`` is "max_margin").
         config: ``TrainConfig``.
         on_step: called with a ``StepInfo`` after each step (progress, gradient-sync statistics, ...).
     """
 
     def __init__(self, model: nn.Module, batches: PairBatcher, *, config: TrainConfig | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, loss: MaxMarginLoss | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 loss: MaxMarginLoss | SampledSoftmaxLoss | None = None,
                  on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.config = TrainConfig() if config is None else config
         self.model, self.batches = model, batches
         self.optimizer = make_optimizer(model, self.config) if optimizer is None else optimizer
-        self.loss = MaxMarginLoss(self.config.margin) if loss is None else loss
+        self.loss = make_loss(self.config, batches) if loss is None else loss
         self.on_step = on_step
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken

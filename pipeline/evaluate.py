@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 REPORT = "report.json"
 EMBEDDINGS = Path("train") / "embeddings.npy"  # default location, relative to the run directory
+QUERY_EMBEDDINGS = "query_embeddings.npy"  # the query side, beside the embeddings file when the model has a head
 BASELINES = ("random", "popularity", "itemcf", "cooccurrence")
 HOLDOUTS = ("valid", "test")
 UserMode = Literal["last", "recent_sum", "recent_mean"]
@@ -128,23 +130,28 @@ def _sample(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def _scorers(cfg: EvalConfig, train: Histories, embeddings: np.ndarray | None) -> dict[str, Scorer]:
+def _scorers(cfg: EvalConfig, train: Histories, embeddings: np.ndarray | None,
+             extra: Mapping[str, Scorer] | None = None, queries: np.ndarray | None = None) -> dict[str, Scorer]:
     factories = baseline_factories(seed=cfg.seed, cooc_normalize=cfg.cooc_normalize, cooc_window=cfg.cooc_window,
                                    popularity_tiebreak=cfg.popularity_tiebreak, user_mode=cfg.user_mode,
                                    recent=cfg.recent)
     out: dict[str, Scorer] = {name: factories[name](train) for name in cfg.baselines}
     if embeddings is not None:
-        out["gnn"] = EmbeddingScorer(embeddings[: train.n_items], user_mode=cfg.user_mode, recent=cfg.recent)
-    return out
+        out["gnn"] = EmbeddingScorer(embeddings[: train.n_items], user_mode=cfg.user_mode, recent=cfg.recent,
+                                     query_embeddings=None if queries is None else queries[: train.n_items])
+    return {**out, **(extra or {})}
 
 
 def _subset(pairs: EvalPairs, keep: np.ndarray) -> EvalPairs:
     return EvalPairs(pairs.user[keep], pairs.query[keep], pairs.positive[keep], pairs.query_from_holdout[keep])
 
 
-def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings: np.ndarray | None = None
-                    ) -> dict[str, Any]:
-    """All protocols for all models on in-memory split tables (``train``, ``valid``, ``test``); the report."""
+def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings: np.ndarray | None = None,
+                    extra_scorers: Mapping[str, Scorer] | None = None,
+                    query_embeddings: np.ndarray | None = None) -> dict[str, Any]:
+    """All protocols for all models on in-memory split tables (``train``, ``valid``, ``test``); the report.
+    ``extra_scorers``: further models by name, scored like the rest; ``query_embeddings``: the query side of
+    ``embeddings`` (a model with a query head, ``gnn.trainer.query_side``), default the embeddings."""
     started = time.perf_counter()
     everything = pd.concat([tables[n] for n in ("train", "valid", "test")], ignore_index=True)
     n_users = int(everything["user"].max()) + 1 if len(everything) else 0
@@ -159,7 +166,7 @@ def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings
         "config": dataclasses.asdict(cfg),
         "protocol_a": {},
     }
-    scorers = _scorers(cfg, hist["train"], embeddings)
+    scorers = _scorers(cfg, hist["train"], embeddings, extra_scorers, query_embeddings)
     for h in cfg.holdouts:
         context_df = tables["train"] if h == "valid" else pd.concat([tables["train"], tables["valid"]])
         context = hist["train"] if h == "valid" else Histories.from_interactions(
@@ -179,16 +186,18 @@ def evaluate_tables(tables: dict[str, pd.DataFrame], cfg: EvalConfig, embeddings
             log.info("protocol A %s %s: %s", h, name, part["item_to_item"][name])
         report["protocol_a"][h] = part
     if cfg.protocol_b:
-        report["protocol_b"] = _protocol_b(everything, cfg, n_users, n_items, hist["train"], embeddings)
+        report["protocol_b"] = _protocol_b(everything, cfg, n_users, n_items, hist["train"], embeddings,
+                                           extra_scorers, query_embeddings)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
 
 def _protocol_b(everything: pd.DataFrame, cfg: EvalConfig, n_users: int, n_items: int, temporal_train: Histories,
-                embeddings: np.ndarray | None) -> dict[str, Any]:
+                embeddings: np.ndarray | None, extra: Mapping[str, Scorer] | None = None,
+                queries: np.ndarray | None = None) -> dict[str, Any]:
     split = leave_last_out(everything["user"].to_numpy(), everything["item"].to_numpy(), n_users=n_users,
                            n_items=n_items, order=(everything["line"].to_numpy(), everything["ts"].to_numpy()))
-    scorers = _scorers(cfg, split.train, embeddings)
+    scorers = _scorers(cfg, split.train, embeddings, extra, queries)
     out: dict[str, Any] = {}
     for target in ("valid", "test"):
         goal = split.valid if target == "valid" else split.test
@@ -252,7 +261,8 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None, embeddings: np.
 
     ``embeddings`` (n_items, D): score these instead of the file (the stage then always re-runs, since an
     in-memory array has no fingerprint). Otherwise ``cfg.embeddings_path`` or ``<run>/train/embeddings.npy``
-    is used when it exists; without embeddings only the baselines are scored.
+    is used when it exists; without embeddings only the baselines are scored. A ``query_embeddings.npy``
+    beside the embeddings file (the query head's side, ``gnn.trainer.query_side``) is used for the queries.
     """
     cfg = cfg or EvalConfig()
     run = Path(run_dir)
@@ -263,14 +273,20 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None, embeddings: np.
         raise FileNotFoundError(f"embeddings_path={cfg.embeddings_path}: no such file; pass an (n_items, D) .npy")
     if embeddings is None and emb_path.is_file():
         inputs["embeddings"] = emb_path
+        if (emb_path.parent / QUERY_EMBEDDINGS).is_file():
+            inputs["query_embeddings"] = emb_path.parent / QUERY_EMBEDDINGS
 
     def build(tmp: Path) -> dict[str, Any]:
         tables = _read_split(split)
         emb = embeddings
+        queries: np.ndarray | None = None
         if emb is None and "embeddings" in inputs:
             n_items = max(int(t["item"].max()) + 1 if len(t) else 0 for t in tables.values())
             emb = load_embeddings(emb_path, n_items)
-        report = evaluate_tables(tables, cfg, None if emb is None else np.asarray(emb, dtype=np.float32))
+            if "query_embeddings" in inputs:
+                queries = load_embeddings(emb_path.parent / QUERY_EMBEDDINGS, n_items)
+        report = evaluate_tables(tables, cfg, None if emb is None else np.asarray(emb, dtype=np.float32),
+                                 query_embeddings=queries)
         report["embeddings"] = None if emb is None else ("in-memory" if embeddings is not None else str(emb_path))
         write_json_atomic(tmp / REPORT, report)
         return _headline(report)

@@ -154,6 +154,7 @@ def test_training_learns_the_communities(kind: str, mode: str) -> None:
     before = group_purity(model, sampler)
     steps: list[StepInfo] = []
     trainer = Trainer(model, batcher, config=TrainConfig(epochs=15, lr=3e-3, margin=0.3, mode=mode,  # type: ignore[arg-type]
+                                                         loss="max_margin",
                                                          hard_cap=0), on_step=steps.append)
     reports = trainer.fit()
     assert len(reports) == 15 and trainer.step == 15 * batcher.n_batches == len(steps)

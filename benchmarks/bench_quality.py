@@ -1,0 +1,123 @@
+"""Recommendation quality: PinSage (importance and mean pooling) and GraphSAGE-mean against the baselines.
+
+Datasets: generated data with planted communities (``pipeline/generate.py``, last-day split as ``pinsage split``
+does by default), the Amazon video-games sample (leave-last-out: protocol A on valid/test, and DGL's protocol B)
+and the real Taobao head sample (last-day split). Every model is ranked by the same code
+(``pipeline.evaluate.evaluate_tables``): item→item hit@K / MRR, user→item precision/recall/F1/NDCG@K, and
+protocol B HR@10 / MRR. GNNs train on the training split's consecutive-item pairs (both directions) with the
+settings of ``gnn`` defaults plus the overrides recorded in the JSON, each under a wall-clock budget.
+
+Run: ``PYTHONPATH=$PWD python benchmarks/bench_quality.py --dataset amazon`` (one dataset per run; the results
+of all runs are merged into results/quality.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks.bench_baselines import read_amazon, read_taobao, split_last_days, split_last_n
+from benchmarks.quality_lib import store_from_histories, train_gnn
+from gnn.baselines import Histories, Scorer
+from gnn.models import ModelConfig
+from gnn.trainer import TrainConfig
+from gnn.walks import WalkConfig
+from pipeline.evaluate import EvalConfig, evaluate_tables, format_table
+from pipeline.generate import GenerateConfig, generate
+from pipeline.rundir import write_json_atomic
+
+MODELS: dict[str, dict[str, Any]] = {
+    "pinsage": {"kind": "pinsage", "pooling": "importance"},
+    "pinsage_mean": {"kind": "pinsage", "pooling": "mean"},
+    "graphsage": {"kind": "graphsage"},
+}
+
+
+def load(dataset: str, data: Path, gen_rows: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    if dataset == "amazon":
+        return split_last_n(read_amazon(data / "amazon-videogames" / "Video.txt")), {"split": "leave-last-out"}
+    if dataset == "taobao":
+        return split_last_days(read_taobao(data / "taobao" / "UserBehavior-head.csv")), {"split": "last day"}
+    cfg = GenerateConfig(rows=gen_rows, seed=0, communities=50)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = generate(Path(tmp) / "gen.csv", cfg)
+        df = read_taobao(Path(tmp) / "gen.csv")
+    return split_last_days(df), {"split": "last day", "generate": dataclasses.asdict(cfg),
+                                 "users": info["users"], "items": info["items"]}
+
+
+def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any], train_over: dict[str, Any],
+        budget_s: float, models: list[str]) -> dict[str, Any]:
+    everything = pd.concat(list(tables.values()))
+    n_users, n_items = int(everything["user"].max()) + 1, int(everything["item"].max()) + 1
+    train = Histories.from_interactions(tables["train"], n_users=n_users, n_items=n_items)
+    category = np.zeros(n_items, np.int64)
+    category[everything["item"].to_numpy()] = everything["category"].to_numpy()
+    n_categories = int(category.max()) + 1
+    store = store_from_histories(train, category=category, n_categories=n_categories)
+    scorers: dict[str, Scorer] = {}
+    training: dict[str, Any] = {}
+    for name in models:
+        mc = ModelConfig(**{"n_categories": n_categories, **model_over, **MODELS[name]})
+        tc = TrainConfig(**{"mode": "sync", "log_every": 0, **train_over})
+        res = train_gnn(train, mc, tc, walk_cfg=WalkConfig(), store=store, time_budget_s=budget_s, name=name)
+        scorers[name] = res.scorer
+        training[name] = {"model": mc.to_dict(), "train": tc.to_dict(), "epochs": res.epochs,
+                          "seconds_incl_walks": round(res.seconds, 1)}
+    cfg = EvalConfig(window_s=None if dataset == "amazon" else 1800, max_users=None, max_queries=None)
+    report = evaluate_tables(tables, cfg, extra_scorers=scorers)
+    print(f"\n== {dataset}\n{format_table(report)}", flush=True)
+    return {"training": training, "evaluation": report}
+
+
+def parse(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=["generated", "amazon", "taobao"], required=True)
+    ap.add_argument("--data", type=Path, default=Path("..") / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path("results") / "quality.json")
+    ap.add_argument("--gen-rows", type=int, default=200_000)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock training budget per model")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--set", action="append", default=[], help="field=value override of ModelConfig/TrainConfig")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    over = {k: parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    model_over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    train_over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    tables, info = load(args.dataset, args.data, args.gen_rows)
+    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","))
+    result.update(info)
+    result["machine"] = {"nproc": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                         "platform": platform.platform(), "torch": torch.__version__, "torch_threads": 1}
+    result["command"] = " ".join(["python", *sys.argv])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    merged = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    merged[args.dataset] = result
+    write_json_atomic(args.out, merged)
+    print(f"wrote {args.out} [{args.dataset}] in {result['seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
+QUERY_EMBEDDINGS = "query_embeddings.npy"  # beside embeddings.npy (pipeline.evaluate reads it from there)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class TrainStageConfig:
     steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = all pairs)"})
     batch_size: int = field(default=512, metadata={"help": "pairs per step per rank"})
     n_negatives: int = field(default=256, metadata={"help": "shared negatives per batch"})
+    loss: Literal["softmax", "max_margin"] = field(
+        default="softmax", metadata={"help": "sampled softmax over the batch's distinct items, or max-margin"})
+    temperature: float = field(default=0.1, metadata={"help": "softmax temperature"})
+    hard_cap: int = field(default=0, metadata={"help": "hard negatives per query at most (curriculum +1 per "
+                                                       "epoch; 0 = none, best with the softmax loss)"})
     lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
     optimizer: Literal["auto", "adam", "sgd"] = field(
         default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum)"})
@@ -97,6 +103,8 @@ class TrainStageConfig:
                      "producer_threads", "queue_size", "presample_batches"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"train.{name}",
                   getattr(self, name), "must be an integer >= 1")
+        check(self.temperature > 0, "train.temperature", self.temperature, "must be positive (try 0.1)")
+        check(self.hard_cap >= 0, "train.hard_cap", self.hard_cap, "must be >= 0")
         check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
         check(self.lr > 0, "train.lr", self.lr, "must be positive (Adam: 3e-3, SGD: about 0.05)")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
@@ -287,7 +295,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     from gnn.graphstore import load_graph_store
     from gnn.models import ModelConfig, build_model
     from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
-    from gnn.trainer import TrainConfig, Trainer, embed_items, make_optimizer
+    from gnn.trainer import TrainConfig, Trainer, embed_items, make_optimizer, query_side
     from gnn.walks import load_neighborhoods
     from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
 
@@ -311,6 +319,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     def make_batches(sampler: Any, seed: int) -> PairBatcher:
         return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,
                            n_negatives=cfg.n_negatives, hard_negatives=np.asarray(nb.hard_negatives), seed=seed,
+                           hard_cap=cfg.hard_cap,
                            negative_pool=local.items if cfg.negatives == "local" and world > 1 else None)
 
     importance = np.asarray(nb.item_importance, dtype=np.float64)
@@ -331,7 +340,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, n_negatives=cfg.n_negatives,
                          seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
-                         num_threads=nthreads, log_every=0, device=device_name)
+                         num_threads=nthreads, log_every=0, device=device_name, loss=cfg.loss,
+                         temperature=cfg.temperature, hard_cap=cfg.hard_cap)
         stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
         model: torch.nn.Module = build_model(mc, seed=cfg.seed).to(device_name)
         comm = cfg.comm_config()
@@ -376,15 +386,19 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             save_checkpoint(Path(job.out_dir) / "checkpoint.pt", trainer, mc, extra=extra)
         embed_started = time.perf_counter()
         plain = getattr(model, "module", model)
-        emb = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
-                          seed=cfg.seed).cpu().numpy()
+        emb_t = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
+                            seed=cfg.seed)
+        with torch.no_grad():  # the query side of a model with a query head (gnn.trainer.query_side)
+            query_emb = query_side(plain, emb_t).cpu().numpy() if emb_t.shape[0] else emb_t.cpu().numpy()
+        emb = emb_t.cpu().numpy()
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
-                "embeddings": emb.astype(np.float32), "embed_s": round(time.perf_counter() - embed_started, 3),
+                "embeddings": emb.astype(np.float32), "query_embeddings": query_emb.astype(np.float32),
+                "embed_s": round(time.perf_counter() - embed_started, 3),
                 "embed_remote_bytes": int(embed_bytes),
                 "digests": progress.digests, "final_digest": weights_digest(model)}
     finally:
@@ -551,12 +565,15 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
         emb = np.zeros((n_items, cfg.embed_dim), np.float32)
+        query = np.zeros_like(emb)
         for r in results:
-            items, part = r.pop("items"), r.pop("embeddings")
+            items, part, query_part = r.pop("items"), r.pop("embeddings"), r.pop("query_embeddings")
             if cfg.embed:
-                emb[items] = part
+                emb[items], query[items] = part, query_part
         if cfg.embed:
             np.save(tmp / "embeddings.npy", emb)
+            if not np.array_equal(query, emb):  # the model has a query head: evaluate / recommend read this too
+                np.save(tmp / QUERY_EMBEDDINGS, query)
         report = _report(cfg, results, served, part_out, time.perf_counter() - started, CacheStats)
         write_json_atomic(tmp / "report.json", report)
         return {k: report[k] for k in ("workers", "epochs", "pairs_per_s", "cache_total", "grad_bytes_total",

@@ -17,7 +17,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from cache import POLICIES, CacheConfig, LocalOwnerTable, RemoteRowCache
-from gnn.checkpoint import load_checkpoint
+from gnn.checkpoint import load_checkpoint, load_model
 from gnn.sampler import PinSageSampler
 from pipeline.config import ConfigError
 from pipeline.generate import GenerateConfig, generate
@@ -160,6 +160,10 @@ def test_stage_outputs_report_checkpoint_and_embeddings(small_run: Path, trained
     emb = np.load(out.path / "embeddings.npy")
     assert emb.shape == (n_items, cfg.embed_dim) and np.isfinite(emb).all()
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # every item embedded (L2-normalised)
+    model = load_model(out.path / "checkpoint.pt")  # the query side is the checkpoint's head on those vectors
+    with torch.no_grad():
+        expected = model.queries(torch.from_numpy(emb)).numpy()
+    np.testing.assert_allclose(np.load(out.path / "query_embeddings.npy"), expected, atol=1e-5)
     total = rep["cache_total"]
     per = [w["cache"] for w in rep["per_worker"]]
     assert len(per) == 2 and total["requests"] == sum(p["requests"] for p in per) > 0

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 STAGE = "infer"
 CHECKPOINT_FILE = "checkpoint.pt"  # what the train stage writes into <run>/train/
 EMBEDDINGS_NPY = "embeddings.npy"
+QUERY_EMBEDDINGS_NPY = "query_embeddings.npy"  # the model's query head on every item (when it has one)
 EMBEDDINGS_PARQUET = "embeddings"
 
 
@@ -328,6 +329,17 @@ def _reduce_task(ctx: InferContext, plan: BlockPlan, state: BlockState, layer: i
     return _to_state(lw, layer + 1, h)
 
 
+@torch.no_grad()
+def write_query_side(encoder: ItemEncoder, embeddings: Path, out: Path, chunk: int = 1 << 18) -> None:
+    """``encoder.queries`` of every row of ``embeddings`` (.npy) into ``out`` (.npy), ``chunk`` rows at a time
+    (a (D, D) map: cheap beside the layers, so it runs where the stage is driven)."""
+    emb = np.load(embeddings, mmap_mode="r")
+    table = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=emb.shape)
+    for lo in range(0, emb.shape[0], chunk):
+        table[lo:lo + chunk] = encoder.queries(torch.from_numpy(np.array(emb[lo:lo + chunk]))).numpy()
+    table.flush()
+
+
 def _write_task(plan: BlockPlan, state: BlockState, out_dir: str) -> int:
     """The block's embeddings into ``embeddings/part-<b>.parquet`` and its rows of ``embeddings.npy``."""
     out = Path(out_dir)
@@ -444,7 +456,7 @@ def run_infer(run_dir: str | Path, cfg: InferConfig, client: Client, *, backend:
               force: bool = False, progress: bool = True) -> StageOutput:
     """Run stage ``infer`` in ``run_dir`` (a no-op when its output is current)."""
     ckpt_path = resolve_checkpoint(run_dir, cfg.checkpoint).resolve()
-    _, ckpt = load_encoder(ckpt_path)  # fails here, in one line, on a corrupt or mismatched checkpoint
+    encoder, ckpt = load_encoder(ckpt_path)  # fails here, in one line, on a corrupt or mismatched checkpoint
     config = ckpt.model_config
     graph = read_stage(run_dir, "graph")
     store = load_graph_store(graph.path)
@@ -467,6 +479,8 @@ def run_infer(run_dir: str | Path, cfg: InferConfig, client: Client, *, backend:
     def build(tmp: Path) -> dict[str, Any]:
         stats = InferStats()
         n = distributed_embeddings(client, ctx, config, tmp, progress=progress, stats=stats)
+        if config.query_head:
+            write_query_side(encoder, tmp / EMBEDDINGS_NPY, tmp / QUERY_EMBEDDINGS_NPY)
         write_json_atomic(tmp / "model_config.json", config.to_dict())
         write_json_atomic(tmp / "checkpoint.json", {"path": str(ckpt_path), "epoch": ckpt.epoch, "step": ckpt.step,
                                                     "train_config": ckpt.train_config})

@@ -24,6 +24,7 @@ from pipeline.infer import (
     EMBEDDINGS_NPY,
     InferConfig,
     load_embeddings,
+    load_encoder,
     load_model_config,
     resolve_checkpoint,
     run_infer,
@@ -81,6 +82,12 @@ def assert_equal_to_reference(run_dir: Path, ref: torch.Tensor) -> None:
     assert sorted(parts["item"].tolist()) == list(range(ref.shape[0]))
     from_parquet = np.stack(parts.sort_values("item")["embedding"].to_numpy())
     assert np.array_equal(from_parquet, got.numpy())
+    encoder, _ = load_encoder(run_dir / "train" / "checkpoint.pt")  # the query side: the head on every item
+    assert encoder.query_proj is not None
+    with torch.no_grad():
+        expected = encoder.queries(ref)
+    queries = torch.from_numpy(np.load(run_dir / "infer" / "query_embeddings.npy"))
+    assert float((queries - expected).abs().max()) <= TOL
 
 
 @pytest.mark.parametrize("kind", ["pinsage", "graphsage"])

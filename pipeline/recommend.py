@@ -56,6 +56,7 @@ TARGETS = ("items", "users")
 SPLITS = ("train", "valid", "test")
 EMBEDDING_CANDIDATES = (Path("infer") / "embeddings.npy", Path("train") / "embeddings.npy")  # in this order
 COLUMNS = ("query", "rank", "item", "score")
+QUERY_EMBEDDINGS = "query_embeddings.npy"  # beside a .npy of embeddings: the query side (train / infer write it)
 Index = Literal["exact", "flat", "ivf", "hnsw"]
 
 
@@ -236,18 +237,23 @@ class Search:
     threads: int | None = None
 
 
-def _block_task(source: Source, block: QueryBlock, search: Search, index_blob: np.ndarray | None = None
-                ) -> tuple[np.ndarray, TopK]:
-    """Top-K of one query block on a worker. Returns the block's query ids and (B, K) results."""
+def _block_task(source: Source, block: QueryBlock, search: Search, index_blob: np.ndarray | None = None,
+                query_source: Source | None = None) -> tuple[np.ndarray, TopK]:
+    """Top-K of one query block on a worker. Returns the block's query ids and (B, K) results.
+
+    ``query_source``: the query side of a model with a query head (same shape as ``source``); queries are read
+    from it, candidates from ``source``. Default: both from ``source``."""
     import torch
 
     if search.threads:
         torch.set_num_threads(search.threads)
     matrix = _matrix(source)
+    query_matrix = matrix if query_source is None else _matrix(query_source)
     if block.history is None:
-        queries, exclude = item_queries(matrix, block.ids)
+        queries, exclude = item_queries(query_matrix, block.ids)
     else:
-        queries, exclude = user_queries(matrix, block.history, user_mode=search.user_mode, recent=search.recent)
+        queries, exclude = user_queries(query_matrix, block.history, user_mode=search.user_mode,
+                                        recent=search.recent)
     if search.index_token is None:
         return block.ids, block_topk(queries, matrix, search.k, exclude=exclude, chunk=search.item_chunk)
     if index_blob is None:
@@ -277,12 +283,12 @@ def user_blocks(history: Histories, users: np.ndarray, size: int) -> list[QueryB
 
 
 def _search_blocks(blocks: list[QueryBlock], source: Source, search: Search, *, client: Client | None,
-                   index_blob: np.ndarray | None = None, label: str = STAGE, progress: bool = True
-                   ) -> Iterator[tuple[np.ndarray, TopK]]:
+                   index_blob: np.ndarray | None = None, label: str = STAGE, progress: bool = True,
+                   query_source: Source | None = None) -> Iterator[tuple[np.ndarray, TopK]]:
     """Results of every block, yielded in block order (on Dask when ``client`` is given, else in process)."""
     if client is None:
         for block in blocks:
-            yield _block_task(source, block, search, index_blob)
+            yield _block_task(source, block, search, index_blob, query_source)
         return
     threads = search.threads or min(client.nthreads().values(), default=1)
     search = dataclasses.replace(search, threads=threads)
@@ -291,9 +297,12 @@ def _search_blocks(blocks: list[QueryBlock], source: Source, search: Search, *, 
         shared["source"] = client.scatter(source, broadcast=True, hash=False)
     if index_blob is not None:
         shared["index_blob"] = client.scatter(index_blob, broadcast=True, hash=False)
+    if isinstance(query_source, np.ndarray):
+        shared["query_source"] = client.scatter(query_source, broadcast=True, hash=False)
     with stage_span(STAGE):  # tags the tasks on the dashboard; annotations are read when they are submitted
         futures = [client.submit(_block_task, shared.get("source", source), block, search,
-                                 shared.get("index_blob"), pure=False) for block in blocks]
+                                 shared.get("index_blob"), shared.get("query_source", query_source), pure=False)
+                   for block in blocks]
     position = {f.key: i for i, f in enumerate(futures)}
     ready: dict[int, tuple[np.ndarray, TopK]] = {}
     next_out = 0
@@ -372,7 +381,7 @@ def _ids(ids: np.ndarray | None, n: int, what: str) -> np.ndarray:
 
 def top_k_items(embeddings: np.ndarray | str | Path, cfg: RecommendConfig | None = None, *,
                 client: Client | None = None, items: np.ndarray | None = None, progress: bool = False,
-                index: Any = None) -> pd.DataFrame:
+                index: Any = None, query_embeddings: np.ndarray | str | Path | None = None) -> pd.DataFrame:
     """Item→item: the K nearest items of every item (or of ``items``), the item itself excluded.
 
     ``client`` None runs in this process; otherwise one task per query block. ``index``: a faiss index built
@@ -387,12 +396,13 @@ def top_k_items(embeddings: np.ndarray | str | Path, cfg: RecommendConfig | None
         raise ValueError(f"item→item needs at least 2 items; the embeddings hold {matrix.shape[0]}")
     search = dataclasses.replace(search, k=check_k(search.k, matrix.shape[0] - 1))
     blocks = item_blocks(_ids(items, matrix.shape[0], "items"), cfg.query_block)
-    return _collect(_search_blocks(blocks, source, search, client=client, index_blob=blob, progress=progress))
+    return _collect(_search_blocks(blocks, source, search, client=client, index_blob=blob, progress=progress,
+                                   query_source=_query_side(query_embeddings, matrix)))
 
 
 def top_k_users(embeddings: np.ndarray | str | Path, history: Histories, cfg: RecommendConfig | None = None, *,
                 client: Client | None = None, users: np.ndarray | None = None, progress: bool = False,
-                index: Any = None) -> pd.DataFrame:
+                index: Any = None, query_embeddings: np.ndarray | str | Path | None = None) -> pd.DataFrame:
     """User→item: the K best unseen items of every user with history (or of ``users``); see the module doc.
 
     Users without history get no rows. Columns: query (the user id), rank, item, score.
@@ -404,7 +414,19 @@ def top_k_users(embeddings: np.ndarray | str | Path, history: Histories, cfg: Re
     search = _search(cfg, matrix, blob)
     chosen = _ids(users, history.n_users, "users")
     blocks = user_blocks(history, chosen[history.lengths(chosen) > 0], cfg.query_block)
-    return _collect(_search_blocks(blocks, source, search, client=client, index_blob=blob, progress=progress))
+    return _collect(_search_blocks(blocks, source, search, client=client, index_blob=blob, progress=progress,
+                                   query_source=_query_side(query_embeddings, matrix)))
+
+
+def _query_side(query_embeddings: np.ndarray | str | Path | None, matrix: np.ndarray) -> Source | None:
+    """The query side as a task source (None: the embeddings themselves); its shape must equal the matrix's."""
+    if query_embeddings is None:
+        return None
+    source, queries = _prepare(query_embeddings)
+    if queries.shape != matrix.shape:
+        raise ValueError(f"query embeddings {queries.shape} and item embeddings {matrix.shape} differ in shape: "
+                         "pass the query side written with the same embeddings (query_embeddings.npy)")
+    return source
 
 
 def _check_history(history: Histories, matrix: np.ndarray) -> None:
@@ -457,11 +479,12 @@ class _ParquetSink:
 
 
 def _write_target(out: Path, blocks: list[QueryBlock], source: Source, search: Search, client: Client | None,
-                  blob: np.ndarray | None, label: str) -> dict[str, Any]:
+                  blob: np.ndarray | None, label: str, query_source: Source | None = None) -> dict[str, Any]:
     sink = _ParquetSink(out)
     started = time.perf_counter()
     try:
-        for ids, top in _search_blocks(blocks, source, search, client=client, index_blob=blob, label=label):
+        for ids, top in _search_blocks(blocks, source, search, client=client, index_blob=blob, label=label,
+                                       query_source=query_source):
             sink.add(ids, top)
     finally:
         sink.close()
@@ -471,17 +494,18 @@ def _write_target(out: Path, blocks: list[QueryBlock], source: Source, search: S
 
 
 def _recall(make_blocks: Callable[[np.ndarray], list[QueryBlock]], ids: np.ndarray, source: Source,
-            search: Search, client: Client | None, blob: np.ndarray, n: int, seed: int, label: str
-            ) -> dict[str, Any]:
+            search: Search, client: Client | None, blob: np.ndarray, n: int, seed: int, label: str,
+            query_source: Source | None = None) -> dict[str, Any]:
     """Recall@K of the index against the exact search on a seeded sample of ``n`` of the query ``ids``."""
     pick = np.sort(np.random.default_rng(seed).choice(ids.shape[0], size=min(n, ids.shape[0]), replace=False))
     sample = make_blocks(ids[pick])
     t0 = time.perf_counter()
     exact = [top.items for _, top in _search_blocks(sample, source, dataclasses.replace(search, index_token=None),
-                                                     client=client, label=f"{label} exact")]
+                                                     client=client, label=f"{label} exact",
+                                                     query_source=query_source)]
     t1 = time.perf_counter()
     approx = [top.items for _, top in _search_blocks(sample, source, search, client=client, index_blob=blob,
-                                                      label=f"{label} ann")]
+                                                      label=f"{label} ann", query_source=query_source)]
     t2 = time.perf_counter()
     e = np.concatenate(exact) if exact else np.zeros((0, search.k), np.int64)
     a = np.concatenate(approx) if approx else np.zeros((0, search.k), np.int64)
@@ -495,7 +519,10 @@ def run_recommend(run_dir: str | Path, cfg: RecommendConfig, client: Client | No
     started = time.perf_counter()
     source, matrix = _prepare(embeddings_file)
     n_items, dim = matrix.shape
+    query_file = embeddings_file.parent / QUERY_EMBEDDINGS if embeddings_file.suffix == ".npy" else None
+    query_source = _query_side(query_file, matrix) if query_file is not None and query_file.is_file() else None
     report: dict[str, Any] = {"embeddings": str(embeddings_file), "n_items": n_items, "dim": dim,
+                              "query_embeddings": None if query_source is None else str(query_file),
                               "config": dataclasses.asdict(cfg), "index": cfg.index,
                               "ties": "higher score first, equal scores by lower item id",
                               "workers": len(client.nthreads()) if client is not None else 0}
@@ -514,21 +541,23 @@ def run_recommend(run_dir: str | Path, cfg: RecommendConfig, client: Client | No
         s = dataclasses.replace(search, k=check_k(cfg.k, n_items - 1))
         blocks = item_blocks(np.arange(n_items, dtype=np.int64), cfg.query_block)
         report["items"] = _write_target(out_dir / "items.parquet", blocks, source, s, client, blob,
-                                        "recommend items")
+                                        "recommend items", query_source)
         if blob is not None:
             report["items"]["recall"] = _recall(
                 lambda ids: item_blocks(ids, cfg.query_block), np.arange(n_items, dtype=np.int64), source, s,
-                client, blob, cfg.recall_queries, cfg.seed, "recall items")
+                client, blob, cfg.recall_queries, cfg.seed, "recall items", query_source)
     if history is not None:
         lengths = history.lengths()
         users = np.flatnonzero(lengths > 0)
         blocks = user_blocks(history, users, cfg.query_block)
-        part = _write_target(out_dir / "users.parquet", blocks, source, search, client, blob, "recommend users")
+        part = _write_target(out_dir / "users.parquet", blocks, source, search, client, blob, "recommend users",
+                             query_source)
         part["users_without_history"] = int((lengths == 0).sum())
         part["n_users"] = history.n_users
         if blob is not None and users.size:
             part["recall"] = _recall(lambda ids: user_blocks(history, ids, cfg.query_block), users, source,
-                                     search, client, blob, cfg.recall_queries, cfg.seed, "recall users")
+                                     search, client, blob, cfg.recall_queries, cfg.seed, "recall users",
+                                     query_source)
         report["users"] = part
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json_atomic(out_dir / REPORT, report)
@@ -542,6 +571,8 @@ def recommend(run_dir: str | Path, cfg: RecommendConfig | None = None, client: C
     run = Path(run_dir)
     emb = embeddings_path(run, cfg)
     inputs: dict[str, StageOutput | str | Path] = {"embeddings": emb}
+    if (emb.parent / QUERY_EMBEDDINGS).is_file() and emb.suffix == ".npy":
+        inputs["query_embeddings"] = emb.parent / QUERY_EMBEDDINGS
     if "users" in cfg.targets:
         inputs["split"] = read_stage(run, "split")
 

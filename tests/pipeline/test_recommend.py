@@ -121,6 +121,20 @@ def test_item_to_item_equals_brute_force_with_ties(client: Client, on_dask: bool
     np.testing.assert_array_equal(first["score"].to_numpy(), scores[0, first["item"].to_numpy()])
 
 
+@pytest.mark.parametrize("on_dask", [False, True], ids=["in-process", "dask"])
+def test_a_query_side_scores_queries_against_item_vectors(client: Client, on_dask: bool) -> None:
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((40, 6)).astype(np.float32)
+    queries = rng.standard_normal((40, 6)).astype(np.float32)  # a model's query head: a different map
+    scores = queries @ emb.T
+    np.fill_diagonal(scores, -np.inf)
+    frame = top_k_items(emb, RecommendConfig(k=5, query_block=9, item_chunk=7), client=client if on_dask else None,
+                        query_embeddings=queries)
+    assert as_lists(frame, np.arange(40)) == brute_force(scores, 5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        top_k_items(emb, RecommendConfig(k=5), query_embeddings=queries[:, :3])
+
+
 def test_same_result_on_one_and_two_workers_and_in_process(client: Client, tmp_path: Path) -> None:
     emb = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
     np.save(tmp_path / "e.npy", emb)  # from a file: each worker memory-maps it

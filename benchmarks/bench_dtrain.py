@@ -121,6 +121,10 @@ def part_baseline(run: Path, client: Client, model: str, max_epochs: int) -> dic
     return {"rows": rows}
 
 
+# the niceness the script ran at (os.nice(0) reads it), so that the recorded command is the one that ran
+NICE_NOTE = f" (under nice -n {os.nice(0)})" if os.nice(0) else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--part", choices=("cache", "partition", "scaling", "baseline"), required=True)
@@ -147,7 +151,7 @@ def main() -> int:
             section = part_scaling(run, client, args.epochs)
         else:
             section = part_baseline(run, client, args.model, args.epochs)
-    section.update({"command": "PYTHONPATH=$PWD nice -n 5 python " + " ".join(sys.argv), "data_rows": args.rows,
+    section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "seconds": round(time.perf_counter() - started, 1)})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}

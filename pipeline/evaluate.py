@@ -38,14 +38,13 @@ from gnn.pairs import DEFAULT_WINDOW_S, EvalPairs, holdout_pairs
 from pipeline.common import add_arguments, add_common_arguments, from_sources, settings
 from pipeline.config import check
 from pipeline.rundir import StageOutput, read_stage, run_stage, write_json_atomic
-from pipeline.schema import INTERACTION_COLUMNS
+from pipeline.schema import EMBEDDINGS_NPY, INTERACTION_COLUMNS, query_embeddings_beside
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 REPORT = "report.json"
-EMBEDDINGS = Path("train") / "embeddings.npy"  # default location, relative to the run directory
-QUERY_EMBEDDINGS = "query_embeddings.npy"  # the query side, beside the embeddings file when the model has a head
+EMBEDDINGS = Path("train") / EMBEDDINGS_NPY  # default location, relative to the run directory
 BASELINES = ("random", "popularity", "itemcf", "cooccurrence")
 HOLDOUTS = ("valid", "test")
 UserMode = Literal["last", "recent_sum", "recent_mean"]
@@ -271,10 +270,12 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None, embeddings: np.
     emb_path = Path(cfg.embeddings_path) if cfg.embeddings_path else run / EMBEDDINGS
     if cfg.embeddings_path and not emb_path.is_file():
         raise FileNotFoundError(f"embeddings_path={cfg.embeddings_path}: no such file; pass an (n_items, D) .npy")
+    query_path = None
     if embeddings is None and emb_path.is_file():
         inputs["embeddings"] = emb_path
-        if (emb_path.parent / QUERY_EMBEDDINGS).is_file():
-            inputs["query_embeddings"] = emb_path.parent / QUERY_EMBEDDINGS
+        query_path = query_embeddings_beside(emb_path)
+        if query_path is not None:
+            inputs["query_embeddings"] = query_path
 
     def build(tmp: Path) -> dict[str, Any]:
         tables = _read_split(split)
@@ -284,7 +285,8 @@ def evaluate(run_dir: str | Path, cfg: EvalConfig | None = None, embeddings: np.
             n_items = max(int(t["item"].max()) + 1 if len(t) else 0 for t in tables.values())
             emb = load_embeddings(emb_path, n_items)
             if "query_embeddings" in inputs:
-                queries = load_embeddings(emb_path.parent / QUERY_EMBEDDINGS, n_items)
+                assert query_path is not None  # "query_embeddings" is an input only when it was found
+                queries = load_embeddings(query_path, n_items)
         report = evaluate_tables(tables, cfg, None if emb is None else np.asarray(emb, dtype=np.float32),
                                  query_embeddings=queries)
         report["embeddings"] = None if emb is None else ("in-memory" if embeddings is not None else str(emb_path))

@@ -54,13 +54,12 @@ from pipeline.common import add_arguments, add_common_arguments, cluster_config,
 from pipeline.config import check
 from pipeline.progress import track
 from pipeline.rundir import StageError, StageOutput, read_stage, run_stage, write_json_atomic
+from pipeline.schema import EMBEDDINGS_NPY, QUERY_EMBEDDINGS_NPY
 
 log = logging.getLogger(__name__)
 
 STAGE = "infer"
 CHECKPOINT_FILE = "checkpoint.pt"  # what the train stage writes into <run>/train/
-EMBEDDINGS_NPY = "embeddings.npy"
-QUERY_EMBEDDINGS_NPY = "query_embeddings.npy"  # the model's query head on every item (when it has one)
 EMBEDDINGS_PARQUET = "embeddings"
 
 

@@ -47,6 +47,7 @@ from pipeline.common import add_arguments, add_common_arguments, cluster_config,
 from pipeline.config import check
 from pipeline.progress import stage_span, track
 from pipeline.rundir import StageOutput, read_stage, run_stage, write_json_atomic
+from pipeline.schema import EMBEDDINGS_NPY, query_embeddings_beside
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ STAGE = "recommend"
 REPORT = "report.json"
 TARGETS = ("items", "users")
 SPLITS = ("train", "valid", "test")
-EMBEDDING_CANDIDATES = (Path("infer") / "embeddings.npy", Path("train") / "embeddings.npy")  # in this order
+EMBEDDING_CANDIDATES = (Path("infer") / EMBEDDINGS_NPY, Path("train") / EMBEDDINGS_NPY)  # in this order
 COLUMNS = ("query", "rank", "item", "score")
-QUERY_EMBEDDINGS = "query_embeddings.npy"  # beside a .npy of embeddings: the query side (train / infer write it)
 Index = Literal["exact", "flat", "ivf", "hnsw"]
 
 
@@ -519,8 +519,8 @@ def run_recommend(run_dir: str | Path, cfg: RecommendConfig, client: Client | No
     started = time.perf_counter()
     source, matrix = _prepare(embeddings_file)
     n_items, dim = matrix.shape
-    query_file = embeddings_file.parent / QUERY_EMBEDDINGS if embeddings_file.suffix == ".npy" else None
-    query_source = _query_side(query_file, matrix) if query_file is not None and query_file.is_file() else None
+    query_file = query_embeddings_beside(embeddings_file)
+    query_source = _query_side(query_file, matrix)
     report: dict[str, Any] = {"embeddings": str(embeddings_file), "n_items": n_items, "dim": dim,
                               "query_embeddings": None if query_source is None else str(query_file),
                               "config": dataclasses.asdict(cfg), "index": cfg.index,
@@ -571,8 +571,9 @@ def recommend(run_dir: str | Path, cfg: RecommendConfig | None = None, client: C
     run = Path(run_dir)
     emb = embeddings_path(run, cfg)
     inputs: dict[str, StageOutput | str | Path] = {"embeddings": emb}
-    if (emb.parent / QUERY_EMBEDDINGS).is_file() and emb.suffix == ".npy":
-        inputs["query_embeddings"] = emb.parent / QUERY_EMBEDDINGS
+    query_file = query_embeddings_beside(emb)
+    if query_file is not None:
+        inputs["query_embeddings"] = query_file
     if "users" in cfg.targets:
         inputs["split"] = read_stage(run, "split")
 

@@ -36,13 +36,13 @@ import numpy as np
 from pipeline.common import add_arguments, add_common_arguments, cluster_config, from_sources, settings
 from pipeline.config import check, to_dict
 from pipeline.rundir import StageOutput, read_stage, run_stage, stage_key, write_json_atomic
+from pipeline.schema import EMBEDDINGS_NPY, QUERY_EMBEDDINGS_NPY
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
-QUERY_EMBEDDINGS = "query_embeddings.npy"  # beside embeddings.npy (pipeline.evaluate reads it from there)
 
 
 @dataclass(frozen=True)
@@ -389,7 +389,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         emb_t = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
                             seed=cfg.seed)
         with torch.no_grad():  # the query side of a model with a query head (gnn.trainer.query_side)
-            query_emb = query_side(plain, emb_t).cpu().numpy() if emb_t.shape[0] else emb_t.cpu().numpy()
+            query_emb = query_side(plain, emb_t).cpu().numpy() if mc.query_head and cfg.embed else None
         emb = emb_t.cpu().numpy()
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
@@ -397,7 +397,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
-                "embeddings": emb.astype(np.float32), "query_embeddings": query_emb.astype(np.float32),
+                "embeddings": emb.astype(np.float32), "query_embeddings": query_emb,
                 "embed_s": round(time.perf_counter() - embed_started, 3),
                 "embed_remote_bytes": int(embed_bytes),
                 "digests": progress.digests, "final_digest": weights_digest(model)}
@@ -565,15 +565,18 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
         emb = np.zeros((n_items, cfg.embed_dim), np.float32)
-        query = np.zeros_like(emb)
+        has_head = results[0]["query_embeddings"] is not None  # every rank runs the same model
+        query = np.zeros_like(emb) if has_head else None
         for r in results:
             items, part, query_part = r.pop("items"), r.pop("embeddings"), r.pop("query_embeddings")
             if cfg.embed:
-                emb[items], query[items] = part, query_part
+                emb[items] = part
+                if query is not None:
+                    query[items] = query_part
         if cfg.embed:
-            np.save(tmp / "embeddings.npy", emb)
-            if not np.array_equal(query, emb):  # the model has a query head: evaluate / recommend read this too
-                np.save(tmp / QUERY_EMBEDDINGS, query)
+            np.save(tmp / EMBEDDINGS_NPY, emb)
+            if query is not None:  # evaluate / recommend score these against the item vectors
+                np.save(tmp / QUERY_EMBEDDINGS_NPY, query)
         report = _report(cfg, results, served, part_out, time.perf_counter() - started, CacheStats)
         write_json_atomic(tmp / "report.json", report)
         return {k: report[k] for k in ("workers", "epochs", "pairs_per_s", "cache_total", "grad_bytes_total",

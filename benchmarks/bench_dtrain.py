@@ -64,7 +64,7 @@ def one(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
         "epoch_s_implied": round(e["seconds"] / max(steps, 1) * steps_per_epoch, 1),
         "pairs_per_s": e["pairs_per_s"], "loss": e["mean_loss"],
         "presample_s": [w.get("presample_s") for w in rep["per_worker"]],
-        "partition": rep["partition"],
+        "partition": rep["partition"], "cpus": [w.get("cpus") for w in rep["per_worker"]],
     }
 
 
@@ -99,11 +99,23 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def part_scaling(run: Path, client: Client, epochs: int) -> dict[str, Any]:
+def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
+                 same_global_batch: bool, timing_steps: int) -> dict[str, Any]:
+    """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
+    its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
+    that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
+    many steps per rank only (no embeddings, no quality: a short run for a quiet machine); 0: ``epochs`` full
+    epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either)."""
     rows = []
     for workers in (1, 2):
-        r = one(run, client, workers=workers, epochs=epochs, embed=True)
-        r["quality"] = quality(run)
+        per_rank = batch // workers if same_global_batch else batch
+        if timing_steps:
+            r = one(run, client, workers=workers, epochs=1, steps_per_epoch=timing_steps,
+                    cpus_per_rank=cpus_per_rank, batch_size=per_rank)
+        else:
+            r = one(run, client, workers=workers, epochs=epochs, embed=True, cpus_per_rank=cpus_per_rank,
+                    batch_size=per_rank)
+            r["quality"] = quality(run)
         rows.append(r)
     rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
     return {"rows": rows}
@@ -135,6 +147,12 @@ def main() -> int:
     parser.add_argument("--negatives", choices=("local", "global"), default="local",
                         help="shared negatives from the rank's shard or from all items (cache part)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per setting (scaling)")
+    parser.add_argument("--cpus-per-rank", type=int, default=0, help="scaling: pin each rank to this many cores")
+    parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
+    parser.add_argument("--timing-steps", type=int, default=0,
+                        help="scaling: time this many steps per rank only (no quality)")
+    parser.add_argument("--same-global-batch", action="store_true",
+                        help="scaling: 2 ranks of batch/2 pairs (same steps and batch as 1 rank)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
     args = parser.parse_args()
     run = args.run_dir / f"rows-{args.rows}"
@@ -148,15 +166,18 @@ def main() -> int:
         elif args.part == "partition":
             section = part_partition(run, client, args.steps)
         elif args.part == "scaling":
-            section = part_scaling(run, client, args.epochs)
+            section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
+                                   args.same_global_batch, args.timing_steps)
         else:
             section = part_baseline(run, client, args.model, args.epochs)
     section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "seconds": round(time.perf_counter() - started, 1)})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}"}.get(args.part,
-                                                                                                  args.part)
+    name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}",
+            "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
+            + ("_same_global_batch" if args.same_global_batch else "")
+            + (f"_timing{args.timing_steps}" if args.timing_steps else "")}.get(args.part, args.part)
     out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -144,6 +144,60 @@ def process_group(info: RankInfo) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def host_slots(workers: Sequence[str]) -> list[int]:
+    """For each worker address, its index among the given workers on the same host: its CPU slot there."""
+    seen: dict[str, int] = {}
+    slots = []
+    for address in workers:
+        host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+        slots.append(seen.get(host, 0))
+        seen[host] = slots[-1] + 1
+    return slots
+
+
+def slot_cpus(slot: int, n_cpus: int, allowed: Sequence[int] | None = None) -> list[int]:
+    """The CPUs of CPU slot ``slot`` when each slot gets ``n_cpus`` of the ``allowed`` ones (default: those this
+    process may run on), or a clear error when the host has too few for that many slots."""
+    if allowed is None:
+        allowed = sorted(os.sched_getaffinity(0))
+    first = slot * n_cpus
+    if n_cpus < 1 or first + n_cpus > len(allowed):
+        raise ValueError(
+            f"cpus_per_rank={n_cpus}: slot {slot} on this host needs CPUs {first}..{first + n_cpus - 1} but the "
+            f"worker may use only {len(allowed)}; lower --cpus-per-rank or run fewer workers per host"
+        )
+    return list(allowed[first:first + n_cpus])
+
+
+def _set_thread_affinity(cpus: dict[int, set[int]] | set[int]) -> None:
+    for name in os.listdir("/proc/self/task"):
+        tid = int(name)
+        want = cpus if isinstance(cpus, set) else cpus.get(tid)
+        if want is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, want)
+
+
+@contextlib.contextmanager
+def pinned_cpus(cpus: Sequence[int]) -> Iterator[None]:
+    """Every thread of this process (and the ones it starts meanwhile) runs on ``cpus`` for the block; each
+    thread's earlier CPU set is restored after it, and threads started inside get the process's earlier set.
+
+    A CPU slot of a Dask worker (one rank per slot) then holds its producer threads, trainer thread and row
+    server to its own cores instead of spreading onto the cores of the slots beside it."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("cpus_per_rank > 0: this platform cannot pin threads to CPUs; use cpus_per_rank=0")
+    before = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+    default = os.sched_getaffinity(0)
+    _set_thread_affinity(set(cpus))
+    try:
+        yield
+    finally:
+        _set_thread_affinity(default)
+        _set_thread_affinity(before)
+
+
 def worker_pid() -> int:
     """The process id of the worker running this (for tests that kill a worker)."""
     return os.getpid()

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import operator
+import os
 import shutil
 import sys
 import time
@@ -43,6 +44,16 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
+MAX_AUTO_ID_BUCKETS = 65536  # id_buckets=0: the id table of a larger catalogue stays this size (hashed)
+
+
+def id_buckets_for(n_items: int, id_buckets: int = 0) -> int:
+    """Rows of the item-id table: ``id_buckets``, or with 0 one per item up to :data:`MAX_AUTO_ID_BUCKETS`.
+
+    The id hash (gnn.features.hash_ids) multiplies by a prime, so with ``n_items`` buckets it is a permutation of
+    the item ids: no two items share a row. The table's gradient is all-reduced every step, so a table sized to
+    the catalogue (instead of a fixed 65536 rows mostly never touched) also cuts that traffic."""
+    return id_buckets or max(1, min(n_items, MAX_AUTO_ID_BUCKETS))
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class TrainStageConfig:
     hidden_dim: int = field(default=128, metadata={"help": "width of the convolutions"})
     embed_dim: int = field(default=64, metadata={"help": "embedding width"})
     n_neighbors: int = field(default=10, metadata={"help": "PinSage neighbours per item (T)"})
+    id_buckets: int = field(default=0, metadata={"help": "rows of the hashed item-id embedding; 0 = one row per item "
+                                                         f"(no collisions) up to {MAX_AUTO_ID_BUCKETS}, hashed "
+                                                         "into that many beyond"})
     cache: Literal["importance", "lru", "random", "none"] = field(
         default="importance", metadata={"help": "remote-row cache policy"})
     cache_fraction: float = field(default=0.1, metadata={"help": "cache capacity, share of the remote vertices"})
@@ -90,6 +104,9 @@ class TrainStageConfig:
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
+    cpus_per_rank: int = field(default=0, metadata={"help": "pin each rank's worker to this many cores of its host, "
+                                                            "disjoint from the other ranks there, and use as many "
+                                                            "torch threads (0 = no pinning)"})
     queue_size: int = field(default=4, metadata={"help": "batches built ahead per rank"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, batches and random cache"})
     progress_s: float = field(default=5.0, metadata={"help": "seconds between progress lines (0 = per epoch)"})
@@ -105,6 +122,8 @@ class TrainStageConfig:
                   getattr(self, name), "must be an integer >= 1")
         check(self.temperature > 0, "train.temperature", self.temperature, "must be positive (try 0.1)")
         check(self.hard_cap >= 0, "train.hard_cap", self.hard_cap, "must be >= 0")
+        check(self.id_buckets >= 0, "train.id_buckets", self.id_buckets, "must be >= 0 (0 = one row per item)")
+        check(self.cpus_per_rank >= 0, "train.cpus_per_rank", self.cpus_per_rank, "must be >= 0 (0 = no pinning)")
         check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
         check(self.lr > 0, "train.lr", self.lr, "must be positive (Adam: 3e-3, SGD: about 0.05)")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
@@ -199,6 +218,7 @@ class RankJob:
     resume_path: str
     key: str
     device: str = "cpu"  # "cuda" on the GPU backend: each worker's own GPU (LocalCUDACluster sets one visible)
+    cpu_slot: int = 0  # this rank's index among the ranks on its host (cpus_per_rank pins it to that slot's cores)
 
 
 class _StepBatches:
@@ -274,14 +294,18 @@ def weights_digest(model: Any) -> str:
 def _rank_main(info: Any, job: RankJob, servers: dict[int, Any]) -> dict[str, Any]:
     from distributed import get_worker
 
-    from pipeline.launch import process_group
+    from pipeline.launch import pinned_cpus, process_group, slot_cpus
 
     worker = get_worker()
     nthreads = int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1)
     actors = worker.actors if hasattr(worker, "actors") else worker.state.actors
     server = actors[servers[info.rank].key]  # this rank's own ShardServer: its rows are the local table
     group = process_group(info) if info.world_size > 1 else contextlib.nullcontext()
-    with group:
+    pin: Any = contextlib.nullcontext()
+    if job.cfg.cpus_per_rank:
+        nthreads = job.cfg.cpus_per_rank
+        pin = pinned_cpus(slot_cpus(job.cpu_slot, nthreads))
+    with pin, group:
         return _train_rank(info, job, servers, server, nthreads)
 
 
@@ -306,6 +330,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     nb = load_neighborhoods(job.walks_path)
     local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
     mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
+                     id_buckets=id_buckets_for(store.n_items, cfg.id_buckets),
                      embed_dim=cfg.embed_dim, n_categories=store.n_categories,
                      content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
     pairs = TrainingPairs.from_arrays(job.query, job.positive, job.weight)
@@ -400,7 +425,9 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                 "embeddings": emb.astype(np.float32), "query_embeddings": query_emb,
                 "embed_s": round(time.perf_counter() - embed_started, 3),
                 "embed_remote_bytes": int(embed_bytes),
-                "digests": progress.digests, "final_digest": weights_digest(model)}
+                "digests": progress.digests, "final_digest": weights_digest(model),
+                "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                "torch_threads": torch.get_num_threads()}
     finally:
         fetcher.close()
 
@@ -526,7 +553,7 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
     from distributed import span
 
     from cache import CacheStats
-    from pipeline.launch import rank_infos, run_ranks
+    from pipeline.launch import host_slots, rank_infos, run_ranks
 
     run = Path(run_dir)
     inputs = stage_inputs(run, cfg, partition=True)
@@ -547,8 +574,10 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         infos = rank_infos(client, cfg.workers, backend="nccl" if device == "cuda" else "gloo",
                            timeout_s=cfg.timeout_s)
         resume_dir.mkdir(parents=True, exist_ok=True)
+        slots = host_slots([i.worker for i in infos])
         jobs = [RankJob(cfg, str(graph.path), str(walks.path), owner, q, p, w, str(tmp),
-                        str(resume_dir / "checkpoint.pt"), key, device) for q, p, w in per_rank]
+                        str(resume_dir / "checkpoint.pt"), key, device, slot)
+                for (q, p, w), slot in zip(per_rank, slots, strict=True)]
         client.subscribe_topic(PROGRESS_TOPIC, _print_progress)
         try:
             with span(STAGE):
@@ -607,7 +636,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "comm", "embed_s",
-                                          "embed_remote_bytes", "resumed_from_epoch")}
+                                          "embed_remote_bytes", "resumed_from_epoch", "cpus", "torch_threads")}
                        for r in results],
         "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
         "grad_bytes_total": int(sum(grad)),

@@ -11,7 +11,21 @@ import torch
 import torch.distributed as dist
 from distributed import Client, LocalCluster
 
-from pipeline.launch import RankFailed, RankInfo, process_group, rank_infos, run_ranks, wait_for_workers, worker_pid
+from pipeline.launch import (
+    RankFailed,
+    RankInfo,
+    host_slots,
+    pinned_cpus,
+    process_group,
+    rank_infos,
+    run_ranks,
+    slot_cpus,
+    wait_for_workers,
+    worker_pid,
+)
+
+needs_affinity = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
+                                    reason="this platform cannot pin threads to CPUs")
 
 
 def _allreduce_rank(info: RankInfo, value: float) -> list[float]:
@@ -76,3 +90,46 @@ def test_killed_worker_ends_the_job() -> None:
             run_ranks(client, _sleep_in_collective, infos)
         killer.join()
         wait_for_workers(client, 2)
+
+
+def test_host_slots_count_ranks_per_host() -> None:
+    workers = ["tcp://10.0.0.1:4001", "tcp://10.0.0.2:4001", "tcp://10.0.0.1:4002", "tcp://10.0.0.1:4003"]
+    assert host_slots(workers) == [0, 0, 1, 2]
+
+
+def test_slot_cpus_split_the_allowed_cpus_and_refuse_too_many() -> None:
+    assert slot_cpus(0, 2, [0, 1, 4, 5]) == [0, 1]
+    assert slot_cpus(1, 2, [0, 1, 4, 5]) == [4, 5]
+    with pytest.raises(ValueError, match=r"cpus_per_rank=2: slot 2 .* may use only 4; lower --cpus-per-rank"):
+        slot_cpus(2, 2, [0, 1, 4, 5])
+
+
+@needs_affinity
+def test_pinned_cpus_holds_every_thread_and_restores_it() -> None:
+    import threading
+
+    before = os.sched_getaffinity(0)
+    target = [min(before)]
+    seen: list[set[int]] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def other() -> None:  # a thread that exists before the block (like a worker's event loop)
+        started.set()
+        release.wait(10)
+        seen.append(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=other)
+    t.start()
+    started.wait(10)
+    with pinned_cpus(target):
+        assert os.sched_getaffinity(0) == set(target)
+        inner: list[set[int]] = []
+        child = threading.Thread(target=lambda: inner.append(os.sched_getaffinity(0)))
+        child.start()
+        child.join()
+        assert inner == [set(target)]  # threads started inside (producers) inherit the slot
+        release.set()
+        t.join()
+    assert seen == [set(target)]  # and a thread that was already running was moved too
+    assert os.sched_getaffinity(0) == before

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster
 
 from cache import POLICIES, CacheConfig, LocalOwnerTable, RemoteRowCache
 from gnn.checkpoint import load_checkpoint, load_model
+from gnn.features import hash_ids
 from gnn.sampler import PinSageSampler
 from pipeline.config import ConfigError
 from pipeline.generate import GenerateConfig, generate
@@ -25,8 +26,10 @@ from pipeline.launch import RankFailed, RankInfo, rank_infos, run_ranks, wait_fo
 from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
 from pipeline.run import RunConfig, run_pipeline
 from pipeline.train import (
+    MAX_AUTO_ID_BUCKETS,
     PROGRESS_TOPIC,
     TrainStageConfig,
+    id_buckets_for,
     resume_path,
     start_row_servers,
     train,
@@ -161,6 +164,7 @@ def test_stage_outputs_report_checkpoint_and_embeddings(small_run: Path, trained
     assert emb.shape == (n_items, cfg.embed_dim) and np.isfinite(emb).all()
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # every item embedded (L2-normalised)
     model = load_model(out.path / "checkpoint.pt")  # the query side is the checkpoint's head on those vectors
+    assert model.input.item_id.num_embeddings == n_items  # id_buckets=0: one id row per item
     with torch.no_grad():
         expected = model.queries(torch.from_numpy(emb)).numpy()
     np.testing.assert_allclose(np.load(out.path / "query_embeddings.npy"), expected, atol=1e-5)
@@ -208,6 +212,27 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     # model (dense-sized) every 2nd step: both about half the dense bytes per step
     assert rep["grad_bytes_total"] / 4 < 0.6 * dense / 5
     assert np.isfinite(rep["epochs"][0]["mean_loss"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning two ranks to one core each needs 2 CPUs and Linux affinity calls")
+def test_ranks_pinned_to_their_own_cores(small_run: Path, dask_client: Client, trained: Trained) -> None:
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=3, cpus_per_rank=1, **SMALL)  # type: ignore[arg-type]
+    rep = _report(train(small_run, cfg, dask_client))
+    cpus = [w["cpus"] for w in rep["per_worker"]]
+    assert [len(c) for c in cpus] == [1, 1] and cpus[0] != cpus[1]  # one core each, different cores
+    assert [w["torch_threads"] for w in rep["per_worker"]] == [1, 1]
+    assert rep["replicas_identical"] is True
+    everything = sorted(os.sched_getaffinity(0))  # the workers got their whole CPU set back afterwards
+    assert set(map(tuple, dask_client.run(lambda: sorted(os.sched_getaffinity(0))).values())) == {
+        tuple(everything)}
+
+
+def test_auto_id_table_gives_each_item_its_own_row() -> None:
+    assert id_buckets_for(1000) == 1000 and id_buckets_for(10**7) == MAX_AUTO_ID_BUCKETS
+    assert id_buckets_for(1000, 77) == 77  # an explicit size wins
+    for n in (1000, 4096, 16_384):  # the prime-multiplier hash is a permutation of 0..n-1 with n buckets
+        assert torch.unique(hash_ids(torch.arange(n), n)).numel() == n
 
 
 def test_config_errors_name_the_setting() -> None:

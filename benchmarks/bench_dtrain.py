@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--same-global-batch", action="store_true",
                         help="scaling: 2 ranks of batch/2 pairs (same steps and batch as 1 rank)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
+    parser.add_argument("--note", default="", help="conditions of the run, recorded with it")
     args = parser.parse_args()
     run = args.run_dir / f"rows-{args.rows}"
     load_before = os.getloadavg()
@@ -172,7 +173,7 @@ def main() -> int:
             section = part_baseline(run, client, args.model, args.epochs)
     section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "seconds": round(time.perf_counter() - started, 1)})
+                    "seconds": round(time.perf_counter() - started, 1), "note": args.note})
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}",
             "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")

@@ -1,6 +1,6 @@
 """One tuning run on a quality-benchmark dataset, scored on the VALIDATION holdout only: train PinSage with
 overrides as ``bench_quality.py`` does (same data, split and store), and after every epoch record protocol A
-(valid) item→item hit@10 / MRR and user→item F1@10 / MRR@10 (and protocol B valid HR@10 / MRR); append a line
+(valid) item→item hit@10 / MRR and user→item F1@10 / MRR@10 and protocol B valid HR@10 / MRR; append a line
 to results/quality_tuning.jsonl.
 
 Run: ``PYTHONPATH=$PWD nice -n 19 python benchmarks/tune_quality.py --dataset generated --set epochs=10``
@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
-from benchmarks.bench_quality import MODELS, load, parse
-from benchmarks.quality_lib import store_from_histories, train_gnn
-from gnn.baselines import Histories, Scorer
+from benchmarks.bench_quality import MODELS, load, parse, training_inputs
+from benchmarks.quality_lib import train_gnn
+from gnn.baselines import Scorer
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
@@ -58,17 +56,11 @@ def main() -> int:
     pick = {c: {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(c)}}
             for c in (ModelConfig, TrainConfig, WalkConfig)}
     tables, _ = load(args.dataset, args.data, args.gen_rows)
-    everything = pd.concat([tables["train"], tables["valid"], tables["test"]])
-    n_users, n_items = int(everything["user"].max()) + 1, int(everything["item"].max()) + 1
-    train = Histories.from_interactions(tables["train"], n_users=n_users, n_items=n_items)
-    category = np.zeros(n_items, np.int64)
-    category[everything["item"].to_numpy()] = everything["category"].to_numpy()
-    n_categories = int(category.max()) + 1
-    store = store_from_histories(train, category=category, n_categories=n_categories)
+    train, store, n_categories = training_inputs(tables)
     mc = ModelConfig(**{"n_categories": n_categories, **pick[ModelConfig], **MODELS[args.model]})
     tc = TrainConfig(**{"mode": "sync", "log_every": 0, **pick[TrainConfig]})
     cfg = EvalConfig(window_s=None if args.dataset == "amazon" else 1800, max_users=None, max_queries=None,
-                     holdouts=("valid",), baselines=(), protocol_b=args.dataset == "amazon")
+                     holdouts=("valid",), baselines=())
 
     def evaluate(scorer: Scorer) -> dict[str, float]:
         return valid_figures(evaluate_tables(tables, cfg, extra_scorers={args.model: scorer}), args.model)

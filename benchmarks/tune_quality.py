@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.bench_quality import MODELS, load, parse, training_inputs
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--model", choices=list(MODELS), default="pinsage")
     ap.add_argument("--data", type=Path, default=Path("..") / "shared" / "data")
     ap.add_argument("--gen-rows", type=int, default=200_000)
+    ap.add_argument("--save", type=Path, help="write the final item and query embeddings here (.npz)")
     ap.add_argument("--set", action="append", default=[], help="field=value of ModelConfig/TrainConfig/WalkConfig")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,6 +69,8 @@ def main() -> int:
 
     res = train_gnn(train, mc, tc, walk_cfg=WalkConfig(**pick[WalkConfig]), store=store, evaluate=evaluate,
                     time_budget_s=float("inf"), name=args.model)
+    if args.save is not None:
+        np.savez(args.save, items=res.scorer.emb.numpy(), queries=res.scorer.query_emb.numpy())
     line = {"command": " ".join(["python", *sys.argv]), "dataset": args.dataset, "model": args.model,
             "loadavg": os.getloadavg(), "overrides": over, "holdout": "valid", "epochs": res.epochs,
             "seconds": round(res.seconds, 1)}

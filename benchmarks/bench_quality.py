@@ -8,10 +8,9 @@ protocol B HR@10 / MRR. GNNs train on the training split's consecutive-item pair
 settings of ``gnn`` defaults plus the overrides recorded in the JSON, each under a wall-clock budget.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/bench_quality.py --dataset amazon`` (one dataset per run; the results
-of all runs are merged into results/quality.json). The figures in results/quality.json came from (nice -n 19)
-``--dataset generated --gen-rows 200000 --budget-s 900 --set epochs=12 --set embed_dim=128`` and
-``--dataset amazon --set id_buckets=32768 --set epochs=10 --set n_negatives=4096 --budget-s 900``: the epochs and
-width chosen on the validation holdout with ``benchmarks/tune_quality.py`` (results/quality_tuning.jsonl).
+of all runs are merged into results/quality.json). Generated data: ``--dataset generated --gen-rows 200000
+--budget-s 900 --set epochs=12 --set embed_dim=128`` (epochs and width chosen on the validation holdout with
+``benchmarks/tune_quality.py``, see results/quality_tuning.jsonl); Amazon: the ``command`` in the JSON.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ protocol B HR@10 / MRR. GNNs train on the training split's consecutive-item pair
 settings of ``gnn`` defaults plus the overrides recorded in the JSON, each under a wall-clock budget.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/bench_quality.py --dataset amazon`` (one dataset per run; the results
-of all runs are merged into results/quality.json).
+of all runs are merged into results/quality.json). Generated data: ``--dataset generated --gen-rows 200000
+--budget-s 900 --set epochs=12 --set embed_dim=128`` (epochs and width chosen on the validation holdout with
+``benchmarks/tune_quality.py``, see results/quality_tuning.jsonl); Amazon: the ``command`` in the JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from benchmarks.bench_baselines import read_amazon, read_taobao, split_last_days, split_last_n
 from benchmarks.quality_lib import store_from_histories, train_gnn
 from gnn.baselines import Histories, Scorer
+from gnn.graphstore import GraphStore
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
@@ -58,15 +61,20 @@ def load(dataset: str, data: Path, gen_rows: int) -> tuple[dict[str, pd.DataFram
                                  "users": info["users"], "items": info["items"]}
 
 
-def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any], train_over: dict[str, Any],
-        budget_s: float, models: list[str]) -> dict[str, Any]:
+def training_inputs(tables: dict[str, pd.DataFrame]) -> tuple[Histories, GraphStore, int]:
+    """The training histories, their graph store (with every item's category) and the number of categories."""
     everything = pd.concat(list(tables.values()))
     n_users, n_items = int(everything["user"].max()) + 1, int(everything["item"].max()) + 1
     train = Histories.from_interactions(tables["train"], n_users=n_users, n_items=n_items)
     category = np.zeros(n_items, np.int64)
     category[everything["item"].to_numpy()] = everything["category"].to_numpy()
     n_categories = int(category.max()) + 1
-    store = store_from_histories(train, category=category, n_categories=n_categories)
+    return train, store_from_histories(train, category=category, n_categories=n_categories), n_categories
+
+
+def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any], train_over: dict[str, Any],
+        budget_s: float, models: list[str]) -> dict[str, Any]:
+    train, store, n_categories = training_inputs(tables)
     scorers: dict[str, Scorer] = {}
     training: dict[str, Any] = {}
     for name in models:

@@ -44,7 +44,9 @@ class ModelConfig:
     ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (64);
     ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True);
     ``query_head`` a separate linear map for the query side of a pair, outside the item encoder (True):
-    next-item relations are directional, so a query item is scored as ``queries(z_q) · z_p``.
+    next-item relations are directional, so a query item is scored as ``queries(z_q) · z_p``;
+    ``query_hidden`` width of a residual ReLU layer added to the linear query head, 0 = linear only (0):
+    ``queries(z) = A z + b + W₂ ReLU(W₁ z + b₁)`` with W₂ starting at zero, so the head starts as the identity.
     """
 
     kind: ModelKind = "pinsage"
@@ -63,6 +65,7 @@ class ModelConfig:
     content_dim: int = 0
     normalize_output: bool = True
     query_head: bool = True
+    query_hidden: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("pinsage", "graphsage"):
@@ -76,8 +79,10 @@ class ModelConfig:
         for name in ("n_layers", "n_neighbors", "input_dim", "hidden_dim", "embed_dim", "n_categories"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: must be at least 1")
-        if self.id_buckets < 0 or self.content_dim < 0 or self.n_numeric < 0:
-            raise ValueError("ModelConfig.id_buckets, content_dim and n_numeric must be non-negative")
+        if self.id_buckets < 0 or self.content_dim < 0 or self.n_numeric < 0 or self.query_hidden < 0:
+            raise ValueError("ModelConfig.id_buckets, content_dim, n_numeric and query_hidden must be non-negative")
+        if self.query_hidden and not self.query_head:
+            raise ValueError(f"ModelConfig.query_hidden={self.query_hidden}: needs query_head=True (or set it to 0)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +122,9 @@ class ItemEncoder(nn.Module):
         self.g2 = nn.Linear(config.hidden_dim, config.embed_dim)
         # Query side (not part of the item embedding, so inference stays layer by layer): starts as the identity.
         self.query_proj = nn.Linear(config.embed_dim, config.embed_dim) if config.query_head else None
+        # Optional residual ReLU layer of the head: W₂ ReLU(W₁ z + b₁) + b₂ (query_hidden > 0).
+        self.query_hidden = nn.Linear(config.embed_dim, config.query_hidden) if config.query_hidden else None
+        self.query_out = nn.Linear(config.query_hidden, config.embed_dim) if config.query_hidden else None
         self._reset_query_head()
 
     def reset_parameters(self) -> None:
@@ -131,6 +139,10 @@ class ItemEncoder(nn.Module):
         if self.query_proj is not None:
             nn.init.eye_(self.query_proj.weight)
             nn.init.zeros_(self.query_proj.bias)
+        if self.query_hidden is not None and self.query_out is not None:
+            self.query_hidden.reset_parameters()
+            nn.init.zeros_(self.query_out.weight)  # the residual branch starts silent: the head is the identity
+            nn.init.zeros_(self.query_out.bias)
 
     def queries(self, z: torch.Tensor) -> torch.Tensor:
         """Query vectors of item embeddings ``z`` (N, D) -> (N, D): the query head when configured (then
@@ -138,6 +150,8 @@ class ItemEncoder(nn.Module):
         if self.query_proj is None:
             return z
         q = self.query_proj(z)
+        if self.query_hidden is not None and self.query_out is not None:
+            q = q + self.query_out(torch.relu(self.query_hidden(z)))  # (N, D)
         return l2_normalize(q) if self.config.normalize_output else q
 
     def forward(self, subgraph: Subgraph) -> torch.Tensor:

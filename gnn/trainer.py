@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -41,7 +42,10 @@ class TrainConfig:
     ``device`` where the model computes, "cpu" or "cuda[:i]" ("cpu"; batches are built on the CPU and moved);
     ``loss`` "max_margin" | "softmax" ("softmax"): the hinge loss or the sampled softmax over the batch's
     distinct items (:class:`gnn.loss.SampledSoftmaxLoss`); ``temperature`` τ of the softmax (0.1);
-    ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0).
+    ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0);
+    ``lr_schedule`` "constant" | "cosine" ("constant"): with "cosine" the learning rate of step s (0-based) of
+    ``epochs · n_batches`` steps is ``lr · (f + (1 − f) · (1 + cos(π s / total)) / 2)``, f = ``lr_final`` (0.05),
+    see :func:`scheduled_lr`.
     """
 
     epochs: int = 6
@@ -62,6 +66,8 @@ class TrainConfig:
     loss: Literal["max_margin", "softmax"] = "softmax"
     temperature: float = 0.1
     logq_alpha: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -77,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device={self.device!r}: use 'cpu' or 'cuda[:index]' ({exc})") from None
         if self.loss not in ("max_margin", "softmax"):
             raise ValueError(f"TrainConfig.loss={self.loss!r}: use 'max_margin' or 'softmax'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ValueError(f"TrainConfig.lr_final={self.lr_final}: a fraction of lr in [0, 1] (try 0.05)")
         if self.temperature <= 0:
             raise ValueError(f"TrainConfig.temperature={self.temperature}: must be > 0 (try 0.1)")
 
@@ -112,6 +122,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     # (the CPU fused kernel exists from torch 2.4 on; pyproject allows 2.3)
     fused = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of 0-based optimizer ``step`` out of ``total_steps`` under ``config.lr_schedule``:
+    ``config.lr`` throughout for "constant"; for "cosine" a half cosine from ``lr`` at step 0 down to
+    ``lr · lr_final`` at the last step (and after it), so the last epochs take small, precise steps."""
+    if config.lr_schedule == "constant" or total_steps <= 1:
+        return config.lr
+    frac = min(max(step, 0) / (total_steps - 1), 1.0)
+    return config.lr * (config.lr_final + (1.0 - config.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 def query_side(model: nn.Module, item_embeddings: torch.Tensor) -> torch.Tensor:
@@ -177,9 +197,13 @@ class Trainer:
         stream = iterate_batches(self.batches, epoch=self.epoch, n_batches=self.batches.n_batches, mode=cfg.mode,
                                  n_threads=cfg.producer_threads, queue_size=cfg.queue_size, stats=stats)
         device = torch.device(cfg.device)
+        total_steps = cfg.epochs * self.batches.n_batches
         with closing(stream):
             for batch in stream:
                 batch = batch.to(device)
+                if cfg.lr_schedule != "constant":
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = scheduled_lr(cfg, self.step, total_steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = compute_loss(self.model, self.loss, batch)
                 loss.backward()

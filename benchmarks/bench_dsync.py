@@ -14,6 +14,15 @@ Run: ``PYTHONPATH=$PWD nice -n 5 python benchmarks/bench_dsync.py --modes none,f
 Quality after several epochs and seeds (issue 6's 2 % goals): ``--modes sgd,dgc,none,local --steps 0 --epochs 3
 --seeds 0,1`` writes under ``multi_epoch`` (per-seed rows, seed means, relative gaps); the DGC warm-up stays in
 steps (``--dgc-stage-steps``), so it is the same 4·stage-steps steps whatever the number of epochs.
+
+Paired quality (``--section quality_softmax``; one mode and seed per invocation keeps each under 10 minutes, rows merge
+into one block per settings key): ``--modes M --seeds S --steps 0 --epochs 3 --dgc-stage-steps 2
+--section quality_softmax`` for M in none, local4_wu1, sgd, dgc (2 workers) and none_w4,
+hierarchical_w4 (4 workers; list the dense mode of a seed first: its epoch length sets the averaging warm-up).
+A seed fixes the initial weights, the partition, the batches and the negatives of every mode (``--check-pairing``
+verifies it from per-step weight digests), so per-seed differences are paired; quality is pooled over the valid and
+test splits; ``paired_gaps`` gives each mode's mean relative gap to its reference with its standard error and 95 %
+t-interval. ``--refold`` recomputes means and gaps from the stored rows.
 """
 
 from __future__ import annotations
@@ -47,10 +56,19 @@ MODES: dict[str, dict[str, Any]] = {
     "hierarchical": {"sync": "hierarchical:2@4,all@16"},
     # the quality section (--section quality_softmax): averaging with a global warm-up (--sync-warmup-epochs) and
     # the 4-worker pair that hierarchical averaging needs (groups of 2 inside 4 ranks)
+    # (sync_warmup_epochs: that mode's post-local SGD warm-up, overriding --sync-warmup-epochs)
     "local4": {"sync": "local:4"},
+    "local4_wu1": {"sync": "local:4", "sync_warmup_epochs": 1.0},
     "none_w4": {"workers": 4},
-    "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8"},
+    "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0},
 }
+
+
+def warmup_epochs_of(mode: str, args: argparse.Namespace) -> float:
+    """Epochs of global all-reduce before ``mode`` starts averaging (0 for all-reduce modes)."""
+    if "sync" not in MODES[mode]:
+        return 0.0
+    return float(MODES[mode].get("sync_warmup_epochs", args.sync_warmup_epochs))
 
 
 def quality(run: Path, *, pooled: bool = False) -> dict[str, Any]:
@@ -85,8 +103,10 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
     worker count, which turns ``--sync-warmup-epochs`` into the averager's warm-up steps (post-local SGD)."""
     settings = dict(MODES[mode])
     workers = settings.pop("workers", 2)
-    if "sync" in settings and args.sync_warmup_epochs and steps_per_epoch:
-        settings["sync_warmup_steps"] = round(args.sync_warmup_epochs * steps_per_epoch)
+    warmup_epochs = warmup_epochs_of(mode, args)
+    settings.pop("sync_warmup_epochs", None)
+    if warmup_epochs and steps_per_epoch:
+        settings["sync_warmup_steps"] = round(warmup_epochs * steps_per_epoch)
     sgd = settings.get("compression") == "dgc" or settings.get("optimizer") == "sgd"
     cfg = TrainStageConfig(workers=workers, epochs=args.epochs, steps_per_epoch=args.steps, progress_s=0.0,
                            lr=args.sgd_lr if sgd else 3e-3, dgc_warmup_unit="step",
@@ -308,8 +328,8 @@ def main() -> int:
     elif args.section == "auto":
         args.section = "runs" if args.epochs == 1 and seeds == [0] else "multi_epoch"
     out = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
-    key = (f"epochs={args.epochs},steps_per_epoch={args.steps},sync_warmup_epochs={args.sync_warmup_epochs:g},"
-           f"dgc_stage_steps={args.dgc_stage_steps}")
+    # the averaging warm-up is part of each row's settings (sync_warmup_steps), so it is not in the key
+    key = f"epochs={args.epochs},steps_per_epoch={args.steps},dgc_stage_steps={args.dgc_stage_steps}"
     stored: list[dict[str, Any]] = [r for v in out.get("quality_softmax", {}).get(key, {}).get("per_seed", {})
                                     .values() for r in v.values()]
     run = args.run_dir / f"rows-{args.rows}"
@@ -325,8 +345,8 @@ def main() -> int:
         check = check_pairing(run, client, args) if args.check_pairing else None
         for seed in seeds if check is None else []:
             for mode in modes:
-                spe = steps_per_epoch_of(rows + stored, mode, seed) if args.sync_warmup_epochs else None
-                if "sync" in MODES[mode] and args.sync_warmup_epochs and spe is None:
+                spe = steps_per_epoch_of(rows + stored, mode, seed) if warmup_epochs_of(mode, args) else None
+                if warmup_epochs_of(mode, args) and spe is None:
                     parser.error(f"--modes: {mode} needs its epoch length for --sync-warmup-epochs; list a dense "
                                  f"mode with {MODES[mode].get('workers', 2)} workers before it")
                 rows.append(run_mode(run, client, mode, args, seed, steps_per_epoch=spe))

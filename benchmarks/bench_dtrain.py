@@ -100,12 +100,19 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 
 
 def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
-                 same_global_batch: bool, timing_steps: int) -> dict[str, Any]:
+                 same_global_batch: bool, timing_steps: int, seeds: list[int]) -> dict[str, Any]:
     """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
     its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
     that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
     many steps per rank only (no embeddings, no quality: a short run for a quiet machine); 0: ``epochs`` full
     epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either)."""
+    if not timing_steps and len(seeds) > 1:  # quality over seeds (the timing of each run is not the point)
+        per_seed = [part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0, [s])["rows"]
+                    for s in seeds]
+        runs = {w: [rows[i] for rows in per_seed] for i, w in enumerate((1, 2))}
+        return {"seeds": seeds, "per_seed": runs, "mean_quality": {
+            w: {m: round(sum(r["quality"][m] for r in rs) / len(rs), 5) for m in ("hit@10", "mrr")}
+            for w, rs in runs.items()}}
     rows = []
     for workers in (1, 2):
         per_rank = batch // workers if same_global_batch else batch
@@ -114,7 +121,7 @@ def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, bat
                     cpus_per_rank=cpus_per_rank, batch_size=per_rank)
         else:
             r = one(run, client, workers=workers, epochs=epochs, embed=True, cpus_per_rank=cpus_per_rank,
-                    batch_size=per_rank)
+                    batch_size=per_rank, seed=seeds[0])
             r["quality"] = quality(run)
         rows.append(r)
     rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
@@ -151,6 +158,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="scaling: time this many steps per rank only (no quality)")
+    parser.add_argument("--seeds", default="0", help="scaling: comma-separated seeds (quality over several)")
     parser.add_argument("--same-global-batch", action="store_true",
                         help="scaling: 2 ranks of batch/2 pairs (same steps and batch as 1 rank)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
@@ -168,7 +176,8 @@ def main() -> int:
             section = part_partition(run, client, args.steps)
         elif args.part == "scaling":
             section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
-                                   args.same_global_batch, args.timing_steps)
+                                   args.same_global_batch, args.timing_steps,
+                                   [int(x) for x in args.seeds.split(",")])
         else:
             section = part_baseline(run, client, args.model, args.epochs)
     section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
@@ -178,7 +187,9 @@ def main() -> int:
     name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}",
             "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
             + ("_same_global_batch" if args.same_global_batch else "")
-            + (f"_timing{args.timing_steps}" if args.timing_steps else "")}.get(args.part, args.part)
+            + (f"_timing{args.timing_steps}" if args.timing_steps else "")
+            + (f"_quality_{args.epochs}epochs_{len(args.seeds.split(','))}seeds" if "," in args.seeds else "")
+            }.get(args.part, args.part)
     out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")

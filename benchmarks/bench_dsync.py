@@ -59,6 +59,7 @@ MODES: dict[str, dict[str, Any]] = {
     # (sync_warmup_epochs: that mode's post-local SGD warm-up, overriding --sync-warmup-epochs)
     "local4": {"sync": "local:4"},
     "local4_wu1": {"sync": "local:4", "sync_warmup_epochs": 1.0},
+    "local2_wu1": {"sync": "local:2", "sync_warmup_epochs": 1.0},
     "none_w4": {"workers": 4},
     "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
@@ -201,6 +202,7 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the quality section's references: each mode against the dense mode with the same optimizer and worker count
 PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
+                     "local2_wu1": "none",
                      "hierarchical": "none", "hierarchical_w4": "none_w4"}
 
 

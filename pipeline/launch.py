@@ -48,11 +48,16 @@ class RankInfo:
         return f"tcp://{self.master_addr}:{self.master_port}"
 
 
+def host_of(address: str) -> str:
+    """The host of a Dask address such as ``tcp://10.0.0.1:4001``."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0]
+
+
 def _free_port() -> tuple[str, int]:
     """(host, port) of a TCP port free on this worker's machine, on the interface Dask uses."""
     from distributed import get_worker
 
-    host = get_worker().address.split("://", 1)[-1].rsplit(":", 1)[0]
+    host = host_of(get_worker().address)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return host, int(s.getsockname()[1])
@@ -149,7 +154,7 @@ def host_slots(workers: Sequence[str]) -> list[int]:
     seen: dict[str, int] = {}
     slots = []
     for address in workers:
-        host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+        host = host_of(address)
         slots.append(seen.get(host, 0))
         seen[host] = slots[-1] + 1
     return slots
@@ -169,14 +174,12 @@ def slot_cpus(slot: int, n_cpus: int, allowed: Sequence[int] | None = None) -> l
     return list(allowed[first:first + n_cpus])
 
 
-def _set_thread_affinity(cpus: dict[int, set[int]] | set[int]) -> None:
+def _set_thread_affinity(cpus_of: Callable[[int], set[int]]) -> None:
+    """Move each thread of this process (by thread id) to the CPU set ``cpus_of(tid)``."""
     for name in os.listdir("/proc/self/task"):
         tid = int(name)
-        want = cpus if isinstance(cpus, set) else cpus.get(tid)
-        if want is None:
-            continue
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, want)
+            os.sched_setaffinity(tid, cpus_of(tid))
 
 
 @contextlib.contextmanager
@@ -190,12 +193,11 @@ def pinned_cpus(cpus: Sequence[int]) -> Iterator[None]:
         raise ValueError("cpus_per_rank > 0: this platform cannot pin threads to CPUs; use cpus_per_rank=0")
     before = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
     default = os.sched_getaffinity(0)
-    _set_thread_affinity(set(cpus))
+    _set_thread_affinity(lambda _tid: set(cpus))
     try:
         yield
     finally:
-        _set_thread_affinity(default)
-        _set_thread_affinity(before)
+        _set_thread_affinity(lambda tid: before.get(tid, default))
 
 
 def worker_pid() -> int:

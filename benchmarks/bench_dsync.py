@@ -20,7 +20,9 @@ into one block per settings key): ``--modes M --seeds S --steps 0 --epochs 3 --d
 --section quality_softmax`` for M in none, local4_wu1, sgd, dgc (2 workers) and none_w4,
 hierarchical_w4 (4 workers; list the dense mode of a seed first: its epoch length sets the averaging warm-up).
 A seed fixes the initial weights, the partition, the batches and the negatives of every mode (``--check-pairing``
-verifies it from per-step weight digests), so per-seed differences are paired; quality is pooled over the valid and
+verifies it from per-step weight digests; each run partitions with its seed first, because the train stage keeps
+whatever partition of the right size it finds, and rows made before 2026-11-26 03:40 UTC could inherit another
+seed's), so per-seed differences are paired; quality is pooled over the valid and
 test splits; ``paired_gaps`` gives each mode's mean relative gap to its reference with its standard error and 95 %
 t-interval. ``--refold`` recomputes means and gaps from the stored rows.
 """
@@ -44,6 +46,7 @@ from distributed import Client, LocalCluster  # noqa: E402
 from gnn.comm import SyncLevel  # noqa: E402
 from gnn.comm.config import parse_sync  # noqa: E402
 from gnn.comm.projection import StepTraffic, gbit, projected_step_seconds  # noqa: E402
+from pipeline.partition import PartitionConfig, run_partition  # noqa: E402
 from pipeline.train import TrainStageConfig, train  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -121,6 +124,8 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
                            dgc_warmup_unit="step", dgc_warmup_stage_length=args.dgc_stage_steps, seed=seed,
                            **settings, **extra)
     settings["workers"] = workers
+    if workers > 1:  # the seed's own partition, whatever ran before in this directory (train keeps any it finds)
+        run_partition(run, PartitionConfig(parts=workers, method=cfg.partition, seed=seed))
     out = train(run, cfg, client, force=True)
     rep = json.loads((out.path / "report.json").read_text())
     comm = rep["per_worker"][0]["comm"]

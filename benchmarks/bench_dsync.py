@@ -63,6 +63,10 @@ MODES: dict[str, dict[str, Any]] = {
     "local4": {"sync": "local:4"},
     "local4_wu1": {"sync": "local:4", "sync_warmup_epochs": 1.0},
     "local2_wu1": {"sync": "local:2", "sync_warmup_epochs": 1.0},
+    # the same pair on hash-partitioned shards: each rank's training pairs are then a uniform sample of all of
+    # them (METIS shards are communities, so local steps drift towards their own shard's items)
+    "none_rand": {"partition": "random"},
+    "local2_wu1_rand": {"sync": "local:2", "sync_warmup_epochs": 1.0, "partition": "random"},
     "none_w4": {"workers": 4},
     "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
@@ -207,7 +211,7 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the quality section's references: each mode against the dense mode with the same optimizer and worker count
 PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
-                     "local2_wu1": "none",
+                     "local2_wu1": "none", "local2_wu1_rand": "none_rand",
                      "hierarchical": "none", "hierarchical_w4": "none_w4"}
 
 
@@ -266,9 +270,10 @@ def gaps(means: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def steps_per_epoch_of(rows: list[dict[str, Any]], mode: str, seed: int) -> int | None:
     """Steps of one epoch for ``mode``'s worker count and ``seed`` (the partition, hence the longest shard, depends
     on the seed), from a row already trained in this block; None when there is none yet."""
-    workers = MODES[mode].get("workers", 2)
+    workers, method = MODES[mode].get("workers", 2), MODES[mode].get("partition", "metis")
     for r in rows:
-        if r["seed"] == seed and r["settings"].get("workers", 2) == workers:
+        if (r["seed"] == seed and r["settings"].get("workers", 2) == workers
+                and r["settings"].get("partition", "metis") == method):
             return int(r["steps"] // r["epochs"])
     return None
 

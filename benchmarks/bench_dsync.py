@@ -67,6 +67,11 @@ MODES: dict[str, dict[str, Any]] = {
     # them (METIS shards are communities, so local steps drift towards their own shard's items)
     "none_rand": {"partition": "random"},
     "local2_wu1_rand": {"sync": "local:2", "sync_warmup_epochs": 1.0, "partition": "random"},
+    # averaging each item row over the ranks that trained it (gnn/comm/averaging.py, weighting "touched")
+    "local2_wu1_touched": {"sync": "local:2", "sync_warmup_epochs": 1.0, "sync_weighting": "touched"},
+    "local4_wu1_touched": {"sync": "local:4", "sync_warmup_epochs": 1.0, "sync_weighting": "touched"},
+    "hierarchical_w4_touched": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                                "sync_weighting": "touched"},
     "none_w4": {"workers": 4},
     "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
@@ -211,7 +216,8 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the quality section's references: each mode against the dense mode with the same optimizer and worker count
 PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
-                     "local2_wu1": "none", "local2_wu1_rand": "none_rand",
+                     "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local2_wu1_touched": "none",
+                     "local4_wu1_touched": "none", "hierarchical_w4_touched": "none_w4",
                      "hierarchical": "none", "hierarchical_w4": "none_w4"}
 
 

@@ -96,6 +96,9 @@ class TrainStageConfig:
         default="none", metadata={"help": "gradient compression"})
     sync: str = field(default="allreduce", metadata={"help": "allreduce | local:H | hierarchical:G@P,...,all@P"})
     sync_warmup_steps: int = field(default=0, metadata={"help": "global all-reduce steps before local averaging"})
+    sync_weighting: Literal["uniform", "touched"] = field(
+        default="uniform", metadata={"help": "averaging rounds: plain mean, or each matrix row (an item's embedding) "
+                                             "over the ranks that trained it since the last round"})
     dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
     dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
@@ -151,7 +154,8 @@ class TrainStageConfig:
         dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length)
-        return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps, dgc=dgc)
+        return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
+                          sync_weighting=self.sync_weighting, dgc=dgc)
 
     @property
     def optimizer_kind(self) -> str:

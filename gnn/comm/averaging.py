@@ -5,6 +5,12 @@ its groups with ``dist.new_subgroups`` (which needs CUDA without ``group_size``)
 groups of consecutive ranks with ``dist.new_group``, averages every floating tensor (parameters and buffers) and
 broadcasts integer buffers from the group's first rank, so replicas inside a group are bit-identical afterwards.
 
+``weighting="touched"`` averages each row of a matrix over the replicas whose gradients touched that row since their
+last averaging round (the rest of the group for no row nobody touched: a plain mean). Plain averaging shrinks the
+update of a row that only one of G replicas trained (an item-embedding row of an item that lives in one shard) by G,
+while gradient all-reduce under Adam does not (Adam's step does not scale with the averaged gradient's size): with
+METIS shards most item rows are such rows, so local SGD under plain averaging trains them at 1/G of the rate.
+
     averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps)
     optimizer = AveragingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), averager, model)
 """
@@ -23,6 +29,8 @@ from gnn.comm.config import SyncLevel
 
 logger = logging.getLogger(__name__)
 
+WEIGHTINGS = ("uniform", "touched")
+
 
 def _module_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -40,12 +48,20 @@ class ModelAverager:
         warmup_steps: steps of global gradient all-reduce before averaging starts (default 0).
         process_group: the ranks taking part (default: the world).
         traffic: counter to record rounds and bytes in (default: a new one).
+        weighting: ``uniform`` (plain mean, default) or ``touched`` (each row of a parameter of dim >= 2 averaged
+            over the replicas that touched it since the last round; call :meth:`record_touched` after each
+            backward, as :class:`AveragingOptimizer` does).
     """
 
     def __init__(self, levels: Sequence[SyncLevel], *, warmup_steps: int = 0,
-                 process_group: dist.ProcessGroup | None = None, traffic: TrafficAccount | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None, traffic: TrafficAccount | None = None,
+                 weighting: str = "uniform") -> None:
         if not levels:
             raise ValueError("levels must not be empty; give at least one SyncLevel (e.g. local:16)")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"--sync-weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+        self.weighting = weighting
+        self.touched: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (rows,) bool, since the last round
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         world_group = process_group if process_group is not None else dist.group.WORLD
@@ -96,6 +112,18 @@ class ModelAverager:
                 return i
         return None
 
+    def record_touched(self, model: torch.nn.Module) -> None:
+        """Mark the rows of every parameter of dim >= 2 that have a non-zero gradient now (``touched`` weighting;
+        a no-op otherwise and during warm-up). Call after backward, before the optimizer step."""
+        if self.weighting != "touched" or self.in_warmup:
+            return
+        for p in _module_of(model).parameters():
+            if p.dim() < 2 or p.grad is None:
+                continue
+            rows = p.grad.detach().reshape(p.shape[0], -1).ne(0).any(dim=1)  # (rows,)
+            seen = self.touched.get(p)
+            self.touched[p] = rows if seen is None else seen | rows
+
     def step(self, model: torch.nn.Module) -> int | None:
         """Count one optimizer step and average if a level is due; returns the level index averaged, if any."""
         self.step_count += 1
@@ -108,10 +136,17 @@ class ModelAverager:
         """Average parameters and floating buffers within this rank's group of ``level`` now (a sync point)."""
         group, members = self.groups[level]
         module = _module_of(model)
-        tensors = [p.data for p in module.parameters()] + list(module.buffers())
+        payload = 0
+        weighted = set()
+        if self.weighting == "touched":
+            for p in module.parameters():
+                if p.dim() >= 2 and p.is_floating_point():
+                    payload += self._average_touched(p, group, len(members))
+                    weighted.add(p)
+            self.touched.clear()
+        tensors = [p.data for p in module.parameters() if p not in weighted] + list(module.buffers())
         floats = [t for t in tensors if t.is_floating_point()]
         others = [t for t in tensors if not t.is_floating_point()]
-        payload = 0
         for dtype in {t.dtype for t in floats}:
             same = [t for t in floats if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in same])  # (total,)
@@ -126,6 +161,29 @@ class ModelAverager:
             dist.broadcast(t, src=members[0], group=group)
             payload += t.numel() * t.element_size()
         self.traffic.record_sync(level=self.levels[level].label, payload_bytes=payload)
+
+    def _average_touched(self, p: torch.Tensor, group: dist.ProcessGroup, size: int) -> int:
+        """Row-wise mean of ``p`` over the group's replicas that touched the row (plain mean where none did);
+        returns the bytes this rank sent. Three all-reduces: the touch counts, the touched rows' values, and the
+        values of the rows nobody touched (the same rows on every rank once the counts are summed)."""
+        rows = p.shape[0]
+        mine = self.touched.get(p)
+        if mine is None:
+            mine = torch.zeros(rows, dtype=torch.bool, device=p.device)
+        counts = mine.to(p.dtype)  # (rows,)
+        dist.all_reduce(counts, group=group)
+        flat = p.data.reshape(rows, -1)  # (rows, cols)
+        values = flat * mine.unsqueeze(1).to(p.dtype)  # (rows, cols): zero where this replica did not touch
+        dist.all_reduce(values, group=group)
+        nobody = counts.eq(0)  # (rows,), identical on every rank
+        untouched = flat[nobody].contiguous()  # (n0, cols)
+        if untouched.numel():
+            dist.all_reduce(untouched, group=group)
+            untouched.div_(size)
+        values.div_(counts.clamp(min=1).unsqueeze(1))
+        values[nobody] = untouched
+        flat.copy_(values)
+        return (counts.numel() + values.numel() + untouched.numel()) * p.element_size()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count}
@@ -153,6 +211,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.state = optimizer.state  # the same dict: the wrapped optimizer keeps its momentum buffers
 
     def step(self, closure: Any = None) -> Any:
+        self.averager.record_touched(self.model)
         loss = self.optimizer.step(closure)
         self.averager.step(self.model)
         return loss

@@ -106,6 +106,8 @@ class CommConfig:
         sync: ``allreduce`` (every step), ``local`` (periodic averaging) or ``hierarchical`` (default ``allreduce``).
         sync_levels: averaging levels for ``local``/``hierarchical`` (parsed from the ``--sync`` spec).
         sync_warmup_steps: global gradient all-reduce steps before local/hierarchical averaging starts (default 0).
+        sync_weighting: ``uniform`` (plain mean, default) or ``touched`` (each row of a matrix averaged over the
+            replicas whose gradients touched it since the last round; see gnn/comm/averaging.py).
         powersgd_rank: PowerSGD matrix approximation rank (default 2).
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts; must be > 1 (default 10).
         dgc: DGC settings (used when ``compression == "dgc"``).
@@ -115,6 +117,7 @@ class CommConfig:
     sync: str = "allreduce"
     sync_levels: tuple[SyncLevel, ...] = ()
     sync_warmup_steps: int = 0
+    sync_weighting: str = "uniform"
     powersgd_rank: int = 2
     powersgd_start_iter: int = 10
     dgc: DGCConfig = field(default_factory=DGCConfig)
@@ -134,6 +137,11 @@ class CommConfig:
                                  "warm-up; use --compression none")
         if self.sync_warmup_steps < 0:
             raise ValueError(f"--sync-warmup-steps {self.sync_warmup_steps} must be >= 0")
+        if self.sync_weighting not in ("uniform", "touched"):
+            raise ValueError(f"--sync-weighting {self.sync_weighting!r}: choose uniform or touched")
+        if self.sync_weighting != "uniform" and self.sync == "allreduce":
+            raise ValueError(f"--sync-weighting {self.sync_weighting} weights model averaging rounds; it needs "
+                             "--sync local:H or hierarchical:..., not allreduce")
         if self.powersgd_rank < 1:
             raise ValueError(f"--powersgd-rank {self.powersgd_rank} must be >= 1")
         if self.powersgd_start_iter <= 1:
@@ -235,6 +243,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compression", default=d.compression, choices=COMPRESSIONS)
     group.add_argument("--sync", default="allreduce", help="allreduce | local:H | hierarchical:G@P,...,all@P")
     group.add_argument("--sync-warmup-steps", type=int, default=d.sync_warmup_steps)
+    group.add_argument("--sync-weighting", default=d.sync_weighting, choices=("uniform", "touched"),
+                       help="averaging rounds: plain mean, or each matrix row over the replicas that touched it")
     group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
     group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
     group.add_argument("--dgc-sparsity", type=float, default=dg.sparsity)
@@ -254,7 +264,8 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
                     momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
-                      sync_warmup_steps=args.sync_warmup_steps, powersgd_rank=args.powersgd_rank,
+                      sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
+                      powersgd_rank=args.powersgd_rank,
                       powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)
 
 

@@ -189,7 +189,8 @@ def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, co
                              "forward_sync_buffers=False) (broadcast_buffers=False before torch 2.13); the averager "
                              "synchronises buffers on its own schedule")
         session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
-                                         process_group=process_group, traffic=traffic)
+                                         process_group=process_group, traffic=traffic,
+                                         weighting=config.sync_weighting)
         ddp_model.register_comm_hook(_HookState(process_group, traffic, averager=session.averager),
                                      local_sgd_hook)
     elif config.compression == "dgc":

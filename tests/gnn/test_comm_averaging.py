@@ -104,3 +104,47 @@ def test_hierarchical_averages_within_groups_then_everyone(gloo_four: list[dict[
             assert not same(hist[0][step], hist[1][step]) and not across_equal
     assert results[0]["stats"]["sync_rounds"] == {"group2@2": 2, "all@4": 1}
     assert results[3]["stats"]["total_sent_bytes"] == 0
+
+
+def touched_worker(rank: int, world: int, weighting: str) -> dict[str, Any]:
+    """Rank 0 trains embedding rows 0 and 1, rank 1 rows 1 and 2; rows 3-5 nobody; local:2 without warm-up."""
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Embedding(6, 3), torch.nn.Linear(3, 1)), forward_sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", "local:2", sync_weighting=weighting))
+    assert session.averager is not None
+    inner = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([rank, rank + 1])
+    before, after = [], []
+    for _ in range(2):
+        inner.zero_grad()
+        model(ids).pow(2).sum().backward()
+        session.averager.record_touched(model)
+        inner.step()
+        before.append(snapshot(model.module))
+        session.averager.step(model)
+        after.append(snapshot(model.module))
+    return {"before": before, "after": after}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("weighting", ["touched", "uniform"])
+def test_touched_weighting_averages_each_row_over_the_ranks_that_trained_it(weighting: str) -> None:
+    r0, r1 = run_gloo(touched_worker, world_size=2, args=(weighting,))
+    assert same(r0["after"][0], r0["before"][0]) and not same(r0["after"][0], r1["after"][0])  # step 1: local
+    a, b = r0["before"][1], r1["before"][1]  # each replica just before the round at step 2
+    emb0, emb1, avg = r0["after"][1], r1["after"][1], {k: (a[k] + b[k]) / 2 for k in a}
+    assert same(emb0, emb1)  # identical replicas after the round
+    rows = emb0["0.weight"]
+    assert torch.allclose(rows[1], avg["0.weight"][1]) and torch.allclose(rows[3:], a["0.weight"][3:])
+    if weighting == "touched":  # a row only one rank trained keeps that rank's value; dense tensors: the mean
+        assert torch.equal(rows[0], a["0.weight"][0]) and torch.equal(rows[2], b["0.weight"][2])
+    else:
+        assert torch.allclose(rows[0], avg["0.weight"][0]) and torch.allclose(rows[2], avg["0.weight"][2])
+    assert torch.allclose(emb0["1.weight"], avg["1.weight"]) and torch.allclose(emb0["1.bias"], avg["1.bias"])
+
+
+def test_touched_weighting_needs_model_averaging() -> None:
+    with pytest.raises(ValueError, match="sync-weighting touched .* needs --sync local"):
+        parse_comm("none", "allreduce", sync_weighting="touched")
+    with pytest.raises(ValueError, match="choose uniform or touched"):
+        parse_comm("none", "local:2", sync_weighting="rows")

@@ -4,13 +4,16 @@ Datasets: generated data with planted communities (``pipeline/generate.py``, las
 does by default), the Amazon video-games sample (leave-last-out: protocol A on valid/test, and DGL's protocol B)
 and the real Taobao head sample (last-day split). Every model is ranked by the same code
 (``pipeline.evaluate.evaluate_tables``): item→item hit@K / MRR, user→item precision/recall/F1/NDCG@K, and
-protocol B HR@10 / MRR. GNNs train on the training split's consecutive-item pairs (both directions) with the
-settings of ``gnn`` defaults plus the overrides recorded in the JSON, each under a wall-clock budget.
+protocol B HR@10 / MRR. GNNs train on the training split's consecutive-item pairs, directed (previous item ->
+next item, as item-CF counts them), with the settings of ``gnn`` defaults plus the overrides recorded in the
+JSON, each under a wall-clock budget.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/bench_quality.py --dataset amazon`` (one dataset per run; the results
 of all runs are merged into results/quality.json). Generated data: ``--dataset generated --gen-rows 200000
 --budget-s 900 --set epochs=12 --set embed_dim=128`` (epochs and width chosen on the validation holdout with
-``benchmarks/tune_quality.py``, see results/quality_tuning.jsonl); Amazon: the ``command`` in the JSON.
+``benchmarks/tune_quality.py``, see results/quality_tuning.jsonl); with per-item query offsets, chosen on valid
+(``--set query_id_buckets=16384``, 16 epochs): the ``command`` in results/quality_generated_tuned.json;
+Amazon: the ``command`` in the JSON.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def train_gnn(train: Histories, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     def make_scorer() -> EmbeddingScorer:
         emb = embed_items(model, sampler, np.arange(store.n_items), batch_size=2048)
         with torch.no_grad():
-            q = query_side(model, emb)
+            q = query_side(model, emb, torch.arange(store.n_items))
         return EmbeddingScorer(emb.numpy(), query_embeddings=q.numpy(), name=name)
 
     for _ in range(train_cfg.epochs):

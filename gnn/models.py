@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gnn.features import N_COUNT_FEATURES, ItemInputEncoder
+from gnn.features import N_COUNT_FEATURES, ItemInputEncoder, hash_ids
 from gnn.graphstore import GraphStore
 from gnn.layers import PinSageConv, Pooling, SAGEConv, l2_normalize
 from gnn.sampler import (
@@ -46,7 +46,11 @@ class ModelConfig:
     ``query_head`` a separate linear map for the query side of a pair, outside the item encoder (True):
     next-item relations are directional, so a query item is scored as ``queries(z_q) · z_p``;
     ``query_hidden`` width of a residual ReLU layer added to the linear query head, 0 = linear only (0):
-    ``queries(z) = A z + b + W₂ ReLU(W₁ z + b₁)`` with W₂ starting at zero, so the head starts as the identity.
+    ``queries(z) = A z + b + W₂ ReLU(W₁ z + b₁)`` with W₂ starting at zero, so the head starts as the identity;
+    ``query_id_buckets`` rows of a hashed per-item query offset added to the head, 0 = none (0): the query of
+    item i becomes ``A z_i + b + e[hash(i)]`` (rows start at zero), a free vector per query item that can hold
+    an item's own successor (a planted "next item"), which a shared map of z cannot; it needs the query items'
+    ids (``queries(z, ids)``).
     """
 
     kind: ModelKind = "pinsage"
@@ -66,6 +70,7 @@ class ModelConfig:
     normalize_output: bool = True
     query_head: bool = True
     query_hidden: int = 0
+    query_id_buckets: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("pinsage", "graphsage"):
@@ -83,6 +88,9 @@ class ModelConfig:
             raise ValueError("ModelConfig.id_buckets, content_dim, n_numeric and query_hidden must be non-negative")
         if self.query_hidden and not self.query_head:
             raise ValueError(f"ModelConfig.query_hidden={self.query_hidden}: needs query_head=True (or set it to 0)")
+        if self.query_id_buckets < 0 or (self.query_id_buckets and not self.query_head):
+            raise ValueError(f"ModelConfig.query_id_buckets={self.query_id_buckets}: pass 0 (none) or a positive "
+                             "number of rows with query_head=True")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +133,8 @@ class ItemEncoder(nn.Module):
         # Optional residual ReLU layer of the head: W₂ ReLU(W₁ z + b₁) + b₂ (query_hidden > 0).
         self.query_hidden = nn.Linear(config.embed_dim, config.query_hidden) if config.query_hidden else None
         self.query_out = nn.Linear(config.query_hidden, config.embed_dim) if config.query_hidden else None
+        # Optional hashed per-item query offset (query_id_buckets > 0), rows starting at zero.
+        self.query_id = nn.Embedding(config.query_id_buckets, config.embed_dim) if config.query_id_buckets else None
         self._reset_query_head()
 
     def reset_parameters(self) -> None:
@@ -143,15 +153,24 @@ class ItemEncoder(nn.Module):
             self.query_hidden.reset_parameters()
             nn.init.zeros_(self.query_out.weight)  # the residual branch starts silent: the head is the identity
             nn.init.zeros_(self.query_out.bias)
+        if self.query_id is not None:
+            nn.init.zeros_(self.query_id.weight)
 
-    def queries(self, z: torch.Tensor) -> torch.Tensor:
+    def queries(self, z: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Query vectors of item embeddings ``z`` (N, D) -> (N, D): the query head when configured (then
-        re-normalised like the embeddings), else ``z`` unchanged."""
+        re-normalised like the embeddings), else ``z`` unchanged. ``ids`` (N,) int64: the items of the rows of
+        ``z``, needed by a head with per-item offsets (``query_id_buckets``), ignored otherwise."""
         if self.query_proj is None:
             return z
         q = self.query_proj(z)
         if self.query_hidden is not None and self.query_out is not None:
             q = q + self.query_out(torch.relu(self.query_hidden(z)))  # (N, D)
+        if self.query_id is not None:
+            if ids is None or ids.shape != z.shape[:1]:
+                raise ValueError(f"ids={None if ids is None else tuple(ids.shape)}: a query head with "
+                                 f"query_id_buckets={self.config.query_id_buckets} needs the item id of each of "
+                                 f"the {z.shape[0]} rows")
+            q = q + self.query_id(hash_ids(ids.to(z.device), self.config.query_id_buckets))  # (N, D)
         return l2_normalize(q) if self.config.normalize_output else q
 
     def forward(self, subgraph: Subgraph) -> torch.Tensor:

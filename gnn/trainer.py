@@ -134,18 +134,19 @@ def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr * (config.lr_final + (1.0 - config.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def query_side(model: nn.Module, item_embeddings: torch.Tensor) -> torch.Tensor:
+def query_side(model: nn.Module, item_embeddings: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Query vectors from item embeddings: the model's query head when it has one (``ModelConfig.query_head``),
-    else the embeddings themselves. Works on a DDP-wrapped model. Shapes: ``(N, D) -> (N, D)``."""
+    else the embeddings themselves. ``ids`` (N,): the rows' item ids, needed when the head has per-item offsets
+    (``ModelConfig.query_id_buckets``). Works on a DDP-wrapped model. Shapes: ``(N, D) -> (N, D)``."""
     inner = getattr(model, "module", model)
     head = getattr(inner, "queries", None)
-    return item_embeddings if head is None else head(item_embeddings)
+    return item_embeddings if head is None else head(item_embeddings, ids)
 
 
 def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss | SampledSoftmaxLoss, batch: TrainBatch) -> torch.Tensor:
     """Forward pass over the batch's distinct items, then the loss of its pairs (hinge or sampled softmax)."""
     emb = model(batch.subgraph)  # (N_0, D): every distinct item of the batch once
-    query = query_side(model, emb[batch.query])  # (B, D)
+    query = query_side(model, emb[batch.query], batch.subgraph.node_ids[0][batch.query])  # (B, D)
     if isinstance(loss_fn, SampledSoftmaxLoss):
         return loss_fn(query, emb, batch.query, batch.positive, batch.weight, batch.subgraph.node_ids[0])
     hard = emb[batch.hard] if batch.hard.shape[1] else None  # (B, H, D)

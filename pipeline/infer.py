@@ -335,7 +335,8 @@ def write_query_side(encoder: ItemEncoder, embeddings: Path, out: Path, chunk: i
     emb = np.load(embeddings, mmap_mode="r")
     table = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=emb.shape)
     for lo in range(0, emb.shape[0], chunk):
-        table[lo:lo + chunk] = encoder.queries(torch.from_numpy(np.array(emb[lo:lo + chunk]))).numpy()
+        rows = torch.from_numpy(np.array(emb[lo:lo + chunk]))  # row i of the table is item i
+        table[lo:lo + chunk] = encoder.queries(rows, torch.arange(lo, lo + rows.shape[0])).numpy()
     table.flush()
 
 

@@ -418,7 +418,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         emb_t = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
                             seed=cfg.seed)
         with torch.no_grad():  # the query side of a model with a query head (gnn.trainer.query_side)
-            query_emb = query_side(plain, emb_t).cpu().numpy() if mc.query_head and cfg.embed else None
+            query_emb = query_side(plain, emb_t, torch.as_tensor(local.items, dtype=torch.int64)
+                                   ).cpu().numpy() if mc.query_head and cfg.embed else None
         emb = emb_t.cpu().numpy()
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,

@@ -144,7 +144,7 @@ def test_touched_weighting_averages_each_row_over_the_ranks_that_trained_it(weig
 
 
 def test_touched_weighting_needs_model_averaging() -> None:
-    with pytest.raises(ValueError, match="sync-weighting touched .* needs --sync local"):
+    with pytest.raises(ValueError, match=r"sync-weighting touched .* needs --sync local"):
         parse_comm("none", "allreduce", sync_weighting="touched")
     with pytest.raises(ValueError, match="choose uniform or touched"):
         parse_comm("none", "local:2", sync_weighting="rows")

@@ -69,6 +69,9 @@ MODES: dict[str, dict[str, Any]] = {
     # so SGD's lr 0.1 from the max-margin days corresponds to 1.0 there: a 10x smaller lr
     "sgd_lr001": {"optimizer": "sgd", "lr": 0.01},
     "dgc_lr001": {"compression": "dgc", "lr": 0.01},
+    # error-feedback top-k feeding Adam (the hook's momentum is 0, Adam's beta1 the only momentum): Adam 3e-3 and the
+    # same sparsity warm-up as the other dgc modes, so it pairs with the dense Adam run `none`
+    "dgc_adam": {"compression": "dgc", "optimizer": "adam"},
 }
 
 
@@ -115,7 +118,8 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
     settings.pop("sync_warmup_epochs", None)
     if warmup_epochs and steps_per_epoch:
         settings["sync_warmup_steps"] = round(warmup_epochs * steps_per_epoch)
-    sgd = settings.get("compression") == "dgc" or settings.get("optimizer") == "sgd"
+    sgd = settings.get("optimizer") == "sgd" or (settings.get("compression") == "dgc"
+                                                   and settings.get("optimizer", "auto") == "auto")
     lr = settings.pop("lr", args.sgd_lr if sgd else 3e-3)
     cfg = TrainStageConfig(workers=workers, epochs=args.epochs, steps_per_epoch=args.steps, progress_s=0.0, lr=lr,
                            dgc_warmup_unit="step", dgc_warmup_stage_length=args.dgc_stage_steps, seed=seed,
@@ -200,7 +204,7 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # the quality section's references: each mode against the dense mode with the same optimizer and worker count
-PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "fp16": "none",
+PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "dgc_adam": "none", "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none",
                      "hierarchical": "none", "hierarchical_w4": "none_w4"}
@@ -339,6 +343,7 @@ def main() -> int:
     elif args.section == "auto":
         args.section = "runs" if args.epochs == 1 and seeds == [0] else "multi_epoch"
     out = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    out_stat = args.out.stat().st_mtime_ns if args.out.is_file() else None
     # the averaging warm-up is part of each row's settings (sync_warmup_steps), so it is not in the key
     key = f"epochs={args.epochs},steps_per_epoch={args.steps},dgc_stage_steps={args.dgc_stage_steps}"
     stored: list[dict[str, Any]] = [r for v in out.get("quality_softmax", {}).get(key, {}).get("per_seed", {})
@@ -366,6 +371,8 @@ def main() -> int:
     stamp = {"command": f"PYTHONPATH=$PWD nice -n {os.nice(0)} python " + " ".join(sys.argv),
              "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
              "invocation_seconds": round(time.perf_counter() - started, 1)}
+    if args.out.is_file() and args.out.stat().st_mtime_ns != out_stat:
+        out = json.loads(args.out.read_text())  # written meanwhile (another invocation): merge into what is there now
     if check is not None:
         out.setdefault("quality_softmax", {})["pairing_check"] = {**check, **stamp}
     elif args.section == "runs":

@@ -73,8 +73,10 @@ class TrainStageConfig:
                                                        "epoch; 0 = none, best with the softmax loss)"})
     lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
     optimizer: Literal["auto", "adam", "sgd"] = field(
-        default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (DGC: the hook's momentum)"})
+        default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum); "
+                                          "adam with DGC: error-feedback top-k, the hook's momentum is 0"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (DGC with SGD: the hook's momentum; "
+                                                           "unused with Adam)"})
     hidden_dim: int = field(default=128, metadata={"help": "width of the convolutions"})
     embed_dim: int = field(default=64, metadata={"help": "embedding width"})
     n_neighbors: int = field(default=10, metadata={"help": "PinSage neighbours per item (T)"})
@@ -130,8 +132,6 @@ class TrainStageConfig:
         check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
         check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
         check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
-        check(not (self.compression == "dgc" and self.optimizer == "adam"), "train.optimizer", self.optimizer,
-              "cannot be adam with --compression dgc (the DGC hook applies SGD momentum); use auto or sgd")
         try:
             self.cache_config()
             self.comm_config()
@@ -148,7 +148,9 @@ class TrainStageConfig:
         from gnn.comm import DGCConfig, parse_comm
         from gnn.comm.config import parse_sparsities
 
-        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum,
+        # Adam applies the momentum (beta1) itself: the hook is then error-feedback top-k with momentum 0
+        hook_momentum = 0.0 if self.optimizer_kind == "adam" else self.momentum
+        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps, dgc=dgc)
@@ -391,8 +393,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         if Path(job.resume_path).is_file():
             restore_checkpoint(job.resume_path, trainer)
             resumed_from = trainer.epoch
-        extra = {"stage": STAGE, "stage_config": to_dict(cfg), "comm": comm.to_dict(), "key": job.key,
-                 "world_size": world}
+        extra = {"stage": STAGE, "stage_config": to_dict(cfg), "optimizer": cfg.optimizer_kind,
+                 "comm": comm.to_dict(), "key": job.key, "world_size": world}
         epochs = []
         for epoch in range(trainer.epoch, cfg.epochs):
             if session is not None:
@@ -632,7 +634,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "parts", "method", "edge_cut_fraction", "weight_cut_fraction", "neighbor_entries_cut_fraction",
         "halo_sizes", "items")}
     return {
-        "config": to_dict(cfg), "workers": cfg.workers, "epochs": epochs,
+        "config": to_dict(cfg), "optimizer": cfg.optimizer_kind, "workers": cfg.workers, "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "comm", "embed_s",

@@ -44,10 +44,14 @@ class DGCConfig:
             (default ``"epoch"``).
         warmup_stage_length: epochs (or steps) per warm-up stage (default 1).
         momentum: momentum of the velocity kept in the hook (momentum correction; default 0.9). Use plain SGD
-            (momentum 0, weight decay 0) as the optimizer.
+            (momentum 0, weight decay 0) as the optimizer. 0 makes the hook error-feedback top-k: it accumulates
+            the raw gradients not yet sent (nothing is lost), sends the exact top-k of that accumulator and hands
+            the averaged sparse gradient to an optimizer that applies momentum once itself (Adam, or SGD with
+            momentum); an optimizer other than momentum-free SGD is refused while this is above 0.
         weight_decay: L2 weight decay added to the local gradient inside the hook (default 0.0).
         clip_norm: local per-tensor gradient-norm clip; the threshold is scaled by N^-1/2 (default None: off).
-        momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True).
+        momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True; no
+            effect at momentum 0, where there is no momentum buffer).
         sample_fraction: share of entries sampled to estimate the top-k threshold (default 0.01).
         min_sample: smallest sample; smaller tensors use exact top-k directly (default 1024).
         threshold_slack: the sampled threshold aims at ``slack``·k entries; the selection is trimmed to exactly k

@@ -6,9 +6,14 @@ int32 indices, all-gathered, summed, divided by N), keep the rest as a local res
 entries sent (momentum factor masking). Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
 after averaging. The hook outputs the *update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
 
+With ``DGCConfig.momentum = 0`` the hook is error-feedback top-k: the local accumulator is the sum of the gradients
+not yet sent (no momentum buffer, so masking has nothing to clear), the dense tensors are plainly averaged, and the
+averaged sparse gradient goes to an optimizer that applies momentum once itself (Adam; or SGD with momentum).
+
     state = DGCState(config.dgc)
     ddp_model.register_comm_hook(state, dgc_hook)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=lr)  # no momentum, no weight decay: the hook does both
+    # or, with DGCConfig(momentum=0.0): optimizer = torch.optim.Adam(ddp_model.parameters(), lr=lr)
 """
 
 from __future__ import annotations
@@ -170,10 +175,14 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     velocity = state.velocities.get(param)
     if velocity is None:
         velocity = state.velocities[param] = torch.zeros_like(g)
-        state.momenta[param] = torch.zeros_like(g)
-    momentum = state.momenta[param]
-    momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
-    velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
+        if cfg.momentum:
+            state.momenta[param] = torch.zeros_like(g)
+    momentum = state.momenta.get(param)
+    if momentum is None:  # momentum 0: error feedback, v ← v + g (the optimizer applies momentum, if any)
+        velocity.add_(g)
+    else:
+        momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
+        velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
     k = dgc_k(g.numel(), sparsity)
     accumulated = velocity.clone() if state.audit else None
     indices, fell_back = select_topk(velocity.abs(), k, sample_fraction=cfg.sample_fraction,
@@ -183,7 +192,7 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     state.fallbacks += int(fell_back)
     values = velocity[indices].clone()  # (k,)
     velocity[indices] = 0.0
-    if cfg.momentum_masking:
+    if momentum is not None and cfg.momentum_masking:
         momentum[indices] = 0.0
     name = state.names.get(param, f"param{id(param)}")
     state.last_k[name] = k
@@ -196,11 +205,14 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
 
 
 def _dense_momentum(state: DGCState, param: torch.Tensor, averaged: torch.Tensor) -> torch.Tensor:
-    """SGD momentum + weight decay for a densely averaged tensor (identical on every rank)."""
+    """SGD momentum + weight decay for a densely averaged tensor (identical on every rank); with momentum 0 the
+    averaged gradient (plus weight decay), without a momentum buffer."""
     cfg = state.config
     d = averaged.clone()
     if cfg.weight_decay:
         d.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
+    if not cfg.momentum:
+        return d
     buf = state.momenta.get(param)
     if buf is None:
         buf = state.momenta[param] = torch.zeros_like(d)

@@ -17,8 +17,9 @@ steps (``--dgc-stage-steps``), so it is the same 4·stage-steps steps whatever t
 
 Paired quality (``--section quality_softmax``; one mode and seed per invocation keeps each under 10 minutes, rows merge
 into one block per settings key): ``--modes M --seeds S --steps 0 --epochs 3 --dgc-stage-steps 2
---section quality_softmax`` for M in none, local4_wu1, sgd, dgc (2 workers) and none_w4,
-hierarchical_w4 (4 workers; list the dense mode of a seed first: its epoch length sets the averaging warm-up).
+--section quality_softmax`` for M in none, local4_wu1, sgd, dgc, dgc_adam (2 workers; dgc_adam = error-feedback
+top-k feeding Adam 3e-3, paired with none) and none_w4, hierarchical_w4 (4 workers; list the dense mode of a seed
+first: its epoch length sets the averaging warm-up).
 A seed fixes the initial weights, the partition, the batches and the negatives of every mode (``--check-pairing``
 verifies it from per-step weight digests), so per-seed differences are paired; quality is pooled over the valid and
 test splits; ``paired_gaps`` gives each mode's mean relative gap to its reference with its standard error and 95 %

@@ -103,6 +103,10 @@ class TrainStageConfig:
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
     dgc_warmup_unit: Literal["epoch", "step"] = field(default="epoch", metadata={"help": "DGC warm-up stage unit"})
     dgc_warmup_stage_length: int = field(default=1, metadata={"help": "epochs or steps per DGC warm-up stage"})
+    dgc_correction: Literal["momentum", "adam"] = field(
+        default="momentum", metadata={"help": "DGC accumulates the SGD velocity (momentum; with Adam: the raw "
+                                              "gradient, error feedback) or, with adam (needs --optimizer adam), "
+                                              "each rank's own Adam step, applied by plain SGD"})
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
@@ -132,6 +136,8 @@ class TrainStageConfig:
         check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
         check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
         check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
+        check(self.dgc_correction == "momentum" or self.optimizer_kind == "adam", "train.dgc_correction",
+              self.dgc_correction, "needs --optimizer adam (it runs Adam inside the DGC hook)")
         try:
             self.cache_config()
             self.comm_config()
@@ -150,7 +156,7 @@ class TrainStageConfig:
 
         # Adam applies the momentum (beta1) itself: the hook is then error-feedback top-k with momentum 0
         hook_momentum = 0.0 if self.optimizer_kind == "adam" else self.momentum
-        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum,
+        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum, correction=self.dgc_correction,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps, dgc=dgc)
@@ -379,7 +385,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             from gnn.comm import setup_communication
 
             session = setup_communication(model, comm)
-        if cfg.optimizer_kind == "sgd":
+        adam_in_hook = cfg.compression == "dgc" and cfg.dgc_correction == "adam" and world > 1
+        if cfg.optimizer_kind == "sgd" or adam_in_hook:  # DGC's Adam correction: Adam inside the hook, then SGD(lr)
             momentum = 0.0 if cfg.compression == "dgc" else cfg.momentum
             optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
         else:

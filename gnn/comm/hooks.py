@@ -137,7 +137,10 @@ class CommSession:
         ``DGCConfig.momentum > 0`` the optimizer must be SGD without momentum or weight decay; with momentum 0
         (error-feedback top-k) any optimizer without weight decay, e.g. Adam, which applies the momentum."""
         if self.dgc is not None:
-            _check_dgc_optimizer(optimizer, self.dgc.config.momentum)
+            cfg = self.dgc.config
+            in_hook = ("DGCConfig.correction='adam'" if cfg.correction == "adam"
+                       else f"DGCConfig.momentum={cfg.momentum}" if cfg.momentum else None)
+            _check_dgc_optimizer(optimizer, in_hook)
         if self.averager is not None:
             if self.model is None:
                 raise ValueError("CommSession.model is unset; create the session with setup_communication")
@@ -160,8 +163,10 @@ class CommSession:
         return out
 
 
-def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, hook_momentum: float) -> None:
-    """Raise unless ``optimizer`` and the DGC hook together apply momentum once and weight decay once (in the hook)."""
+def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) -> None:
+    """Raise unless ``optimizer`` and the DGC hook together apply momentum once and weight decay once (in the hook);
+    ``in_hook`` names the setting by which the hook applies momentum itself (None: it does not)."""
+    hook_momentum = in_hook is not None
     kind = type(optimizer).__name__
     for i, group in enumerate(optimizer.param_groups):
         if group.get("weight_decay", 0):
@@ -172,7 +177,7 @@ def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, hook_momentum: float)
                              "the DGC hook applies momentum itself; use SGD(lr=...) and set DGCConfig.momentum "
                              "instead, or DGCConfig.momentum=0 to leave momentum to the optimizer")
     if hook_momentum and not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"{kind} with --compression dgc and DGCConfig.momentum={hook_momentum}: momentum would be "
+        raise ValueError(f"{kind} with --compression dgc and {in_hook}: momentum would be "
                          f"applied twice (hook and {kind}); set DGCConfig.momentum=0 (--dgc-momentum 0) for "
                          "error-feedback top-k feeding the optimizer, or use plain SGD")
 

@@ -190,6 +190,15 @@ def test_dgc_optimizer_rule_applies_momentum_once() -> None:
     assert session(0.9).wrap_optimizer(plain) is plain  # DGC proper: the hook applies the momentum
 
 
+def test_dgc_adam_correction_config() -> None:
+    with pytest.raises(ValueError, match=r"correction='adam' with momentum=0.9.*set momentum=0"):
+        DGCConfig(correction="adam")
+    with pytest.raises(ValueError, match=r"correction='sgd'"):
+        DGCConfig(correction="sgd")
+    cfg = parse_comm("dgc", dgc=DGCConfig(momentum=0.0, correction="adam", adam_betas=(0.8, 0.99)))
+    assert CommConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_dgc_momentum_zero_keeps_every_gradient_entry() -> None:
     from gnn.comm.dgc import DGCState, _compress_local
 

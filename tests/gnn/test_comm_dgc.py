@@ -93,6 +93,19 @@ def adam_worker(rank: int, world: int) -> dict[str, Any]:
 
     train(model, optimizer, rank, 5, on_step)
     out["sparse_params"] = params_of(model.module)
+    # Adam correction (Adam inside the hook on each rank's gradient, plain SGD outside): with the same batches on
+    # both ranks (local gradient = average) at sparsity 0 it is DDP + Adam
+    reference = DDP(tiny_model())
+    train(reference, torch.optim.Adam(reference.parameters(), lr=LR), 0, STEPS)
+    model = DDP(tiny_model())
+    session = setup_communication(model, parse_comm("dgc", dgc=DGCConfig(
+        sparsity=0.0, warmup_sparsities=(), momentum=0.0, correction="adam")))
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), 0, STEPS)
+    out["corrected"] = {"reference": params_of(reference.module), "dgc": params_of(model.module)}
+    try:
+        session.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=LR))
+    except ValueError as error:
+        out["corrected_error"] = str(error)
     return out
 
 
@@ -268,3 +281,11 @@ def test_dgc_with_momentum_zero_feeds_adam_exactly(gloo_pair: list[dict[str, Any
             # Adam received the average of what the two ranks sent (its momentum is the only one applied)
             torch.testing.assert_close(t0["applied"], (t0["sent"] + t1["sent"]) / 2, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(t1["applied"], t0["applied"], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_adam_correction_runs_adam_in_the_hook(gloo_pair: list[dict[str, Any]]) -> None:
+    for r in (g["adam"] for g in gloo_pair):
+        for name, value in r["corrected"]["reference"].items():
+            torch.testing.assert_close(r["corrected"]["dgc"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert "DGCConfig.correction='adam': momentum would be applied twice" in r["corrected_error"]

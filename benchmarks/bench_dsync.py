@@ -73,9 +73,9 @@ MODES: dict[str, dict[str, Any]] = {
     # error-feedback top-k feeding Adam (the hook's momentum is 0, Adam's beta1 the only momentum): Adam 3e-3 and the
     # same sparsity warm-up as the other dgc modes, so it pairs with the dense Adam run `none`
     "dgc_adam": {"compression": "dgc", "optimizer": "adam"},
-    # the same at 99 % final sparsity (10x the entries of 99.9 %; warm-up 75, 93.75, 98.44 % then 99 %): Adam divides
-    # each entry's step by its own gradient scale, so a residual delivered once after K steps moves a weight by about
-    # one step, not K; sending more often shortens K
+    # the same at 99 % final sparsity (10x the entries of 99.9 %; warm-up 75, 93.75, 98.44 % then 99 %): the first
+    # fix tried, since Adam moves a weight about one step per delivered residual, however many steps it accumulated,
+    # and sending more often shortens the wait (gnn/comm/README.md: why it does not help)
     "dgc_adam_s99": {"compression": "dgc", "optimizer": "adam", "dgc_sparsity": 0.99,
                      "dgc_warmup": "0.75,0.9375,0.984375"},
     # the Adam analogue of DGC's momentum correction: each rank accumulates its own Adam step (not the raw gradient),

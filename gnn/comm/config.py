@@ -266,6 +266,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-momentum", type=float, default=dg.momentum)
     group.add_argument("--dgc-weight-decay", type=float, default=dg.weight_decay)
     group.add_argument("--dgc-clip-norm", type=float, default=None)
+    group.add_argument("--dgc-correction", default=dg.correction, choices=("momentum", "adam"),
+                       help="accumulate the SGD velocity (momentum) or each rank's Adam step (adam; optimizer SGD)")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -273,7 +275,8 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
     kind, levels = parse_sync(args.sync)
     dgc = DGCConfig(sparsity=args.dgc_sparsity, warmup_sparsities=parse_sparsities(args.dgc_warmup),
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
-                    momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm)
+                    momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm,
+                    correction=getattr(args, "dgc_correction", "momentum"))
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, powersgd_rank=args.powersgd_rank,
                       powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)

@@ -197,6 +197,10 @@ def test_dgc_adam_correction_config() -> None:
         DGCConfig(correction="sgd")
     cfg = parse_comm("dgc", dgc=DGCConfig(momentum=0.0, correction="adam", adam_betas=(0.8, 0.99)))
     assert CommConfig.from_dict(cfg.to_dict()) == cfg
+    parser = argparse.ArgumentParser()
+    add_comm_arguments(parser)
+    args = parser.parse_args(["--compression", "dgc", "--dgc-momentum", "0", "--dgc-correction", "adam"])
+    assert comm_config_from_args(args).dgc.correction == "adam"
 
 
 def test_dgc_momentum_zero_keeps_every_gradient_entry() -> None:

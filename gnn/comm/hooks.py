@@ -134,8 +134,9 @@ class CommSession:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Return the optimizer to step: with averaging, one that averages after each step; with DGC, the same
         optimizer after checking that momentum is applied once and weight decay only in the hook: with
-        ``DGCConfig.momentum > 0`` the optimizer must be SGD without momentum or weight decay; with momentum 0
-        (error-feedback top-k) any optimizer without weight decay, e.g. Adam, which applies the momentum."""
+        ``DGCConfig.momentum > 0`` or ``correction="adam"`` the optimizer must be SGD without momentum or weight
+        decay; with momentum 0 (error-feedback top-k) any optimizer without weight decay, e.g. Adam, which applies
+        the momentum."""
         if self.dgc is not None:
             cfg = self.dgc.config
             in_hook = ("DGCConfig.correction='adam'" if cfg.correction == "adam"
@@ -177,9 +178,11 @@ def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) 
                              "the DGC hook applies momentum itself; use SGD(lr=...) and set DGCConfig.momentum "
                              "instead, or DGCConfig.momentum=0 to leave momentum to the optimizer")
     if hook_momentum and not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"{kind} with --compression dgc and {in_hook}: momentum would be "
-                         f"applied twice (hook and {kind}); set DGCConfig.momentum=0 (--dgc-momentum 0) for "
-                         "error-feedback top-k feeding the optimizer, or use plain SGD")
+        fix = ("use plain SGD(lr=...): the hook runs Adam" if "correction" in str(in_hook) else
+               "set DGCConfig.momentum=0 (--dgc-momentum 0) for error-feedback top-k feeding the optimizer, or use "
+               "plain SGD")
+        raise ValueError(f"{kind} with --compression dgc and {in_hook}: momentum would be applied twice (hook and "
+                         f"{kind}); {fix}")
 
 
 def _syncs_buffers_every_forward(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:

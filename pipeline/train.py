@@ -73,8 +73,10 @@ class TrainStageConfig:
                                                        "epoch; 0 = none, best with the softmax loss)"})
     lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
     optimizer: Literal["auto", "adam", "sgd"] = field(
-        default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (DGC: the hook's momentum)"})
+        default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum); "
+                                          "adam with DGC: error-feedback top-k, the hook's momentum is 0"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (DGC with SGD: the hook's momentum; "
+                                                           "unused with Adam)"})
     hidden_dim: int = field(default=128, metadata={"help": "width of the convolutions"})
     embed_dim: int = field(default=64, metadata={"help": "embedding width"})
     n_neighbors: int = field(default=10, metadata={"help": "PinSage neighbours per item (T)"})
@@ -104,6 +106,10 @@ class TrainStageConfig:
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
     dgc_warmup_unit: Literal["epoch", "step"] = field(default="epoch", metadata={"help": "DGC warm-up stage unit"})
     dgc_warmup_stage_length: int = field(default=1, metadata={"help": "epochs or steps per DGC warm-up stage"})
+    dgc_correction: Literal["momentum", "adam"] = field(
+        default="momentum", metadata={"help": "DGC accumulates the SGD velocity (momentum; with Adam: the raw "
+                                              "gradient, error feedback) or, with adam (needs --optimizer adam), "
+                                              "each rank's own Adam step, applied by plain SGD"})
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
@@ -133,8 +139,8 @@ class TrainStageConfig:
         check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
         check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
         check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
-        check(not (self.compression == "dgc" and self.optimizer == "adam"), "train.optimizer", self.optimizer,
-              "cannot be adam with --compression dgc (the DGC hook applies SGD momentum); use auto or sgd")
+        check(self.dgc_correction == "momentum" or self.optimizer_kind == "adam", "train.dgc_correction",
+              self.dgc_correction, "needs --optimizer adam (it runs Adam inside the DGC hook)")
         try:
             self.cache_config()
             self.comm_config()
@@ -151,7 +157,9 @@ class TrainStageConfig:
         from gnn.comm import DGCConfig, parse_comm
         from gnn.comm.config import parse_sparsities
 
-        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=self.momentum,
+        # Adam applies the momentum (beta1) itself: the hook is then error-feedback top-k with momentum 0
+        hook_momentum = 0.0 if self.optimizer_kind == "adam" else self.momentum
+        dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum, correction=self.dgc_correction,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
@@ -381,7 +389,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             from gnn.comm import setup_communication
 
             session = setup_communication(model, comm)
-        if cfg.optimizer_kind == "sgd":
+        adam_in_hook = cfg.compression == "dgc" and cfg.dgc_correction == "adam" and world > 1
+        if cfg.optimizer_kind == "sgd" or adam_in_hook:  # DGC's Adam correction: Adam inside the hook, then SGD(lr)
             momentum = 0.0 if cfg.compression == "dgc" else cfg.momentum
             optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
         else:
@@ -395,8 +404,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         if Path(job.resume_path).is_file():
             restore_checkpoint(job.resume_path, trainer)
             resumed_from = trainer.epoch
-        extra = {"stage": STAGE, "stage_config": to_dict(cfg), "comm": comm.to_dict(), "key": job.key,
-                 "world_size": world}
+        extra = {"stage": STAGE, "stage_config": to_dict(cfg), "optimizer": cfg.optimizer_kind,
+                 "comm": comm.to_dict(), "key": job.key, "world_size": world}
         epochs = []
         for epoch in range(trainer.epoch, cfg.epochs):
             if session is not None:
@@ -637,7 +646,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "parts", "method", "edge_cut_fraction", "weight_cut_fraction", "neighbor_entries_cut_fraction",
         "halo_sizes", "items")}
     return {
-        "config": to_dict(cfg), "workers": cfg.workers, "epochs": epochs,
+        "config": to_dict(cfg), "optimizer": cfg.optimizer_kind, "workers": cfg.workers, "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "comm", "embed_s",

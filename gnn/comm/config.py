@@ -44,10 +44,19 @@ class DGCConfig:
             (default ``"epoch"``).
         warmup_stage_length: epochs (or steps) per warm-up stage (default 1).
         momentum: momentum of the velocity kept in the hook (momentum correction; default 0.9). Use plain SGD
-            (momentum 0, weight decay 0) as the optimizer.
+            (momentum 0, weight decay 0) as the optimizer. 0 makes the hook error-feedback top-k: it accumulates
+            the raw gradients not yet sent (nothing is lost), sends the exact top-k of that accumulator and hands
+            the averaged sparse gradient to an optimizer that applies momentum once itself (Adam, or SGD with
+            momentum); an optimizer other than momentum-free SGD is refused while this is above 0.
         weight_decay: L2 weight decay added to the local gradient inside the hook (default 0.0).
         clip_norm: local per-tensor gradient-norm clip; the threshold is scaled by N^-1/2 (default None: off).
-        momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True).
+        momentum_masking: zero the momentum of entries just sent (momentum factor masking; default True; no
+            effect at momentum 0, where there is no momentum buffer).
+        correction: what the hook accumulates: ``"momentum"`` (the SGD velocity, DGC's momentum correction; with
+            momentum 0 the raw gradient) or ``"adam"`` (this rank's Adam step m̂/(√v̂+eps) on its local gradient,
+            the Adam analogue of momentum correction; the optimizer is then plain SGD(lr)) (default ``"momentum"``).
+        adam_betas: Adam's (beta1, beta2) with ``correction="adam"`` (default (0.9, 0.999)).
+        adam_eps: Adam's epsilon with ``correction="adam"`` (default 1e-8).
         sample_fraction: share of entries sampled to estimate the top-k threshold (default 0.01).
         min_sample: smallest sample; smaller tensors use exact top-k directly (default 1024).
         threshold_slack: the sampled threshold aims at ``slack``·k entries; the selection is trimmed to exactly k
@@ -63,6 +72,9 @@ class DGCConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = None
     momentum_masking: bool = True
+    correction: str = "momentum"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     sample_fraction: float = 0.01
     min_sample: int = 1024
     threshold_slack: float = 1.3
@@ -84,6 +96,14 @@ class DGCConfig:
             raise ValueError(f"DGCConfig.weight_decay={self.weight_decay} must be >= 0")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"DGCConfig.clip_norm={self.clip_norm} must be > 0 or None (off)")
+        if self.correction not in ("momentum", "adam"):
+            raise ValueError(f"DGCConfig.correction={self.correction!r}: use 'momentum' or 'adam'")
+        if self.correction == "adam" and self.momentum:
+            raise ValueError(f"DGCConfig.correction='adam' with momentum={self.momentum}: Adam's beta1 is the "
+                             "momentum; set momentum=0")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas) or self.adam_eps <= 0:
+            raise ValueError(f"DGCConfig.adam_betas={self.adam_betas} must lie in [0, 1) and adam_eps="
+                             f"{self.adam_eps} be > 0")
         if not 0.0 < self.sample_fraction <= 1.0:
             raise ValueError(f"DGCConfig.sample_fraction={self.sample_fraction} must be in (0, 1] (paper: 0.001-0.01)")
         if self.min_sample < 1:
@@ -174,8 +194,9 @@ class CommConfig:
         data = dict(data)
         data.pop("sync_spec", None)
         dgc = dict(data.pop("dgc", {}))
-        if "warmup_sparsities" in dgc:
-            dgc["warmup_sparsities"] = tuple(dgc["warmup_sparsities"])
+        for key in ("warmup_sparsities", "adam_betas"):
+            if key in dgc:
+                dgc[key] = tuple(dgc[key])
         levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
         return cls(sync_levels=levels, dgc=DGCConfig(**dgc), **data)
 
@@ -255,6 +276,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-momentum", type=float, default=dg.momentum)
     group.add_argument("--dgc-weight-decay", type=float, default=dg.weight_decay)
     group.add_argument("--dgc-clip-norm", type=float, default=None)
+    group.add_argument("--dgc-correction", default=dg.correction, choices=("momentum", "adam"),
+                       help="accumulate the SGD velocity (momentum) or each rank's Adam step (adam; optimizer SGD)")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -262,7 +285,8 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
     kind, levels = parse_sync(args.sync)
     dgc = DGCConfig(sparsity=args.dgc_sparsity, warmup_sparsities=parse_sparsities(args.dgc_warmup),
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
-                    momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm)
+                    momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm,
+                    correction=getattr(args, "dgc_correction", "momentum"))
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       powersgd_rank=args.powersgd_rank,

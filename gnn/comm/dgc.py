@@ -6,9 +6,19 @@ int32 indices, all-gathered, summed, divided by N), keep the rest as a local res
 entries sent (momentum factor masking). Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
 after averaging. The hook outputs the *update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
 
+With ``DGCConfig.correction = "adam"`` the hook accumulates this rank's own Adam step (Adam on the local gradient,
+moments kept per rank, as the velocity is in momentum correction) and the optimizer must be plain SGD(lr): the Adam
+analogue of momentum correction, since an error-feedback residual fed to Adam moves a weight by about one step per
+delivery however many steps it accumulated (Adam divides by the gradient's own scale).
+
+With ``DGCConfig.momentum = 0`` the hook is error-feedback top-k: the local accumulator is the sum of the gradients
+not yet sent (no momentum buffer, so masking has nothing to clear), the dense tensors are plainly averaged, and the
+averaged sparse gradient goes to an optimizer that applies momentum once itself (Adam; or SGD with momentum).
+
     state = DGCState(config.dgc)
     ddp_model.register_comm_hook(state, dgc_hook)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=lr)  # no momentum, no weight decay: the hook does both
+    # or, with DGCConfig(momentum=0.0): optimizer = torch.optim.Adam(ddp_model.parameters(), lr=lr)
 """
 
 from __future__ import annotations
@@ -95,6 +105,8 @@ class DGCState:
     selections: int = 0
     velocities: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
     momenta: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    second_moments: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    adam_steps: dict[torch.Tensor, int] = field(default_factory=dict)
     last_audit: dict[str, StepAudit] = field(default_factory=dict)
     last_k: dict[str, int] = field(default_factory=dict)
     names: dict[torch.Tensor, str] = field(default_factory=dict)
@@ -121,7 +133,9 @@ class DGCState:
             raise ValueError(f"{len(missing)} parameters have no name; call DGCState.name_parameters(module) first")
         return {"epoch": self.epoch, "steps": self.traffic.steps,
                 "velocities": {self.names[p]: v.clone() for p, v in self.velocities.items()},
-                "momenta": {self.names[p]: u.clone() for p, u in self.momenta.items()}}
+                "momenta": {self.names[p]: u.clone() for p, u in self.momenta.items()},
+                "second_moments": {self.names[p]: w.clone() for p, w in self.second_moments.items()},
+                "adam_steps": {self.names[p]: t for p, t in self.adam_steps.items()}}
 
     def load_state_dict(self, state: dict[str, Any], module: torch.nn.Module) -> None:
         """Restore :meth:`state_dict` onto ``module``'s parameters (matched by name)."""
@@ -134,6 +148,8 @@ class DGCState:
         self.traffic.steps = int(state["steps"])
         self.velocities = {by_name[n]: v.clone() for n, v in state["velocities"].items()}
         self.momenta = {by_name[n]: u.clone() for n, u in state["momenta"].items()}
+        self.second_moments = {by_name[n]: w.clone() for n, w in state.get("second_moments", {}).items()}
+        self.adam_steps = {by_name[n]: int(t) for n, t in state.get("adam_steps", {}).items()}
 
     @property
     def sparsity(self) -> float:
@@ -170,10 +186,16 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     velocity = state.velocities.get(param)
     if velocity is None:
         velocity = state.velocities[param] = torch.zeros_like(g)
-        state.momenta[param] = torch.zeros_like(g)
-    momentum = state.momenta[param]
-    momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
-    velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
+        if cfg.momentum and cfg.correction == "momentum":
+            state.momenta[param] = torch.zeros_like(g)
+    momentum = state.momenta.get(param) if cfg.correction == "momentum" else None
+    if cfg.correction == "adam":  # Adam correction: accumulate this rank's own Adam step on its local gradient
+        velocity.add_(_adam_step(state, param, g))
+    elif momentum is None:  # momentum 0: error feedback, v ← v + g (the optimizer applies momentum, if any)
+        velocity.add_(g)
+    else:
+        momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
+        velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
     k = dgc_k(g.numel(), sparsity)
     accumulated = velocity.clone() if state.audit else None
     indices, fell_back = select_topk(velocity.abs(), k, sample_fraction=cfg.sample_fraction,
@@ -183,7 +205,7 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     state.fallbacks += int(fell_back)
     values = velocity[indices].clone()  # (k,)
     velocity[indices] = 0.0
-    if cfg.momentum_masking:
+    if momentum is not None and cfg.momentum_masking:
         momentum[indices] = 0.0
     name = state.names.get(param, f"param{id(param)}")
     state.last_k[name] = k
@@ -195,12 +217,34 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     return values, indices.to(torch.int32)
 
 
+def _adam_step(state: DGCState, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Bias-corrected Adam direction m̂ / (√v̂ + eps) of ``param`` after gradient ``g`` (its moments kept in the state;
+    the learning rate is applied by the outer SGD). Shapes: g (n,) -> (n,)."""
+    cfg = state.config
+    beta1, beta2 = cfg.adam_betas
+    m = state.momenta.get(param)
+    if m is None:
+        m = state.momenta[param] = torch.zeros_like(g)
+        state.second_moments[param] = torch.zeros_like(g)
+    v = state.second_moments[param]
+    t = state.adam_steps[param] = state.adam_steps.get(param, 0) + 1
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (v / (1.0 - beta2 ** t)).sqrt_().add_(cfg.adam_eps)
+    return (m / (1.0 - beta1 ** t)).div_(denom)
+
+
 def _dense_momentum(state: DGCState, param: torch.Tensor, averaged: torch.Tensor) -> torch.Tensor:
-    """SGD momentum + weight decay for a densely averaged tensor (identical on every rank)."""
+    """SGD momentum + weight decay for a densely averaged tensor (identical on every rank); with momentum 0 the
+    averaged gradient (plus weight decay), without a momentum buffer."""
     cfg = state.config
     d = averaged.clone()
     if cfg.weight_decay:
         d.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
+    if cfg.correction == "adam":  # the averaged gradient is the same on every rank, so is this step
+        return _adam_step(state, param, d)
+    if not cfg.momentum:
+        return d
     buf = state.momenta.get(param)
     if buf is None:
         buf = state.momenta[param] = torch.zeros_like(d)

@@ -133,14 +133,15 @@ class CommSession:
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Return the optimizer to step: with averaging, one that averages after each step; with DGC, the same
-        optimizer after checking it applies no momentum or weight decay of its own (the hook does both)."""
+        optimizer after checking that momentum is applied once and weight decay only in the hook: with
+        ``DGCConfig.momentum > 0`` or ``correction="adam"`` the optimizer must be SGD without momentum or weight
+        decay; with momentum 0 (error-feedback top-k) any optimizer without weight decay, e.g. Adam, which applies
+        the momentum."""
         if self.dgc is not None:
-            for i, group in enumerate(optimizer.param_groups):
-                for key in ("momentum", "weight_decay"):
-                    if group.get(key, 0):
-                        raise ValueError(
-                            f"optimizer param_groups[{i}][{key!r}]={group[key]} with --compression dgc: the DGC hook "
-                            f"applies momentum/weight decay itself; use SGD(lr=...) and set DGCConfig.{key} instead")
+            cfg = self.dgc.config
+            in_hook = ("DGCConfig.correction='adam'" if cfg.correction == "adam"
+                       else f"DGCConfig.momentum={cfg.momentum}" if cfg.momentum else None)
+            _check_dgc_optimizer(optimizer, in_hook)
         if self.averager is not None:
             if self.model is None:
                 raise ValueError("CommSession.model is unset; create the session with setup_communication")
@@ -161,6 +162,27 @@ class CommSession:
         if self.averager is not None:
             out["averager"] = {"step": self.averager.step_count, "warmup_steps": self.averager.warmup_steps}
         return out
+
+
+def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) -> None:
+    """Raise unless ``optimizer`` and the DGC hook together apply momentum once and weight decay once (in the hook);
+    ``in_hook`` names the setting by which the hook applies momentum itself (None: it does not)."""
+    hook_momentum = in_hook is not None
+    kind = type(optimizer).__name__
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("weight_decay", 0):
+            raise ValueError(f"optimizer param_groups[{i}]['weight_decay']={group['weight_decay']} with --compression "
+                             "dgc: the DGC hook applies weight decay itself; set DGCConfig.weight_decay instead")
+        if hook_momentum and group.get("momentum", 0):
+            raise ValueError(f"optimizer param_groups[{i}]['momentum']={group['momentum']} with --compression dgc: "
+                             "the DGC hook applies momentum itself; use SGD(lr=...) and set DGCConfig.momentum "
+                             "instead, or DGCConfig.momentum=0 to leave momentum to the optimizer")
+    if hook_momentum and not isinstance(optimizer, torch.optim.SGD):
+        fix = ("use plain SGD(lr=...): the hook runs Adam" if "correction" in str(in_hook) else
+               "set DGCConfig.momentum=0 (--dgc-momentum 0) for error-feedback top-k feeding the optimizer, or use "
+               "plain SGD")
+        raise ValueError(f"{kind} with --compression dgc and {in_hook}: momentum would be applied twice (hook and "
+                         f"{kind}); {fix}")
 
 
 def _syncs_buffers_every_forward(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:

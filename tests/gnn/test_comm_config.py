@@ -164,3 +164,61 @@ def test_dgc_state_round_trips_residuals_by_name() -> None:
     assert float(restored.velocities[fresh.weight].max()) == float(torch.tensor(1079.0) / 1200)  # top 120 left
     with pytest.raises(ValueError, match="lacks"):
         restored.load_state_dict(state.state_dict(), torch.nn.Sequential(torch.nn.Linear(40, 30)))
+
+
+def test_dgc_optimizer_rule_applies_momentum_once() -> None:
+    from gnn.comm import CommSession, DGCState
+
+    model = torch.nn.Linear(4, 3)
+
+    def session(momentum: float) -> CommSession:
+        cfg = parse_comm("dgc", dgc=DGCConfig(momentum=momentum))
+        return CommSession(config=cfg, traffic=TrafficAccount(), dgc=DGCState(cfg.dgc))
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"Adam with --compression dgc and DGCConfig.momentum=0.9: momentum would be "
+                                         r"applied twice.*--dgc-momentum 0"):
+        session(0.9).wrap_optimizer(adam)
+    with pytest.raises(ValueError, match=r"\['momentum'\]=0.5.*DGCConfig.momentum=0"):
+        session(0.9).wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5))
+    with pytest.raises(ValueError, match=r"\['weight_decay'\]=0.01.*DGCConfig.weight_decay"):
+        session(0.0).wrap_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01))
+    assert session(0.0).wrap_optimizer(adam) is adam  # error feedback: Adam applies the momentum
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert session(0.0).wrap_optimizer(sgd) is sgd
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert session(0.9).wrap_optimizer(plain) is plain  # DGC proper: the hook applies the momentum
+
+
+def test_dgc_adam_correction_config() -> None:
+    with pytest.raises(ValueError, match=r"correction='adam' with momentum=0.9.*set momentum=0"):
+        DGCConfig(correction="adam")
+    with pytest.raises(ValueError, match=r"correction='sgd'"):
+        DGCConfig(correction="sgd")
+    cfg = parse_comm("dgc", dgc=DGCConfig(momentum=0.0, correction="adam", adam_betas=(0.8, 0.99)))
+    assert CommConfig.from_dict(cfg.to_dict()) == cfg
+    parser = argparse.ArgumentParser()
+    add_comm_arguments(parser)
+    args = parser.parse_args(["--compression", "dgc", "--dgc-momentum", "0", "--dgc-correction", "adam"])
+    assert comm_config_from_args(args).dgc.correction == "adam"
+
+
+def test_dgc_momentum_zero_keeps_every_gradient_entry() -> None:
+    from gnn.comm.dgc import DGCState, _compress_local
+
+    model = torch.nn.Linear(40, 30)
+    state = DGCState(DGCConfig(sparsity=0.95, warmup_sparsities=(), momentum=0.0, min_sample=64), audit=True)
+    state.name_parameters(model)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(30, 40, generator=gen) for _ in range(4)]
+    sent_total = torch.zeros(1200)
+    for grad in grads:
+        values, indices = _compress_local(state, model.weight, grad, 2, 0.95)
+        assert values.numel() == 60  # exact k
+        sent_total[indices.long()] += values
+        audit = state.last_audit["weight"]
+        assert torch.equal(audit.sent + audit.residual, audit.accumulated)
+    assert state.momenta == {}  # no momentum buffer: masking has nothing to clear
+    # what was sent over the steps plus what is still held back is exactly the sum of the gradients
+    torch.testing.assert_close(sent_total + state.velocities[model.weight], torch.stack(grads).sum(0).reshape(-1),
+                               rtol=1e-5, atol=1e-5)

@@ -63,9 +63,55 @@ def equivalence_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def adam_worker(rank: int, world: int) -> dict[str, Any]:
+    """Error-feedback top-k feeding Adam (DGC momentum 0): at sparsity 0 against DDP + Adam, and at 90 % with an
+    audit of every step (what Adam receives is the average of what the ranks sent)."""
+    reference = DDP(tiny_model())
+    train(reference, torch.optim.Adam(reference.parameters(), lr=LR), rank, STEPS)
+    model = DDP(tiny_model())
+    session = setup_communication(model, parse_comm("dgc", dgc=DGCConfig(sparsity=0.0, warmup_sparsities=(),
+                                                                         momentum=0.0)))
+    train(model, session.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=LR)), rank, STEPS)
+    assert session.dgc is not None
+    out: dict[str, Any] = {"reference": params_of(reference.module), "dgc": params_of(model.module),
+                           "momenta": len(session.dgc.momenta), "steps": []}
+    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(0.5,), warmup_unit="step",
+                                          warmup_stage_length=2, momentum=0.0, min_sample=16, sample_fraction=0.2))
+    model = DDP(tiny_model())
+    session = setup_communication(model, cfg, audit=True)
+    optimizer = session.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=LR))
+    dgc = session.dgc
+    assert dgc is not None
+    by_name = dict(model.module.named_parameters())
+    names = [n for n, p in by_name.items() if p.dim() > 1]
+
+    def on_step(step: int) -> None:  # .grad still holds what the optimizer just applied
+        out["steps"].append({n: {"accumulated": dgc.last_audit[n].accumulated, "sent": dgc.last_audit[n].sent,
+                                 "residual": dgc.last_audit[n].residual, "gradient": dgc.last_audit[n].gradient,
+                                 "applied": by_name[n].grad.detach().reshape(-1).clone()}  # type: ignore[union-attr]
+                             for n in names})
+
+    train(model, optimizer, rank, 5, on_step)
+    out["sparse_params"] = params_of(model.module)
+    # Adam correction (Adam inside the hook on each rank's gradient, plain SGD outside): with the same batches on
+    # both ranks (local gradient = average) at sparsity 0 it is DDP + Adam
+    reference = DDP(tiny_model())
+    train(reference, torch.optim.Adam(reference.parameters(), lr=LR), 0, STEPS)
+    model = DDP(tiny_model())
+    session = setup_communication(model, parse_comm("dgc", dgc=DGCConfig(
+        sparsity=0.0, warmup_sparsities=(), momentum=0.0, correction="adam")))
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), 0, STEPS)
+    out["corrected"] = {"reference": params_of(reference.module), "dgc": params_of(model.module)}
+    try:
+        session.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=LR))
+    except ValueError as error:
+        out["corrected_error"] = str(error)
+    return out
+
+
 def all_workers(rank: int, world: int) -> dict[str, Any]:
     return {"equivalence": equivalence_worker(rank, world), "audit": audit_worker(rank, world),
-            "builtin": builtin_worker(rank, world)}
+            "builtin": builtin_worker(rank, world), "adam": adam_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +254,38 @@ def test_builtin_hooks_run_on_gloo_and_are_counted(gloo_pair: list[dict[str, Any
     assert len(results[0]["powersgd_multi"]["buckets"]) > 1
     for name, value in results[0]["powersgd_multi"]["params"].items():
         torch.testing.assert_close(results[1]["powersgd_multi"]["params"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_with_momentum_zero_feeds_adam_exactly(gloo_pair: list[dict[str, Any]]) -> None:
+    results = [r["adam"] for r in gloo_pair]
+    for r in results:  # sparsity 0: the same weights as DDP's all-reduce + Adam, and no momentum buffer in the hook
+        assert r["momenta"] == 0
+        for name, value in r["reference"].items():
+            torch.testing.assert_close(r["dgc"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in results[0]["sparse_params"].items():  # sparse steps keep the replicas identical
+        torch.testing.assert_close(results[1]["sparse_params"][name], value, rtol=0, atol=0)
+    for step in range(5):
+        for name, t0 in results[0]["steps"][step].items():
+            t1 = results[1]["steps"][step][name]
+            for t in (t0, t1):  # nothing lost: sent + kept back = accumulated = previous residual + gradient
+                torch.testing.assert_close(t["sent"] + t["residual"], t["accumulated"], rtol=0, atol=0)
+                k = dgc_k(t["sent"].numel(), 0.5 if step < 2 else 0.9)
+                assert int((t["sent"] != 0).sum()) <= k
+                top = torch.topk(t["accumulated"].abs(), k).values.min()
+                assert bool((t["sent"].abs() >= top).sum() >= k)
+            for r in results:
+                before = r["steps"][step - 1][name]["residual"] if step else torch.zeros_like(t0["gradient"])
+                mine = r["steps"][step][name]
+                torch.testing.assert_close(mine["accumulated"], before + mine["gradient"], rtol=1e-6, atol=1e-7)
+            # Adam received the average of what the two ranks sent (its momentum is the only one applied)
+            torch.testing.assert_close(t0["applied"], (t0["sent"] + t1["sent"]) / 2, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(t1["applied"], t0["applied"], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_adam_correction_runs_adam_in_the_hook(gloo_pair: list[dict[str, Any]]) -> None:
+    for r in (g["adam"] for g in gloo_pair):
+        for name, value in r["corrected"]["reference"].items():
+            torch.testing.assert_close(r["corrected"]["dgc"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert "DGCConfig.correction='adam': momentum would be applied twice" in r["corrected_error"]

@@ -198,15 +198,27 @@ def test_rerun_is_a_noop_and_a_killed_run_resumes(small_run: Path, dask_client: 
     assert not ckpt.parent.exists()
 
 
-@pytest.mark.parametrize(("compression", "sync"), [("dgc", "allreduce"), ("none", "local:2")])
+@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction"), [
+    ("dgc", "allreduce", "auto", "momentum"), ("dgc", "allreduce", "adam", "momentum"),
+    ("dgc", "allreduce", "adam", "adam"), ("none", "local:2", "auto", "momentum")])
 def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Client, compression: str,
-                                             sync: str, trained: Trained) -> None:
+                                             sync: str, optimizer: str, correction: str, trained: Trained) -> None:
     dense = trained[2]["grad_bytes_total"]
+    sgd = compression == "dgc" and optimizer == "auto"
     cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression=compression, sync=sync,  # type: ignore[arg-type]
-                           lr=0.05 if compression == "dgc" else 3e-3, **SMALL)  # type: ignore[arg-type]
-    rep = _report(train(small_run, cfg, dask_client))
+                           optimizer=optimizer, dgc_correction=correction,  # type: ignore[arg-type]
+                           lr=0.05 if sgd else 3e-3, **SMALL)  # type: ignore[arg-type]
+    out = train(small_run, cfg, dask_client)
+    rep = _report(out)
     comm = rep["per_worker"][0]["comm"]
     assert comm["config"]["compression"] == compression and comm["config"]["sync_spec"] == sync
+    # the optimizer that applies the momentum, and the hook's momentum (0 under Adam: error-feedback top-k), are
+    # recorded in the report and the checkpoint
+    assert rep["optimizer"] == ("sgd" if sgd else "adam")
+    extra = load_checkpoint(out.path / "checkpoint.pt").extra
+    assert extra["optimizer"] == rep["optimizer"]
+    assert extra["comm"]["dgc"]["momentum"] == comm["config"]["dgc"]["momentum"] == (0.9 if sgd else 0.0)
+    assert extra["comm"]["dgc"]["correction"] == correction
     assert rep["replicas_identical"] is True  # local: after the final average
     # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the
     # model (dense-sized) every 2nd step: both about half the dense bytes per step
@@ -238,8 +250,10 @@ def test_auto_id_table_gives_each_item_its_own_row() -> None:
 def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"train\.workers=0"):
         TrainStageConfig(workers=0)
-    with pytest.raises(ConfigError, match=r"train\.optimizer='adam'.*dgc"):
-        TrainStageConfig(compression="dgc", optimizer="adam")
+    assert TrainStageConfig(compression="dgc", optimizer="adam").comm_config().dgc.momentum == 0.0
+    with pytest.raises(ConfigError, match=r"train\.dgc_correction='adam'.*--optimizer adam"):
+        TrainStageConfig(compression="dgc", dgc_correction="adam")
+    assert TrainStageConfig(compression="dgc", optimizer="sgd", momentum=0.8).comm_config().dgc.momentum == 0.8
     with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):

@@ -107,6 +107,7 @@ def curve(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
     r["per_epoch"] = per_epoch
     r["step_s_loaded"] = round(train_s / max(steps, 1), 4)  # under whatever load the machine had
     r["cache_fill_s"] = [w["cache_fill_s"] for w in rep["per_worker"]]
+    print(json.dumps({"curve": settings, "per_epoch": per_epoch}), file=sys.stderr, flush=True)  # kept if killed
     return r
 
 

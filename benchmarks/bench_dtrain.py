@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,22 +135,23 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 
 
 def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
-                 same_global_batch: bool, timing_steps: int, seeds: list[int]) -> dict[str, Any]:
+                 same_global_batch: bool, timing_steps: int, seeds: list[int],
+                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
     its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
     that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
     many steps per rank only (no embeddings, no quality: a short run for a quiet machine); 0: ``epochs`` full
-    epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either)."""
+    epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either).
+    ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them."""
     if not timing_steps and len(seeds) > 1:  # quality over seeds (the timing of each run is not the point)
-        per_seed = [part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0, [s])["rows"]
-                    for s in seeds]
-        runs = {w: [rows[i] for rows in per_seed] for i, w in enumerate((1, 2))}
-        means = {w: mean_curve(rs) for w, rs in runs.items()}
-        return {"seeds": seeds, "per_seed": runs, "mean_quality": {w: m[-1] for w, m in means.items()},
-                "mean_per_epoch": means,
-                "ratio_2_to_1_per_epoch": [
-                    {"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
-                     "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(means[1], means[2], strict=True)]}
+        per_seed: list[list[dict[str, Any]]] = []
+        for seed in seeds:
+            per_seed.append(part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0,
+                                         [seed])["rows"])
+            section = scaling_summary(seeds[:len(per_seed)], per_seed)
+            if save is not None and len(per_seed) < len(seeds):
+                save({**section, "partial": True})
+        return section
     rows = []
     for workers in (1, 2):
         per_rank = batch // workers if same_global_batch else batch
@@ -221,6 +223,17 @@ def time_to_target(section: dict[str, Any], step_s: dict[str, float], source: st
     return out
 
 
+def scaling_summary(seeds: list[int], per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """1 vs 2 workers over ``seeds``: the runs, the mean hit@10 / MRR per epoch and their ratio 2 to 1."""
+    runs = {w: [rows[i] for rows in per_seed] for i, w in enumerate((1, 2))}
+    means = {w: mean_curve(rs) for w, rs in runs.items()}
+    return {"seeds": seeds, "per_seed": runs, "mean_quality": {w: m[-1] for w, m in means.items()},
+            "mean_per_epoch": means,
+            "ratio_2_to_1_per_epoch": [
+                {"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
+                 "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(means[1], means[2], strict=True)]}
+
+
 def part_baseline(run: Path, client: Client, models: list[str], epochs: int, seeds: list[int],
                   target_fraction: float) -> dict[str, Any]:
     """Quality against training steps and time: GraphSAGE (uniform co-interaction neighbours, no cache) and
@@ -277,6 +290,31 @@ def main() -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     load_before = os.getloadavg()
     started = time.perf_counter()
+
+    def save(section: dict[str, Any]) -> None:
+        """Merge ``section`` (with the command and conditions) into ``--out``, re-read first."""
+        section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE,
+                        "data_rows": args.rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                        "seconds": round(time.perf_counter() - started, 1), "note": args.note})
+        out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        baseline = (f"baseline_timing{args.timing_steps}" if args.timing_steps else
+                    f"baseline_curves_{args.model}_{args.epochs}epochs_seeds{'-'.join(map(str, seeds))}")
+        name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline,
+                "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
+                + ("_same_global_batch" if args.same_global_batch else "")
+                + (f"_timing{args.timing_steps}" if args.timing_steps else "")
+                + (f"_quality_{args.epochs}epochs_{len(seeds)}seeds" if len(seeds) > 1 else "")
+                }.get(args.part, args.part)
+        out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
+        quiet = out.get(f"baseline_timing{args.timing_steps}") if args.timing_steps else None
+        for key, sec in out.items():  # curves of both models: time to target with the step times of a timing run
+            if args.part == "baseline" and key.startswith("baseline_curves_") and "time_to_target" in sec:
+                timing = quiet or next((out[k] for k in sorted(out) if k.startswith("baseline_timing")), None)
+                if timing is not None:
+                    sec["time_to_target_quiet"] = time_to_target(sec, timing["step_s"], timing["command"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         prepare(run, args.rows, client)
@@ -286,33 +324,13 @@ def main() -> int:
             section = part_partition(run, client, args.steps)
         elif args.part == "scaling":
             section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
-                                   args.same_global_batch, args.timing_steps, seeds)
+                                   args.same_global_batch, args.timing_steps, seeds, save)
         elif args.timing_steps:
             section = part_baseline_timing(run, client, args.timing_steps)
         else:
             models = list(BASELINE_MODELS) if args.model == "both" else [args.model]
             section = part_baseline(run, client, models, args.epochs, seeds, args.target_fraction)
-    section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "seconds": round(time.perf_counter() - started, 1), "note": args.note})
-    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    baseline = (f"baseline_timing{args.timing_steps}" if args.timing_steps else
-                f"baseline_curves_{args.model}_{args.epochs}epochs_seeds{'-'.join(map(str, seeds))}")
-    name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline,
-            "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
-            + ("_same_global_batch" if args.same_global_batch else "")
-            + (f"_timing{args.timing_steps}" if args.timing_steps else "")
-            + (f"_quality_{args.epochs}epochs_{len(args.seeds.split(','))}seeds" if "," in args.seeds else "")
-            }.get(args.part, args.part)
-    out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
-    quiet = out.get(f"baseline_timing{args.timing_steps}") if args.timing_steps else None
-    for key, sec in out.items():  # curves of both models: time to target with the step times of a timing run
-        if args.part == "baseline" and key.startswith("baseline_curves_") and "time_to_target" in sec:
-            timing = quiet or next((out[k] for k in sorted(out) if k.startswith("baseline_timing")), None)
-            if timing is not None:
-                sec["time_to_target_quiet"] = time_to_target(sec, timing["step_s"], timing["command"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    save(section)
     print(json.dumps(section, indent=1, default=str)[:3000])
     return 0
 

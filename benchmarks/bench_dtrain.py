@@ -9,7 +9,13 @@ invocations), then runs the real ``train`` stage (pipeline/train.py) on one 2-wo
   (fill + misses per step x steps per epoch), step time and the epoch time it implies;
 * ``--part partition``: METIS vs random (hash) shards, cache none and importance 10 %: remote bytes;
 * ``--part scaling``: 1 vs 2 workers, ``--epochs`` full epochs each: pairs/s, then hit@10 and MRR of the
-  embeddings (the evaluate stage's protocol A, test split).
+  embeddings (the evaluate stage's protocol A, test split) after every epoch of the one run (``epoch_embeddings``);
+* ``--part baseline``: GraphSAGE (uniform neighbours, cache none) and PinSage++ (walk neighbourhoods, importance
+  cache 10 %), 2 workers, one run of ``--epochs`` epochs per model and seed: hit@10, MRR, optimizer steps, pairs and
+  training seconds after every epoch, then the steps and time each needs to reach a target hit@10 fixed
+  beforehand (``--target-fraction`` of GraphSAGE's mean hit@10 after the last epoch); ``--timing-steps N`` times
+  N steps of each model only (for a quiet machine), and the time to target is then recomputed with those step
+  times (steps to target are deterministic, so only the seconds per step need the quiet machine).
 
 Each part merges its section into ``results/dtrain.json`` with the command, machine and load average.
 Run: ``PYTHONPATH=$PWD nice -n 5 python benchmarks/bench_dtrain.py --part cache``.
@@ -23,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +75,41 @@ def one(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
     }
 
 
-def quality(run: Path) -> dict[str, float]:
+def quality(run: Path, embeddings: Path | None = None) -> dict[str, float]:
+    """hit@10 and MRR of ``embeddings`` (default ``<run>/train/embeddings.npy``; its query side beside it)."""
     from pipeline.evaluate import EvalConfig, evaluate, read_report
 
-    evaluate(run, EvalConfig(protocol_b=False, baselines=("popularity",)), force=True)
+    evaluate(run, EvalConfig(protocol_b=False, baselines=("popularity",),
+                             embeddings_path=None if embeddings is None else str(embeddings)), force=True)
     rep = read_report(run)
     gnn = rep["protocol_a"]["test"]["item_to_item"]["gnn"]
     return {"hit@10": round(gnn["hit@10"], 5), "mrr": round(gnn["mrr"], 5)}
+
+
+def curve(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
+    """One run of ``settings["epochs"]`` epochs writing the embeddings after each (``epoch_embeddings``), each
+    evaluated: per epoch hit@10, MRR, optimizer steps per rank (that epoch and in total), pairs (all ranks) and
+    the epoch's training seconds (slowest rank; sampling wait included, snapshot and evaluation excluded)."""
+    from pipeline.train import epoch_embeddings_path
+
+    r = one(run, client, embed=True, epoch_embeddings=True, **settings)
+    train_dir = run / "train"
+    rep = json.loads((train_dir / "report.json").read_text())
+    per_epoch, steps, train_s = [], 0, 0.0
+    for e in rep["epochs"]:
+        n = e["epoch"] + 1
+        steps += e["steps"]
+        train_s += e["seconds"]
+        per_epoch.append({"epoch": n, **quality(run, epoch_embeddings_path(train_dir, n)),
+                          "epoch_steps": e["steps"], "steps": steps, "pairs": e["pairs"],
+                          "train_s": e["seconds"], "cum_train_s": round(train_s, 3),
+                          "mean_loss": round(e["mean_loss"], 5)})
+    r["quality"] = {k: per_epoch[-1][k] for k in ("hit@10", "mrr")}
+    r["per_epoch"] = per_epoch
+    r["step_s_loaded"] = round(train_s / max(steps, 1), 4)  # under whatever load the machine had
+    r["cache_fill_s"] = [w["cache_fill_s"] for w in rep["per_worker"]]
+    print(json.dumps({"curve": settings, "per_epoch": per_epoch}), file=sys.stderr, flush=True)  # kept if killed
+    return r
 
 
 def part_cache(run: Path, client: Client, steps: int, negatives: str) -> dict[str, Any]:
@@ -100,44 +135,128 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 
 
 def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
-                 same_global_batch: bool, timing_steps: int, seeds: list[int]) -> dict[str, Any]:
+                 same_global_batch: bool, timing_steps: int, seeds: list[int],
+                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
     its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
     that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
     many steps per rank only (no embeddings, no quality: a short run for a quiet machine); 0: ``epochs`` full
-    epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either)."""
+    epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either).
+    ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them."""
     if not timing_steps and len(seeds) > 1:  # quality over seeds (the timing of each run is not the point)
-        per_seed = [part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0, [s])["rows"]
-                    for s in seeds]
-        runs = {w: [rows[i] for rows in per_seed] for i, w in enumerate((1, 2))}
-        return {"seeds": seeds, "per_seed": runs, "mean_quality": {
-            w: {m: round(sum(r["quality"][m] for r in rs) / len(rs), 5) for m in ("hit@10", "mrr")}
-            for w, rs in runs.items()}}
+        per_seed: list[list[dict[str, Any]]] = []
+        for seed in seeds:
+            per_seed.append(part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0,
+                                         [seed])["rows"])
+            section = scaling_summary(seeds[:len(per_seed)], per_seed)
+            if save is not None and len(per_seed) < len(seeds):
+                save({**section, "partial": True})
+        return section
     rows = []
     for workers in (1, 2):
         per_rank = batch // workers if same_global_batch else batch
         if timing_steps:
             r = one(run, client, workers=workers, epochs=1, steps_per_epoch=timing_steps,
                     cpus_per_rank=cpus_per_rank, batch_size=per_rank)
-        else:
-            r = one(run, client, workers=workers, epochs=epochs, embed=True, cpus_per_rank=cpus_per_rank,
-                    batch_size=per_rank, seed=seeds[0])
-            r["quality"] = quality(run)
+        else:  # quality after every epoch of the one run; "quality" is the last epoch's
+            r = curve(run, client, workers=workers, epochs=epochs, cpus_per_rank=cpus_per_rank,
+                      batch_size=per_rank, seed=seeds[0])
         rows.append(r)
     rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
     return {"rows": rows}
 
 
-def part_baseline(run: Path, client: Client, model: str, max_epochs: int) -> dict[str, Any]:
-    """Quality against training time: GraphSAGE (uniform co-interaction neighbours, no cache) or PinSage++
-    (walk neighbourhoods, importance cache 10 %), 2 workers, one run per epoch count (each from scratch)."""
-    settings: dict[str, Any] = {"model": model, "cache": "none" if model == "graphsage" else "importance"}
-    rows = []
-    for epochs in range(1, max_epochs + 1):
-        r = one(run, client, workers=2, epochs=epochs, embed=True, **settings)
-        r["quality"] = quality(run)
-        rows.append(r)
-    return {"rows": rows}
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per epoch, the mean over ``runs`` (seeds) of hit@10 and MRR, with the (equal) steps per rank."""
+    out = []
+    for rows in zip(*(r["per_epoch"] for r in runs), strict=True):
+        out.append({"epoch": rows[0]["epoch"], "steps": rows[0]["steps"],
+                    **{m: round(sum(x[m] for x in rows) / len(rows), 5) for m in ("hit@10", "mrr")}})
+    return out
+
+
+BASELINE_MODELS = {"graphsage": {"model": "graphsage", "cache": "none"},
+                   "pinsage": {"model": "pinsage", "cache": "importance"}}
+TARGET_FRACTIONS = (0.9, 0.95, 1.0)  # of GraphSAGE's mean final hit@10; the headline one is --target-fraction
+
+
+def steps_to(curve_rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Optimizer steps per rank until hit@10 first reaches ``target``: at the end of that epoch (what was
+    measured), and linearly interpolated from the epoch before (None before epoch 1: nothing measured there)."""
+    prev = None
+    for row in curve_rows:
+        if row["hit@10"] >= target:
+            interp = None
+            if prev is not None:
+                frac = (target - prev["hit@10"]) / (row["hit@10"] - prev["hit@10"])
+                interp = round(prev["steps"] + frac * (row["steps"] - prev["steps"]), 1)
+            return {"epoch": row["epoch"], "steps": row["steps"], "steps_interpolated": interp}
+        prev = row
+    return {"epoch": None, "steps": None, "steps_interpolated": None}  # not reached within the run
+
+
+def time_to_target(section: dict[str, Any], step_s: dict[str, float], source: str) -> dict[str, Any]:
+    """Steps and seconds (steps x ``step_s[model]``) to each target hit@10, per seed and as means, and the
+    PinSage++ speed-up over GraphSAGE (ratio of the mean times); a seed that never reaches it counts as None."""
+    runs = section["models"]
+    final = mean_curve(runs["graphsage"])[-1]["hit@10"]
+    out: dict[str, Any] = {"step_s": step_s, "step_s_source": source,
+                           "graphsage_final_mean_hit@10": final, "targets": {}}
+    for frac in sorted({*TARGET_FRACTIONS, section["target_fraction"]}):
+        target = round(frac * final, 5)
+        per_model: dict[str, Any] = {}
+        for model, rs in runs.items():
+            seeds = [steps_to(r["per_epoch"], target) for r in rs]
+            reached = [x for x in seeds if x["steps"] is not None]
+            row: dict[str, Any] = {"per_seed": [{**x, "seconds": None if x["steps"] is None else
+                                                 round(x["steps"] * step_s[model], 2)} for x in seeds],
+                                   "seeds_reached": len(reached),
+                                   "mean_curve": steps_to(mean_curve(rs), target)}
+            if len(reached) == len(seeds):
+                row["mean_steps"] = round(sum(x["steps"] for x in seeds) / len(seeds), 1)
+                row["mean_seconds"] = round(row["mean_steps"] * step_s[model], 2)
+            per_model[model] = row
+        speedup = None
+        if all("mean_seconds" in per_model[m] for m in ("graphsage", "pinsage")):
+            speedup = round(per_model["graphsage"]["mean_seconds"] / per_model["pinsage"]["mean_seconds"], 3)
+        out["targets"][f"{frac:g}"] = {"hit@10": target, **per_model, "speedup_pinsage_over_graphsage": speedup}
+    return out
+
+
+def scaling_summary(seeds: list[int], per_seed: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """1 vs 2 workers over ``seeds``: the runs, the mean hit@10 / MRR per epoch and their ratio 2 to 1."""
+    runs = {w: [rows[i] for rows in per_seed] for i, w in enumerate((1, 2))}
+    means = {w: mean_curve(rs) for w, rs in runs.items()}
+    return {"seeds": seeds, "per_seed": runs, "mean_quality": {w: m[-1] for w, m in means.items()},
+            "mean_per_epoch": means,
+            "ratio_2_to_1_per_epoch": [
+                {"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
+                 "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(means[1], means[2], strict=True)]}
+
+
+def part_baseline(run: Path, client: Client, models: list[str], epochs: int, seeds: list[int],
+                  target_fraction: float) -> dict[str, Any]:
+    """Quality against training steps and time: GraphSAGE (uniform co-interaction neighbours, no cache) and
+    PinSage++ (walk neighbourhoods, importance cache 10 %), 2 workers, one run of ``epochs`` epochs per model and
+    seed with the quality after every epoch; the time to the target hit@10 when both models ran."""
+    runs = {m: [curve(run, client, workers=2, epochs=epochs, seed=seed, **BASELINE_MODELS[m]) for seed in seeds]
+            for m in models}
+    section: dict[str, Any] = {"seeds": seeds, "epochs": epochs, "target_fraction": target_fraction,
+                               "target_rule": f"hit@10 >= {target_fraction:g} x GraphSAGE's mean hit@10 after "
+                                              f"epoch {epochs} (fixed before the runs)",
+                               "models": runs, "mean_per_epoch": {m: mean_curve(rs) for m, rs in runs.items()}}
+    if set(runs) == set(BASELINE_MODELS):
+        loaded = {m: round(sum(r["step_s_loaded"] for r in rs) / len(rs), 4) for m, rs in runs.items()}
+        section["time_to_target"] = time_to_target(section, loaded, "these runs' own epochs (under load)")
+    return section
+
+
+def part_baseline_timing(run: Path, client: Client, steps: int) -> dict[str, Any]:
+    """``steps`` steps per rank of each model with the baseline's settings (2 workers, no embeddings): the
+    seconds per step to multiply the deterministic steps to target by, on a quiet machine."""
+    rows = {m: one(run, client, workers=2, epochs=1, steps_per_epoch=steps, **BASELINE_MODELS[m])
+            for m in BASELINE_MODELS}
+    return {"rows": rows, "step_s": {m: r["step_s"] for m, r in rows.items()}}
 
 
 # the niceness the script ran at (os.nice(0) reads it), so that the recorded command is the one that ran
@@ -147,7 +266,10 @@ NICE_NOTE = f" (under nice -n {os.nice(0)})" if os.nice(0) else ""
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--part", choices=("cache", "partition", "scaling", "baseline"), required=True)
-    parser.add_argument("--model", choices=("pinsage", "graphsage"), default="pinsage", help="baseline part")
+    parser.add_argument("--model", choices=("pinsage", "graphsage", "both"), default="both",
+                        help="baseline part: which models")
+    parser.add_argument("--target-fraction", type=float, default=0.95,
+                        help="baseline: the target hit@10 as this fraction of GraphSAGE's mean after the last epoch")
     parser.add_argument("--rows", type=int, default=400_000)
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/bench_dtrain"))
     parser.add_argument("--steps", type=int, default=20, help="steps per setting (cache, partition)")
@@ -157,16 +279,42 @@ def main() -> int:
     parser.add_argument("--cpus-per-rank", type=int, default=0, help="scaling: pin each rank to this many cores")
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
     parser.add_argument("--timing-steps", type=int, default=0,
-                        help="scaling: time this many steps per rank only (no quality)")
-    parser.add_argument("--seeds", default="0", help="scaling: comma-separated seeds (quality over several)")
+                        help="scaling, baseline: time this many steps per rank only (no quality)")
+    parser.add_argument("--seeds", default="0", help="scaling, baseline: comma-separated seeds")
     parser.add_argument("--same-global-batch", action="store_true",
                         help="scaling: 2 ranks of batch/2 pairs (same steps and batch as 1 rank)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
     parser.add_argument("--note", default="", help="conditions of the run, recorded with it")
     args = parser.parse_args()
     run = args.run_dir / f"rows-{args.rows}"
+    seeds = [int(x) for x in args.seeds.split(",")]
     load_before = os.getloadavg()
     started = time.perf_counter()
+
+    def save(section: dict[str, Any]) -> None:
+        """Merge ``section`` (with the command and conditions) into ``--out``, re-read first."""
+        section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE,
+                        "data_rows": args.rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                        "seconds": round(time.perf_counter() - started, 1), "note": args.note})
+        out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        baseline = (f"baseline_timing{args.timing_steps}" if args.timing_steps else
+                    f"baseline_curves_{args.model}_{args.epochs}epochs_seeds{'-'.join(map(str, seeds))}")
+        name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline,
+                "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
+                + ("_same_global_batch" if args.same_global_batch else "")
+                + (f"_timing{args.timing_steps}" if args.timing_steps else "")
+                + (f"_quality_{args.epochs}epochs_{len(seeds)}seeds" if len(seeds) > 1 else "")
+                }.get(args.part, args.part)
+        out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
+        quiet = out.get(f"baseline_timing{args.timing_steps}") if args.timing_steps else None
+        for key, sec in out.items():  # curves of both models: time to target with the step times of a timing run
+            if args.part == "baseline" and key.startswith("baseline_curves_") and "time_to_target" in sec:
+                timing = quiet or next((out[k] for k in sorted(out) if k.startswith("baseline_timing")), None)
+                if timing is not None:
+                    sec["time_to_target_quiet"] = time_to_target(sec, timing["step_s"], timing["command"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         prepare(run, args.rows, client)
@@ -176,23 +324,13 @@ def main() -> int:
             section = part_partition(run, client, args.steps)
         elif args.part == "scaling":
             section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
-                                   args.same_global_batch, args.timing_steps,
-                                   [int(x) for x in args.seeds.split(",")])
+                                   args.same_global_batch, args.timing_steps, seeds, save)
+        elif args.timing_steps:
+            section = part_baseline_timing(run, client, args.timing_steps)
         else:
-            section = part_baseline(run, client, args.model, args.epochs)
-    section.update({"command": "PYTHONPATH=$PWD python " + " ".join(sys.argv) + NICE_NOTE, "data_rows": args.rows,
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "seconds": round(time.perf_counter() - started, 1), "note": args.note})
-    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    name = {"cache": f"cache_{args.negatives}_negatives", "baseline": f"baseline_{args.model}",
-            "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
-            + ("_same_global_batch" if args.same_global_batch else "")
-            + (f"_timing{args.timing_steps}" if args.timing_steps else "")
-            + (f"_quality_{args.epochs}epochs_{len(args.seeds.split(','))}seeds" if "," in args.seeds else "")
-            }.get(args.part, args.part)
-    out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+            models = list(BASELINE_MODELS) if args.model == "both" else [args.model]
+            section = part_baseline(run, client, models, args.epochs, seeds, args.target_fraction)
+    save(section)
     print(json.dumps(section, indent=1, default=str)[:3000])
     return 0
 

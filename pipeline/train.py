@@ -12,8 +12,10 @@ pairs/s, cache hit rate, bytes) reach the client as Dask events while the ranks 
 
 Output ``<run>/train/``: ``checkpoint.pt`` (weights, optimizer state, frozen configs incl. compression/sync),
 ``embeddings.npy`` (n_items, D) float32, ``report.json`` (per-epoch loss and pairs/s, cache and transport stats per
-worker and in total, gradient bytes, partition). A killed run resumes from the last finished epoch
-(``<run>/.train-resume/<key>/``); re-running with the same inputs and settings does nothing.
+worker and in total, gradient bytes, partition); with ``--epoch-embeddings`` also ``epochs/<n>/embeddings.npy`` (and
+``query_embeddings.npy``) after each epoch n = 1, 2, ... of the one run, for quality against epochs. A killed run
+resumes from the last finished epoch (``<run>/.train-resume/<key>/``); re-running with the same inputs and
+settings does nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
+EPOCHS_DIR = "epochs"  # per-epoch embeddings (epoch_embeddings)
 MAX_AUTO_ID_BUCKETS = 65536  # id_buckets=0: the id table of a larger catalogue stays this size (hashed)
 
 
@@ -123,6 +126,9 @@ class TrainStageConfig:
     embed: bool = field(default=True, metadata={"help": "write embeddings.npy of all items after training "
                                                         "(off: benchmarks of the training loop only)"})
     record_weights: bool = field(default=False, metadata={"help": "digest of the weights after every step"})
+    epoch_embeddings: bool = field(default=False, metadata={
+        "help": "also write every item's embedding after each epoch to train/epochs/<n>/ (quality per epoch "
+                "from one run; the epoch times exclude it, the cache and transport totals include its rows)"})
 
     def __post_init__(self) -> None:
         for name in ("workers", "epochs", "batch_size", "n_negatives", "hidden_dim", "embed_dim", "n_neighbors",
@@ -331,7 +337,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     from gnn.graphstore import load_graph_store
     from gnn.models import ModelConfig, build_model
     from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
-    from gnn.trainer import TrainConfig, Trainer, embed_items, make_optimizer, query_side
+    from gnn.trainer import TrainConfig, Trainer, make_optimizer
     from gnn.walks import load_neighborhoods
     from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
 
@@ -407,6 +413,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         extra = {"stage": STAGE, "stage_config": to_dict(cfg), "optimizer": cfg.optimizer_kind,
                  "comm": comm.to_dict(), "key": job.key, "world_size": world}
         epochs = []
+        snapshots: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # epochs completed -> (emb, query)
+        snapshot_bytes = 0  # remote rows the per-epoch embeddings fetched
         for epoch in range(trainer.epoch, cfg.epochs):
             if session is not None:
                 session.set_epoch(epoch)
@@ -416,6 +424,11 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                           epoch_pairs_per_s=rep.pairs_per_s, seconds=rep.seconds)
             if rank == 0:
                 save_checkpoint(job.resume_path, trainer, mc, extra=extra)
+            if cfg.epoch_embeddings:
+                before = cache.transport_stats.bytes
+                snapshots[trainer.epoch] = _epoch_snapshot(model, sampler, local.items, cfg.seed, mc.query_head,
+                                                           world, not comm.uses_ddp_allreduce)
+                snapshot_bytes += cache.transport_stats.bytes - before
         train_stats = cache.stats.to_dict()
         transport = cache.transport_stats.to_dict()
         if world > 1 and not comm.uses_ddp_allreduce:
@@ -423,22 +436,18 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         if rank == 0:
             save_checkpoint(Path(job.out_dir) / "checkpoint.pt", trainer, mc, extra=extra)
         embed_started = time.perf_counter()
-        plain = getattr(model, "module", model)
-        emb_t = embed_items(plain, sampler, local.items if cfg.embed else local.items[:0], batch_size=1024,
-                            seed=cfg.seed)
-        with torch.no_grad():  # the query side of a model with a query head (gnn.trainer.query_side)
-            query_emb = query_side(plain, emb_t, torch.as_tensor(local.items, dtype=torch.int64)
-                                   ).cpu().numpy() if mc.query_head and cfg.embed else None
-        emb = emb_t.cpu().numpy()
+        emb, query_emb = _embed_local(model, sampler, local.items if cfg.embed else local.items[:0], cfg.seed,
+                                      mc.query_head and cfg.embed)
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
-                "embeddings": emb.astype(np.float32), "query_embeddings": query_emb,
+                "embeddings": emb, "query_embeddings": query_emb,
                 "embed_s": round(time.perf_counter() - embed_started, 3),
-                "embed_remote_bytes": int(embed_bytes),
+                "embed_remote_bytes": int(embed_bytes), "epoch_snapshots": snapshots,
+                "snapshot_remote_bytes": int(snapshot_bytes),
                 "digests": progress.digests, "final_digest": weights_digest(model),
                 "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 "torch_threads": torch.get_num_threads()}
@@ -467,6 +476,35 @@ def presample_importance(make_sampler: Any, make_batches: Any, nb: Any, cfg: Tra
     for b in range(min(cfg.presample_batches, batches.n_batches)):
         batches(0, b)
     return count_accesses(seen, n_items)
+
+
+def _embed_local(model: Any, sampler: Any, items: np.ndarray, seed: int, with_query: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """This rank's items embedded by ``model`` (DDP-wrapped or not): (n, D) float32 and, with ``with_query``, the
+    query side (n, D) of its query head."""
+    import torch
+
+    from gnn.trainer import embed_items, query_side
+
+    plain = getattr(model, "module", model)
+    emb_t = embed_items(plain, sampler, items, batch_size=1024, seed=seed)
+    with torch.no_grad():  # the query side of a model with a query head (gnn.trainer.query_side)
+        query = query_side(plain, emb_t, torch.as_tensor(items, dtype=torch.int64)  # ids: per-item query rows
+                           ).cpu().numpy() if with_query else None
+    return emb_t.cpu().numpy().astype(np.float32), query
+
+
+def _epoch_snapshot(model: Any, sampler: Any, items: np.ndarray, seed: int, with_query: bool, world: int,
+                    average: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_embed_local` between epochs without touching the training state: under local / hierarchical
+    averaging (``average``) the replicas differ, so a copy of the weights is averaged (a collective: every rank
+    calls this) and embedded, as the final embedding does with the weights themselves."""
+    import copy
+
+    if average and world > 1:
+        model = copy.deepcopy(getattr(model, "module", model))
+        _average_parameters(model, world)
+    return _embed_local(model, sampler, items, seed, with_query)
 
 
 def _average_parameters(model: Any, world: int) -> None:
@@ -610,6 +648,7 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         emb = np.zeros((n_items, cfg.embed_dim), np.float32)
         has_head = results[0]["query_embeddings"] is not None  # every rank runs the same model
         query = np.zeros_like(emb) if has_head else None
+        _write_epoch_snapshots(tmp, results, n_items, cfg.embed_dim)
         for r in results:
             items, part, query_part = r.pop("items"), r.pop("embeddings"), r.pop("query_embeddings")
             if cfg.embed:
@@ -630,6 +669,32 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
     return out
 
 
+def _write_epoch_snapshots(tmp: Path, results: list[dict[str, Any]], n_items: int, dim: int) -> None:
+    """``<tmp>/epochs/<n>/embeddings.npy`` (and ``query_embeddings.npy``) of every item after epoch n, assembled
+    from the ranks' ``epoch_snapshots`` (a resumed run has those of the epochs it ran itself)."""
+    for n in sorted(results[0]["epoch_snapshots"]):
+        emb = np.zeros((n_items, dim), np.float32)
+        query = None if results[0]["epoch_snapshots"][n][1] is None else np.zeros_like(emb)
+        for r in results:
+            part, query_part = r["epoch_snapshots"][n]
+            emb[r["items"]] = part
+            if query is not None:
+                query[r["items"]] = query_part
+        out = tmp / EPOCHS_DIR / str(n)
+        out.mkdir(parents=True)
+        np.save(out / EMBEDDINGS_NPY, emb)
+        if query is not None:
+            np.save(out / QUERY_EMBEDDINGS_NPY, query)
+    for r in results:
+        r.pop("epoch_snapshots")
+
+
+def epoch_embeddings_path(train_dir: str | Path, epochs_done: int) -> Path:
+    """Where a run with ``epoch_embeddings`` keeps the item embeddings after ``epochs_done`` epochs (a
+    ``query_embeddings.npy`` beside it where the model has a query head)."""
+    return Path(train_dir) / EPOCHS_DIR / str(epochs_done) / EMBEDDINGS_NPY
+
+
 def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[dict[str, Any]],
             part_out: StageOutput | None, seconds: float, stats_cls: Any) -> dict[str, Any]:
     epochs = []
@@ -637,7 +702,8 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         rows = [r["epochs"][e] for r in results]
         pairs, secs = sum(x["pairs"] for x in rows), max(x["seconds"] for x in rows)
         epochs.append({"epoch": rows[0]["epoch"], "mean_loss": float(np.mean([x["mean_loss"] for x in rows])),
-                       "pairs": pairs, "seconds": round(secs, 3), "pairs_per_s": round(pairs / secs, 1),
+                       "steps": rows[0]["steps"], "pairs": pairs, "seconds": round(secs, 3),
+                       "pairs_per_s": round(pairs / secs, 1),
                        "per_rank_loss": [x["mean_loss"] for x in rows]})
     caches = [stats_cls(**{k: v for k, v in r["cache"].items() if k != "hit_rate"}) for r in results]
     total = stats_cls.merge(caches)
@@ -650,7 +716,8 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "comm", "embed_s",
-                                          "embed_remote_bytes", "resumed_from_epoch", "cpus", "torch_threads")}
+                                          "embed_remote_bytes", "snapshot_remote_bytes", "resumed_from_epoch",
+                                          "cpus", "torch_threads")}
                        for r in results],
         "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
         "grad_bytes_total": int(sum(grad)),

@@ -645,20 +645,10 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
                 served = [servers[r].stats().result() for r in range(cfg.workers)]
         finally:
             client.unsubscribe_topic(PROGRESS_TOPIC)
-        emb = np.zeros((n_items, cfg.embed_dim), np.float32)
-        has_head = results[0]["query_embeddings"] is not None  # every rank runs the same model
-        query = np.zeros_like(emb) if has_head else None
         _write_epoch_snapshots(tmp, results, n_items, cfg.embed_dim)
-        for r in results:
-            items, part, query_part = r.pop("items"), r.pop("embeddings"), r.pop("query_embeddings")
-            if cfg.embed:
-                emb[items] = part
-                if query is not None:
-                    query[items] = query_part
+        parts = [(r.pop("items"), r.pop("embeddings"), r.pop("query_embeddings")) for r in results]
         if cfg.embed:
-            np.save(tmp / EMBEDDINGS_NPY, emb)
-            if query is not None:  # evaluate / recommend score these against the item vectors
-                np.save(tmp / QUERY_EMBEDDINGS_NPY, query)
+            _save_item_tables(tmp, parts, n_items, cfg.embed_dim)
         report = _report(cfg, results, served, part_out, time.perf_counter() - started, CacheStats)
         write_json_atomic(tmp / "report.json", report)
         return {k: report[k] for k in ("workers", "epochs", "pairs_per_s", "cache_total", "grad_bytes_total",
@@ -669,22 +659,28 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
     return out
 
 
-def _write_epoch_snapshots(tmp: Path, results: list[dict[str, Any]], n_items: int, dim: int) -> None:
-    """``<tmp>/epochs/<n>/embeddings.npy`` (and ``query_embeddings.npy``) of every item after epoch n, assembled
-    from the ranks' ``epoch_snapshots`` (a resumed run has those of the epochs it ran itself)."""
-    for n in sorted(results[0]["epoch_snapshots"]):
-        emb = np.zeros((n_items, dim), np.float32)
-        query = None if results[0]["epoch_snapshots"][n][1] is None else np.zeros_like(emb)
-        for r in results:
-            part, query_part = r["epoch_snapshots"][n]
-            emb[r["items"]] = part
-            if query is not None:
-                query[r["items"]] = query_part
-        out = tmp / EPOCHS_DIR / str(n)
-        out.mkdir(parents=True)
-        np.save(out / EMBEDDINGS_NPY, emb)
+def _save_item_tables(out: Path, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], n_items: int,
+                      dim: int) -> None:
+    """Assemble the ranks' (items, embeddings, query side or None) into (n_items, dim) float32 tables and save
+    ``embeddings.npy`` (and ``query_embeddings.npy``, which evaluate / recommend score against the items) in ``out``."""
+    emb = np.zeros((n_items, dim), np.float32)
+    query = None if parts[0][2] is None else np.zeros_like(emb)  # every rank runs the same model
+    for items, part, query_part in parts:
+        emb[items] = part
         if query is not None:
-            np.save(out / QUERY_EMBEDDINGS_NPY, query)
+            query[items] = query_part
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / EMBEDDINGS_NPY, emb)
+    if query is not None:
+        np.save(out / QUERY_EMBEDDINGS_NPY, query)
+
+
+def _write_epoch_snapshots(tmp: Path, results: list[dict[str, Any]], n_items: int, dim: int) -> None:
+    """``<tmp>/epochs/<n>/`` tables of every item after epoch n, from the ranks' ``epoch_snapshots`` (a resumed
+    run has those of the epochs it ran itself)."""
+    for n in sorted(results[0]["epoch_snapshots"]):
+        _save_item_tables(tmp / EPOCHS_DIR / str(n), [(r["items"], *r["epoch_snapshots"][n]) for r in results],
+                          n_items, dim)
     for r in results:
         r.pop("epoch_snapshots")
 

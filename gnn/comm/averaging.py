@@ -25,11 +25,9 @@ import torch
 import torch.distributed as dist
 
 from gnn.comm.accounting import TrafficAccount
-from gnn.comm.config import SyncLevel
+from gnn.comm.config import SYNC_WEIGHTINGS, SyncLevel
 
 logger = logging.getLogger(__name__)
-
-WEIGHTINGS = ("uniform", "touched")
 
 
 def _module_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,8 +56,8 @@ class ModelAverager:
                  weighting: str = "uniform") -> None:
         if not levels:
             raise ValueError("levels must not be empty; give at least one SyncLevel (e.g. local:16)")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"--sync-weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+        if weighting not in SYNC_WEIGHTINGS:
+            raise ValueError(f"--sync-weighting {weighting!r}: choose one of {', '.join(SYNC_WEIGHTINGS)}")
         self.weighting = weighting
         self.touched: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (rows,) bool, since the last round
         if warmup_steps < 0:

@@ -17,6 +17,8 @@ from typing import Any
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd", "dgc")
 SYNC_KINDS = ("allreduce", "local", "hierarchical")
+SYNC_WEIGHTINGS = ("uniform", "touched")  # how an averaging round weighs the replicas (gnn/comm/averaging.py)
+DGC_CORRECTIONS = ("momentum", "adam")  # what the DGC hook accumulates
 DGC_WARMUP_DEFAULT = (0.75, 0.9375, 0.984375, 0.996)  # Lin et al. 2018, then `sparsity` (0.999)
 
 
@@ -96,7 +98,7 @@ class DGCConfig:
             raise ValueError(f"DGCConfig.weight_decay={self.weight_decay} must be >= 0")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"DGCConfig.clip_norm={self.clip_norm} must be > 0 or None (off)")
-        if self.correction not in ("momentum", "adam"):
+        if self.correction not in DGC_CORRECTIONS:
             raise ValueError(f"DGCConfig.correction={self.correction!r}: use 'momentum' or 'adam'")
         if self.correction == "adam" and self.momentum:
             raise ValueError(f"DGCConfig.correction='adam' with momentum={self.momentum}: Adam's beta1 is the "
@@ -157,7 +159,7 @@ class CommConfig:
                                  "warm-up; use --compression none")
         if self.sync_warmup_steps < 0:
             raise ValueError(f"--sync-warmup-steps {self.sync_warmup_steps} must be >= 0")
-        if self.sync_weighting not in ("uniform", "touched"):
+        if self.sync_weighting not in SYNC_WEIGHTINGS:
             raise ValueError(f"--sync-weighting {self.sync_weighting!r}: choose uniform or touched")
         if self.sync_weighting != "uniform" and self.sync == "allreduce":
             raise ValueError(f"--sync-weighting {self.sync_weighting} weights model averaging rounds; it needs "
@@ -264,7 +266,7 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compression", default=d.compression, choices=COMPRESSIONS)
     group.add_argument("--sync", default="allreduce", help="allreduce | local:H | hierarchical:G@P,...,all@P")
     group.add_argument("--sync-warmup-steps", type=int, default=d.sync_warmup_steps)
-    group.add_argument("--sync-weighting", default=d.sync_weighting, choices=("uniform", "touched"),
+    group.add_argument("--sync-weighting", default=d.sync_weighting, choices=SYNC_WEIGHTINGS,
                        help="averaging rounds: plain mean, or each matrix row over the replicas that touched it")
     group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
     group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
@@ -276,7 +278,7 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-momentum", type=float, default=dg.momentum)
     group.add_argument("--dgc-weight-decay", type=float, default=dg.weight_decay)
     group.add_argument("--dgc-clip-norm", type=float, default=None)
-    group.add_argument("--dgc-correction", default=dg.correction, choices=("momentum", "adam"),
+    group.add_argument("--dgc-correction", default=dg.correction, choices=DGC_CORRECTIONS,
                        help="accumulate the SGD velocity (momentum) or each rank's Adam step (adam; optimizer SGD)")
 
 
@@ -286,7 +288,7 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
     dgc = DGCConfig(sparsity=args.dgc_sparsity, warmup_sparsities=parse_sparsities(args.dgc_warmup),
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
                     momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm,
-                    correction=getattr(args, "dgc_correction", "momentum"))
+                    correction=args.dgc_correction)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       powersgd_rank=args.powersgd_rank,

@@ -173,6 +173,10 @@ class DGCState:
         total = sum(m.numel() for m in self.ever_sent.values())
         return sum(int(m.sum()) for m in self.ever_sent.values()) / total if total else 0.0
 
+    def coverage_by_tensor(self) -> dict[str, float]:
+        """:attr:`coverage` of each compressed tensor, by parameter name (call :meth:`name_parameters` first)."""
+        return {self.names.get(p, f"param{id(p)}"): int(m.sum()) / m.numel() for p, m in self.ever_sent.items()}
+
     def stats(self) -> dict[str, object]:
         return {"sparsity": self.sparsity, "fallbacks": self.fallbacks, "selections": self.selections,
                 "residual_norm": self.residual_norm, "coverage": self.coverage, **self.traffic.as_dict()}

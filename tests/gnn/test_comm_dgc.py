@@ -167,6 +167,7 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
     record["final_residual"] = {n: dgc.last_audit[n].residual for n in names}
     record["numel"] = {n: p.numel() for n, p in model.module.named_parameters()}
     record["coverage"] = dgc.coverage
+    record["session_dgc"] = session.stats()["dgc"]
     return record
 
 
@@ -198,6 +199,8 @@ def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict
         compressed = sum(numel[n] for n in r["ever_sent"])
         assert r["coverage"] == sum(len(s) for s in r["ever_sent"].values()) / compressed
         assert 0 < r["coverage"] < 1
+        assert r["session_dgc"]["coverage"] == r["coverage"]  # the run report carries it
+        assert r["session_dgc"]["coverage_by_tensor"] == {n: len(s) / numel[n] for n, s in r["ever_sent"].items()}
     for r in results:  # over all steps: what was sent plus what is held back = every gradient (momentum 0)
         for name, grad_sum in r["grad_sum"].items():
             torch.testing.assert_close(r["sent_sum"][name] + r["final_residual"][name], grad_sum,

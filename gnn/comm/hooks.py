@@ -158,7 +158,8 @@ class CommSession:
         out: dict[str, Any] = {"config": self.config.to_dict(), **self.traffic.as_dict()}
         if self.dgc is not None:
             out["dgc"] = {"sparsity": self.dgc.sparsity, "fallbacks": self.dgc.fallbacks,
-                          "selections": self.dgc.selections, "residual_norm": self.dgc.residual_norm}
+                          "selections": self.dgc.selections, "residual_norm": self.dgc.residual_norm,
+                          "coverage": self.dgc.coverage, "coverage_by_tensor": self.dgc.coverage_by_tensor()}
         if self.averager is not None:
             out["averager"] = {"step": self.averager.step_count, "warmup_steps": self.averager.warmup_steps}
         return out

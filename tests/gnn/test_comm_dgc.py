@@ -143,7 +143,7 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
     dgc = session.dgc
     assert dgc is not None
     names = [n for n, p in model.module.named_parameters() if p.dim() > 1]
-    record: dict[str, Any] = {"steps": [], "grad_sum": {}, "sent_sum": {}}
+    record: dict[str, Any] = {"steps": [], "grad_sum": {}, "sent_sum": {}, "ever_sent": {}}
     before = params_of(model.module)
 
     def on_step(step: int) -> None:
@@ -158,6 +158,7 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
             }
             record["grad_sum"][name] = record["grad_sum"].get(name, 0) + audit.gradient
             record["sent_sum"][name] = record["sent_sum"].get(name, 0) + audit.sent
+            record["ever_sent"].setdefault(name, set()).update(audit.indices.tolist())
         entry["bytes"] = (session.traffic.last_step_dense_bytes, session.traffic.last_step_sent_bytes)
         record["steps"].append(entry)
         before = after
@@ -165,6 +166,8 @@ def audit_worker(rank: int, world: int) -> dict[str, Any]:
     train(model, optimizer, rank, 7, on_step)
     record["final_residual"] = {n: dgc.last_audit[n].residual for n in names}
     record["numel"] = {n: p.numel() for n, p in model.module.named_parameters()}
+    record["coverage"] = dgc.coverage
+    record["session_dgc"] = session.stats()["dgc"]
     return record
 
 
@@ -192,6 +195,12 @@ def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict
         dense, sent = results[0]["steps"][step]["bytes"]
         assert dense == 4 * sum(numel.values())
         assert sent == 8 * sum(ks[0].values()) + 4 * sum(v for n, v in numel.items() if n not in ks[0])
+    for r in results:  # coverage: the share of the compressed entries this rank sent at least once
+        compressed = sum(numel[n] for n in r["ever_sent"])
+        assert r["coverage"] == sum(len(s) for s in r["ever_sent"].values()) / compressed
+        assert 0 < r["coverage"] < 1
+        assert r["session_dgc"]["coverage"] == r["coverage"]  # the run report carries it
+        assert r["session_dgc"]["coverage_by_tensor"] == {n: len(s) / numel[n] for n, s in r["ever_sent"].items()}
     for r in results:  # over all steps: what was sent plus what is held back = every gradient (momentum 0)
         for name, grad_sum in r["grad_sum"].items():
             torch.testing.assert_close(r["sent_sum"][name] + r["final_residual"][name], grad_sum,

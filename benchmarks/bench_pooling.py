@@ -73,6 +73,16 @@ def paired(per_seed: list[dict[str, dict[str, float]]], models: list[str]) -> di
     return out
 
 
+def save(out: Path, name: str | None, result: dict[str, Any]) -> None:
+    """Write ``result`` as the whole of ``out``, or under key ``name`` of the runs already in it."""
+    if name is None:
+        write_json_atomic(out, result)
+        return
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged[name] = result
+    write_json_atomic(out, merged)
+
+
 def run_seed(tables: dict[str, pd.DataFrame], models: list[str], model_over: dict[str, Any],
              train_over: dict[str, Any], walk_over: dict[str, Any], seed: int, budget_s: float,
              eval_cfg: EvalConfig) -> dict[str, Any]:
@@ -96,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", choices=["generated", "amazon", "taobao"], required=True)
     ap.add_argument("--data", type=Path, default=Path("..") / "shared" / "data")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--name", default=None,
+                    help="store the result under this key of --out, beside the runs already there (default: the "
+                         "whole file is this run)")
     ap.add_argument("--gen-rows", type=int, default=200_000)
     ap.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock training budget per model and seed")
     ap.add_argument("--models", default="pinsage,pinsage_mean", help="the first is the reference of the differences")
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         result["per_seed"].append(row)
         print(json.dumps(row), flush=True)
         result["paired"] = paired([r["metrics"] for r in result["per_seed"]], models)
-        write_json_atomic(args.out, result)  # after every seed, so a cut-short run keeps its seeds
+        save(args.out, args.name, result)  # after every seed, so a cut-short run keeps its seeds
     mean = {m: {k: round(float(np.mean([r["metrics"][m][k] for r in result["per_seed"]])), 5)
                 for k in result["per_seed"][0]["metrics"][m]} for m in models}
     result["mean"] = mean
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                          "platform": platform.platform(), "torch": torch.__version__, "torch_threads": 1}
     result["command"] = " ".join(["python", *sys.argv])
     result["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.out, result)
+    save(args.out, args.name, result)
     for pair, rows in result["paired"].items():
         print(f"\n{pair} (per seed; mean ± sd; seeds > 0)")
         for metric, r in rows.items():

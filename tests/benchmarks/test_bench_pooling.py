@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.bench_pooling import paired, walk_config
+from benchmarks.bench_pooling import paired, save, walk_config
 from benchmarks.bench_quality import load, overrides, training_inputs
 from benchmarks.quality_lib import train_gnn
 from gnn.models import ModelConfig
@@ -59,3 +60,13 @@ def test_a_training_seed_fixes_the_trained_embeddings_and_another_seed_changes_t
     first, again, other = embeddings(3), embeddings(3), embeddings(4)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
+
+
+def test_save_keeps_the_other_named_runs(tmp_path: Path) -> None:
+    out = tmp_path / "pooling.json"
+    save(out, "t10", {"seeds": [0]})
+    save(out, "t50", {"seeds": [1]})
+    save(out, "t10", {"seeds": [0, 1]})
+    assert json.loads(out.read_text()) == {"t10": {"seeds": [0, 1]}, "t50": {"seeds": [1]}}
+    save(out, None, {"seeds": [2]})
+    assert json.loads(out.read_text()) == {"seeds": [2]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.bench_pooling import paired, save, walk_config
+from benchmarks.bench_pooling import paired, save, walk_config, weight_profile
 from benchmarks.bench_quality import load, overrides, training_inputs
 from benchmarks.quality_lib import train_gnn
 from gnn.models import ModelConfig
@@ -70,3 +70,16 @@ def test_save_keeps_the_other_named_runs(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == {"t10": {"seeds": [0, 1]}, "t50": {"seeds": [1]}}
     save(out, None, {"seeds": [2]})
     assert json.loads(out.read_text()) == {"seeds": [2]}
+
+
+def test_weight_profile_by_hand() -> None:
+    # item 0: counts 6,2 (shares .75/.25); item 1: 3,3 (uniform); item 2: one neighbour only (left out at t=2)
+    indptr = np.array([0, 2, 4, 5])
+    weights = np.array([6.0, 2.0, 3.0, 3.0, 9.0], np.float32)
+    prof = weight_profile(indptr, weights, 2)
+    assert prof["items"] == 2
+    assert prof["top1_share"][1] == pytest.approx(0.625)  # median of .75 and .5
+    assert prof["lower_half_share"][1] == pytest.approx(0.375)
+    assert prof["first_over_last"][1] == pytest.approx(2.0)  # median of 3 and 1
+    assert prof["visits_in_top_t"][1] == pytest.approx(7.0)
+    assert weight_profile(indptr, weights, 3)["items"] == 0

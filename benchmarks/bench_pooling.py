@@ -6,20 +6,21 @@ on the same split, with the same walks (walk seed = training seed, so the walk n
 carry is part of the spread) and the same training seed, and reports each metric per seed and the paired
 difference of every model against the first one (same seed), with its mean, standard deviation and the number
 of seeds on which it is positive. Evaluation: ``pipeline.evaluate.evaluate_tables`` (protocol A, valid and test;
-no baselines, no protocol B unless asked).
+no baselines, no protocol B).
 
-Findings (results/quality_pooling.json, generated 100k rows, 8 epochs, 3 seeds): with the default hashed id
-table both poolings memorise items and stay within seed noise of each other, at T=10 and at T=50 neighbours
+Findings (results/quality_pooling.json, generated 100k rows, 8 epochs, 3-5 seeds): with the default hashed
+id table both poolings memorise items and stay within seed noise of each other, at T=10 and at T=50 neighbours
 (200 walks per item), although the normalised visit counts are far from uniform (at T=10 the lower half of the
-neighbours holds a median 36 % of the weight, 28 % at T=50); without id rows (``--set id_buckets=0``, an item
-known only by its features and its walk neighbourhood) importance pooling leads mean pooling on every seed in
-hit@10 and F1@10 (5 seeds) and PinSage leads GraphSAGE-mean by far, but those id-free models stay far below
-item-CF (hit@10 0.28 vs 0.45), so that is where importance pooling matters, not a setting that beats the
-baselines.
+neighbours holds a median 36 % of the weight, 28 % at T=50); a partial table (512 rows) is again within noise.
+Without id rows (``--set id_buckets=0``: an item known only by its features and its walk neighbourhood)
+importance pooling leads mean pooling on every seed in hit@10 and F1@10 (5 seeds) and PinSage leads
+GraphSAGE-mean by far, but those id-free models stay far below item-CF (hit@10 0.28 vs 0.45): that is where
+importance pooling matters, not a setting that beats the baselines.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000
---seeds 0,1,2 --set epochs=6 --set n_neighbors=50 --out /tmp/pooling/t50.json``.
+--seeds 0,1,2 --set epochs=8 --set embed_dim=128 --set query_id_buckets=16384 --set n_neighbors=50
+--walk-set n_walks=200 --out /tmp/pooling/t50w200.json`` (the other runs: their ``command`` in the JSON).
 """
 
 from __future__ import annotations

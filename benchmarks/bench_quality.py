@@ -76,14 +76,15 @@ def training_inputs(tables: dict[str, pd.DataFrame]) -> tuple[Histories, GraphSt
 
 
 def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any], train_over: dict[str, Any],
-        budget_s: float, models: list[str]) -> dict[str, Any]:
+        budget_s: float, models: list[str], walk_cfg: WalkConfig | None = None) -> dict[str, Any]:
     train, store, n_categories = training_inputs(tables)
     scorers: dict[str, Scorer] = {}
     training: dict[str, Any] = {}
     for name in models:
         mc = ModelConfig(**{"n_categories": n_categories, **model_over, **MODELS[name]})
         tc = TrainConfig(**{"mode": "sync", "log_every": 0, **train_over})
-        res = train_gnn(train, mc, tc, walk_cfg=WalkConfig(), store=store, time_budget_s=budget_s, name=name)
+        res = train_gnn(train, mc, tc, walk_cfg=walk_cfg or WalkConfig(), store=store, time_budget_s=budget_s,
+                        name=name)
         scorers[name] = res.scorer
         training[name] = {"model": mc.to_dict(), "train": tc.to_dict(), "epochs": res.epochs,
                           "seconds_incl_walks": round(res.seconds, 1)}
@@ -100,6 +101,21 @@ def parse(value: str) -> Any:
         return value
 
 
+def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainConfig)) -> list[dict[str, Any]]:
+    """``field=value`` strings split by the config dataclass that has the field (one dict per class of
+    ``configs``, in order); a field none of them has is an error, rather than silently ignored."""
+    out: list[dict[str, Any]] = [{} for _ in configs]
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
+        if not sep or not owners:
+            names = "/".join(c.__name__ for c in configs)
+            raise SystemExit(f"--set {kv!r}: expected field=value with a field of {names}")
+        for i in owners:
+            out[i][key] = parse(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["generated", "amazon", "taobao"], required=True)
@@ -109,15 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock training budget per model")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--set", action="append", default=[], help="field=value override of ModelConfig/TrainConfig")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the training (TrainConfig.seed: initial weights, batches) and of the walks")
+    ap.add_argument("--walk-set", action="append", default=[], help="field=value override of WalkConfig")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    over = {k: parse(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    model_over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
-    train_over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    model_over, train_over = overrides(args.set)
+    walk_over = overrides(args.walk_set, (WalkConfig,))[0]
+    if args.seed is not None:
+        train_over["seed"] = walk_over["seed"] = args.seed
+    # T neighbours need T kept per item by the walks.
+    walk_over["top_t"] = max(int(walk_over.get("top_t", WalkConfig.top_t)),
+                             int(model_over.get("n_neighbors", ModelConfig.n_neighbors)))
     started = time.perf_counter()
     load_start = os.getloadavg()
     tables, info = load(args.dataset, args.data, args.gen_rows)
-    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","))
+    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","),
+                 WalkConfig(**walk_over))
+    result["walks"] = dataclasses.asdict(WalkConfig(**walk_over))
     result.update(info)
     result["machine"] = {"nproc": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                          "platform": platform.platform(), "torch": torch.__version__, "torch_threads": 1}

@@ -1,0 +1,85 @@
+"""The seed and override options of the quality benchmarks (benchmarks/bench_quality.py, bench_pooling.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_pooling import paired, save, walk_config, weight_profile
+from benchmarks.bench_quality import load, overrides, training_inputs
+from benchmarks.quality_lib import train_gnn
+from gnn.models import ModelConfig
+from gnn.trainer import TrainConfig
+from gnn.walks import WalkConfig
+
+
+def test_overrides_route_each_field_to_its_config_and_reject_unknown_fields() -> None:
+    model, train = overrides(["n_neighbors=30", "epochs=3", "seed=7", "pooling=mean"])
+    assert model == {"n_neighbors": 30, "pooling": "mean"}
+    assert train == {"epochs": 3, "seed": 7}
+    (walk,) = overrides(["n_walks=200", "hard_negative_ranks=[60, 400]"], (WalkConfig,))
+    assert walk == {"n_walks": 200, "hard_negative_ranks": [60, 400]}
+    with pytest.raises(SystemExit, match="top_t"):  # a walk field is not a model/training field
+        overrides(["top_t=50"])
+    with pytest.raises(SystemExit, match="field=value"):
+        overrides(["epochs"])
+
+
+def test_walk_config_keeps_at_least_t_neighbours_and_takes_the_seed() -> None:
+    assert walk_config({}, 10, 3) == WalkConfig(top_t=20, seed=3)
+    assert walk_config({"n_walks": 200}, 50, 1) == WalkConfig(n_walks=200, top_t=50, seed=1)
+    assert walk_config({"top_t": 60}, 50, 0).top_t == 60
+
+
+def test_paired_differences_against_the_first_model() -> None:
+    per_seed = [{"a": {"m": 0.50}, "b": {"m": 0.40}, "c": {"m": 0.55}},
+                {"a": {"m": 0.30}, "b": {"m": 0.35}, "c": {"m": 0.30}}]
+    out = paired(per_seed, ["a", "b", "c"])
+    assert out["a - b"]["m"]["per_seed"] == [0.1, -0.05]
+    assert out["a - b"]["m"]["mean"] == 0.025
+    assert out["a - b"]["m"]["sd"] == pytest.approx(np.std([0.1, -0.05], ddof=1), abs=1e-5)
+    assert out["a - b"]["m"]["n_positive"] == 1
+    assert out["a - c"]["m"]["per_seed"] == [-0.05, 0.0] and out["a - c"]["m"]["n_positive"] == 0
+    assert paired(per_seed[:1], ["a", "b"])["a - b"]["m"]["sd"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_training_seed_fixes_the_trained_embeddings_and_another_seed_changes_them() -> None:
+    tables, _ = load("generated", Path("unused"), 6000)
+    train, store, n_categories = training_inputs(tables)
+    mc = ModelConfig(n_categories=n_categories, hidden_dim=16, input_dim=16, embed_dim=8, id_buckets=512)
+
+    def embeddings(seed: int) -> np.ndarray:
+        tc = TrainConfig(mode="sync", log_every=0, epochs=1, batch_size=128, seed=seed)
+        res = train_gnn(train, mc, tc, walk_cfg=walk_config({"n_walks": 10}, mc.n_neighbors, seed), store=store)
+        return res.scorer.emb.numpy()
+
+    first, again, other = embeddings(3), embeddings(3), embeddings(4)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_save_keeps_the_other_named_runs(tmp_path: Path) -> None:
+    out = tmp_path / "pooling.json"
+    save(out, "t10", {"seeds": [0]})
+    save(out, "t50", {"seeds": [1]})
+    save(out, "t10", {"seeds": [0, 1]})
+    assert json.loads(out.read_text()) == {"t10": {"seeds": [0, 1]}, "t50": {"seeds": [1]}}
+    save(out, None, {"seeds": [2]})
+    assert json.loads(out.read_text()) == {"seeds": [2]}
+
+
+def test_weight_profile_by_hand() -> None:
+    # item 0: counts 6,2 (shares .75/.25); item 1: 3,3 (uniform); item 2: one neighbour only (left out at t=2)
+    indptr = np.array([0, 2, 4, 5])
+    weights = np.array([6.0, 2.0, 3.0, 3.0, 9.0], np.float32)
+    prof = weight_profile(indptr, weights, 2)
+    assert prof["items"] == 2
+    assert prof["top1_share"][1] == pytest.approx(0.625)  # median of .75 and .5
+    assert prof["lower_half_share"][1] == pytest.approx(0.375)
+    assert prof["first_over_last"][1] == pytest.approx(2.0)  # median of 3 and 1
+    assert prof["visits_in_top_t"][1] == pytest.approx(7.0)
+    assert weight_profile(indptr, weights, 3)["items"] == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gnn.comm import CommConfig, parse_comm, setup_communication
+from gnn.comm import CommConfig, ModelAverager, parse_comm, setup_communication
 from gnn.comm.launch import run_gloo
 
 
@@ -200,3 +200,25 @@ def test_sync_optimizer_state_makes_both_ranks_adam_state_identical(sync_state: 
 def test_sync_optimizer_state_needs_model_averaging() -> None:
     with pytest.raises(ValueError, match=r"sync-optimizer-state .* needs --sync local"):
         parse_comm("none", "allreduce", sync_optimizer_state=True)
+
+
+def mismatched_state_worker(rank: int, world: int) -> str:
+    """Rank 0's Adam has stepped the model, rank 1's has not: no state tensors on rank 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    inner = torch.optim.Adam(model.parameters(), lr=0.1)
+    if rank == 0:
+        model(torch.ones(1, 3)).sum().backward()
+        inner.step()
+    averager = ModelAverager(parse_comm("none", "local:2").sync_levels, optimizer_state=True)
+    try:
+        averager.average(model, level=0, optimizer=inner)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.timeout(240)
+def test_sync_optimizer_state_refuses_ranks_with_different_state() -> None:
+    errors = run_gloo(mismatched_state_worker, world_size=2)
+    assert all("optimizer state differs between ranks (0 to 4 state tensors)" in e for e in errors), errors

@@ -20,7 +20,8 @@ into one block per settings key): ``--modes M --seeds S --steps 0 --epochs 3 --d
 --section quality_softmax`` for M in none, local4_wu1, sgd, dgc, dgc_adam (2 workers; dgc_adam = error-feedback
 top-k feeding Adam 3e-3, paired with none) and none_w4, hierarchical_w4 (4 workers; list the dense mode of a seed
 first: its epoch length sets the averaging warm-up); none_gneg, local2_wu1_gneg (global shared negatives: list
-none_gneg first, one seed per invocation) and local2_wu1_ostate (--sync-optimizer-state, paired with none).
+none_gneg first, one seed per invocation), local2_wu1_ostate (--sync-optimizer-state, paired with none) and
+local2_wu1_gneg_ostate (both, paired with none_gneg).
 A seed fixes the initial weights, the partition, the batches and the negatives of every mode (``--check-pairing``
 verifies it from per-step weight digests; each run partitions with its seed first, because the train stage keeps
 whatever partition of the right size it finds, and rows made before 2026-11-26 03:40 UTC could inherit another

@@ -19,7 +19,9 @@ Paired quality (``--section quality_softmax``; one mode and seed per invocation 
 into one block per settings key): ``--modes M --seeds S --steps 0 --epochs 3 --dgc-stage-steps 2
 --section quality_softmax`` for M in none, local4_wu1, sgd, dgc, dgc_adam (2 workers; dgc_adam = error-feedback
 top-k feeding Adam 3e-3, paired with none) and none_w4, hierarchical_w4 (4 workers; list the dense mode of a seed
-first: its epoch length sets the averaging warm-up).
+first: its epoch length sets the averaging warm-up); none_gneg, local2_wu1_gneg (global shared negatives: list
+none_gneg first, one seed per invocation), local2_wu1_ostate (--sync-optimizer-state, paired with none) and
+local2_wu1_gneg_ostate (both, paired with none_gneg).
 A seed fixes the initial weights, the partition, the batches and the negatives of every mode (``--check-pairing``
 verifies it from per-step weight digests; each run partitions with its seed first, because the train stage keeps
 whatever partition of the right size it finds, and rows made before 2026-11-26 03:40 UTC could inherit another
@@ -68,6 +70,15 @@ MODES: dict[str, dict[str, Any]] = {
     # them (METIS shards are communities, so local steps drift towards their own shard's items)
     "none_rand": {"partition": "random"},
     "local2_wu1_rand": {"sync": "local:2", "sync_warmup_epochs": 1.0, "partition": "random"},
+    # the same pair with shared negatives drawn from all items (TrainStageConfig.negatives="global") instead of the
+    # rank's own shard: are the shard-local negatives what local steps drift on?
+    "none_gneg": {"negatives": "global"},
+    "local2_wu1_gneg": {"sync": "local:2", "sync_warmup_epochs": 1.0, "negatives": "global"},
+    # averaging Adam's moments (exp_avg, exp_avg_sq) with the model in each round (--sync-optimizer-state): after a
+    # round the replicas agree on the optimizer too, so the next local steps start from the same Adam state
+    "local2_wu1_ostate": {"sync": "local:2", "sync_warmup_epochs": 1.0, "sync_optimizer_state": True},
+    "local2_wu1_gneg_ostate": {"sync": "local:2", "sync_warmup_epochs": 1.0, "sync_optimizer_state": True,
+                               "negatives": "global"},
     # averaging each item row over the ranks that trained it (gnn/comm/averaging.py, weighting "touched")
     "local2_wu1_touched": {"sync": "local:2", "sync_warmup_epochs": 1.0, "sync_weighting": "touched"},
     "local4_wu1_touched": {"sync": "local:4", "sync_warmup_epochs": 1.0, "sync_weighting": "touched"},
@@ -238,6 +249,8 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "dgc_adamc_s996": "none", "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local2_wu1_touched": "none",
+                     "local2_wu1_gneg": "none_gneg", "local2_wu1_ostate": "none",
+                     "local2_wu1_gneg_ostate": "none_gneg",
                      "local4_wu1_touched": "none", "hierarchical_w4_touched": "none_w4",
                      "hierarchical": "none", "hierarchical_w4": "none_w4"}
 

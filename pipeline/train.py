@@ -104,6 +104,8 @@ class TrainStageConfig:
     sync_weighting: Literal["uniform", "touched"] = field(
         default="uniform", metadata={"help": "averaging rounds: plain mean, or each matrix row (an item's embedding) "
                                              "over the ranks that trained it since the last round"})
+    sync_optimizer_state: bool = field(
+        default=False, metadata={"help": "averaging rounds also average the optimizer state (Adam's moments)"})
     dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
     dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
@@ -169,7 +171,8 @@ class TrainStageConfig:
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
-                          sync_weighting=self.sync_weighting, dgc=dgc)
+                          sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
+                          dgc=dgc)
 
     @property
     def optimizer_kind(self) -> str:

@@ -11,6 +11,12 @@ update of a row that only one of G replicas trained (an item-embedding row of an
 while gradient all-reduce under Adam does not (Adam's step does not scale with the averaged gradient's size): with
 METIS shards most item rows are such rows, so local SGD under plain averaging trains them at 1/G of the rate.
 
+``optimizer_state=True`` also averages the wrapped optimizer's per-parameter state tensors (Adam's ``exp_avg`` and
+``exp_avg_sq``, SGD's ``momentum_buffer``) in each round, so that after a round the replicas agree on the optimizer as
+well as on the model (local Adam with synchronised moments, as in the local adaptive methods of Chen et al. 2020,
+"Toward communication efficient adaptive gradient method", and Wang et al. 2021, "Local adaptivity in federated
+learning"); it costs the state's bytes on top of the model's (Adam: three times a round).
+
     averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps)
     optimizer = AveragingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), averager, model)
 """
@@ -49,16 +55,19 @@ class ModelAverager:
         weighting: ``uniform`` (plain mean, default) or ``touched`` (each row of a parameter of dim >= 2 averaged
             over the replicas that touched it since the last round; call :meth:`record_touched` after each
             backward, as :class:`AveragingOptimizer` does).
+        optimizer_state: also average the optimizer's per-parameter state tensors in each round (plain mean;
+            pass the optimizer to :meth:`step`, as :class:`AveragingOptimizer` does; default False).
     """
 
     def __init__(self, levels: Sequence[SyncLevel], *, warmup_steps: int = 0,
                  process_group: dist.ProcessGroup | None = None, traffic: TrafficAccount | None = None,
-                 weighting: str = "uniform") -> None:
+                 weighting: str = "uniform", optimizer_state: bool = False) -> None:
         if not levels:
             raise ValueError("levels must not be empty; give at least one SyncLevel (e.g. local:16)")
         if weighting not in SYNC_WEIGHTINGS:
             raise ValueError(f"--sync-weighting {weighting!r}: choose one of {', '.join(SYNC_WEIGHTINGS)}")
         self.weighting = weighting
+        self.optimizer_state = optimizer_state
         self.touched: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (rows,) bool, since the last round
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
@@ -122,16 +131,21 @@ class ModelAverager:
             seen = self.touched.get(p)
             self.touched[p] = rows if seen is None else seen | rows
 
-    def step(self, model: torch.nn.Module) -> int | None:
-        """Count one optimizer step and average if a level is due; returns the level index averaged, if any."""
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int | None:
+        """Count one optimizer step and average if a level is due; returns the level index averaged, if any.
+        ``optimizer``: the optimizer whose state is averaged too (needed with ``optimizer_state``)."""
         self.step_count += 1
         due = self.level_due(self.step_count)
         if due is not None:
-            self.average(model, level=due)
+            self.average(model, level=due, optimizer=optimizer)
         return due
 
-    def average(self, model: torch.nn.Module, *, level: int) -> None:
-        """Average parameters and floating buffers within this rank's group of ``level`` now (a sync point)."""
+    def average(self, model: torch.nn.Module, *, level: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Average parameters and floating buffers (with ``optimizer_state``, also ``optimizer``'s per-parameter
+        state tensors) within this rank's group of ``level`` now (a sync point)."""
+        if self.optimizer_state and optimizer is None:
+            raise ValueError("ModelAverager(optimizer_state=True) needs the optimizer: call step(model, optimizer) "
+                             "or wrap the optimizer in AveragingOptimizer")
         group, members = self.groups[level]
         module = _module_of(model)
         payload = 0
@@ -143,6 +157,10 @@ class ModelAverager:
                     weighted.add(p)
             self.touched.clear()
         tensors = [p.data for p in module.parameters() if p not in weighted] + list(module.buffers())
+        if self.optimizer_state and optimizer is not None:
+            state = optimizer_state_tensors(optimizer, list(module.parameters()))
+            _check_same_layout(len(state), group)
+            tensors += state
         floats = [t for t in tensors if t.is_floating_point()]
         others = [t for t in tensors if not t.is_floating_point()]
         for dtype in {t.dtype for t in floats}:
@@ -194,6 +212,33 @@ class ModelAverager:
         return f"ModelAverager(levels=[{levels}], warmup={self.warmup_steps}, step={self.step_count})"
 
 
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The floating state tensors of ``optimizer`` shaped like their parameter (Adam's ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``; SGD's ``momentum_buffer``), in ``params`` order and key order: the same list on every rank
+    whose optimizer has stepped the same parameters. Scalars such as Adam's ``step`` are left out (every replica
+    counts the same steps)."""
+    out = []
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key in sorted(state):
+            value = state[key]
+            if (key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and value.shape == p.shape):
+                out.append(value)
+    return out
+
+
+def _check_same_layout(count: int, group: dist.ProcessGroup) -> None:
+    """Raise on every rank when the ranks of ``group`` hold different numbers of optimizer state tensors (one
+    parameter stepped on one rank and never on another): averaging them would pair the wrong tensors."""
+    spread = torch.tensor([count, -count], dtype=torch.int64)
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
+    if int(spread[0]) != -int(spread[1]):
+        raise RuntimeError(f"optimizer state differs between ranks ({-int(spread[1])} to {int(spread[0])} state "
+                           "tensors): every rank must step every parameter before the first averaging round "
+                           "(use --sync-warmup-steps >= 1 or turn --sync-optimizer-state off)")
+
+
 class AveragingOptimizer(torch.optim.Optimizer):
     """Wrap an optimizer so that each ``step()`` is followed by :meth:`ModelAverager.step` (local SGD).
 
@@ -211,7 +256,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         self.averager.record_touched(self.model)
         loss = self.optimizer.step(closure)
-        self.averager.step(self.model)
+        self.averager.step(self.model, self.optimizer)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -130,6 +130,9 @@ class CommConfig:
         sync_warmup_steps: global gradient all-reduce steps before local/hierarchical averaging starts (default 0).
         sync_weighting: ``uniform`` (plain mean, default) or ``touched`` (each row of a matrix averaged over the
             replicas whose gradients touched it since the last round; see gnn/comm/averaging.py).
+        sync_optimizer_state: average the optimizer's per-parameter state (Adam's moments, SGD's momentum) along
+            with the model in each averaging round (default False: each replica keeps its own, as in PyTorch's
+            ``PostLocalSGDOptimizer``).
         powersgd_rank: PowerSGD matrix approximation rank (default 2).
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts; must be > 1 (default 10).
         dgc: DGC settings (used when ``compression == "dgc"``).
@@ -140,6 +143,7 @@ class CommConfig:
     sync_levels: tuple[SyncLevel, ...] = ()
     sync_warmup_steps: int = 0
     sync_weighting: str = "uniform"
+    sync_optimizer_state: bool = False
     powersgd_rank: int = 2
     powersgd_start_iter: int = 10
     dgc: DGCConfig = field(default_factory=DGCConfig)
@@ -164,6 +168,9 @@ class CommConfig:
         if self.sync_weighting != "uniform" and self.sync == "allreduce":
             raise ValueError(f"--sync-weighting {self.sync_weighting} weights model averaging rounds; it needs "
                              "--sync local:H or hierarchical:..., not allreduce")
+        if self.sync_optimizer_state and self.sync == "allreduce":
+            raise ValueError("--sync-optimizer-state averages the optimizer state in model averaging rounds; it "
+                             "needs --sync local:H or hierarchical:..., not allreduce")
         if self.powersgd_rank < 1:
             raise ValueError(f"--powersgd-rank {self.powersgd_rank} must be >= 1")
         if self.powersgd_start_iter <= 1:
@@ -268,6 +275,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sync-warmup-steps", type=int, default=d.sync_warmup_steps)
     group.add_argument("--sync-weighting", default=d.sync_weighting, choices=SYNC_WEIGHTINGS,
                        help="averaging rounds: plain mean, or each matrix row over the replicas that touched it")
+    group.add_argument("--sync-optimizer-state", action="store_true",
+                       help="averaging rounds also average the optimizer state (Adam's moments, SGD's momentum)")
     group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
     group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
     group.add_argument("--dgc-sparsity", type=float, default=dg.sparsity)
@@ -291,6 +300,7 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     correction=args.dgc_correction)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
+                      sync_optimizer_state=args.sync_optimizer_state,
                       powersgd_rank=args.powersgd_rank,
                       powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)
 

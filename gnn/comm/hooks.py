@@ -213,7 +213,8 @@ def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, co
                              "synchronises buffers on its own schedule")
         session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
                                          process_group=process_group, traffic=traffic,
-                                         weighting=config.sync_weighting)
+                                         weighting=config.sync_weighting,
+                                         optimizer_state=config.sync_optimizer_state)
         ddp_model.register_comm_hook(_HookState(process_group, traffic, averager=session.averager),
                                      local_sgd_hook)
     elif config.compression == "dgc":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gnn.comm import parse_comm, setup_communication
+from gnn.comm import CommConfig, ModelAverager, parse_comm, setup_communication
 from gnn.comm.launch import run_gloo
 
 
@@ -148,3 +148,77 @@ def test_touched_weighting_needs_model_averaging() -> None:
         parse_comm("none", "allreduce", sync_weighting="touched")
     with pytest.raises(ValueError, match="choose uniform or touched"):
         parse_comm("none", "local:2", sync_weighting="rows")
+
+
+def optimizer_state_worker(rank: int, world: int, sync_state: bool) -> dict[str, Any]:
+    """Adam under local:2 after 1 warm-up step, each rank on its own data: the optimizer states before and after the
+    round at step 3 (and the model after it)."""
+    model = DDP(bn_model(), forward_sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", "local:2", sync_warmup_steps=1,
+                                                    sync_optimizer_state=sync_state))
+    inner = torch.optim.Adam(model.parameters(), lr=0.05)
+    optimizer = session.wrap_optimizer(inner)
+    gen = torch.Generator().manual_seed(rank)
+
+    def states() -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v.clone() for i, p in enumerate(model.parameters())
+                for k, v in inner.state[p].items()}
+
+    history = []
+    for _ in range(3):
+        x, y = torch.randn(8, 6, generator=gen) * (rank + 1), torch.randn(8, 2, generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        inner.step()  # the wrapped optimizer's two halves, apart, to see the state just before the round
+        before = states()
+        assert session.averager is not None
+        session.averager.step(model, inner)
+        history.append({"before": before, "after": states(), "model": snapshot(model.module)})
+    return {"history": history, "stats": session.stats()}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sync_state", [True, False])
+def test_sync_optimizer_state_makes_both_ranks_adam_state_identical(sync_state: bool) -> None:
+    r0, r1 = run_gloo(optimizer_state_worker, world_size=2, args=(sync_state,))
+    (w0, l0, a0), (w1, l1, a1) = r0["history"], r1["history"]
+    assert same(w0["after"], w1["after"])  # warm-up step: all-reduced gradients, the same Adam state everywhere
+    assert not same(l0["after"], l1["after"])  # local step: each rank's Adam saw its own gradient
+    moments = [k for k in a0["before"] if not k.endswith(".step")]
+    assert {k.split(".", 1)[1] for k in moments} == {"exp_avg", "exp_avg_sq"}
+    assert same(a0["model"], a1["model"])  # the round at step 3 (warm-up 1 + period 2) averages the model
+    if sync_state:  # ... and Adam's moments: identical on both ranks, the mean of the two replicas' states
+        assert same(a0["after"], a1["after"])
+        assert all(torch.allclose(a0["after"][k], (a0["before"][k] + a1["before"][k]) / 2) for k in moments)
+        recorded = r0["stats"]["config"]  # what report.json and the checkpoint keep, round-tripping
+        assert recorded["sync_optimizer_state"] is True and CommConfig.from_dict(recorded) == parse_comm(
+            "none", "local:2", sync_warmup_steps=1, sync_optimizer_state=True)
+    else:  # each replica keeps its own optimizer state (PostLocalSGDOptimizer's behaviour)
+        assert same(a0["after"], a0["before"]) and not same(a0["after"], a1["after"])
+
+
+def test_sync_optimizer_state_needs_model_averaging() -> None:
+    with pytest.raises(ValueError, match=r"sync-optimizer-state .* needs --sync local"):
+        parse_comm("none", "allreduce", sync_optimizer_state=True)
+
+
+def mismatched_state_worker(rank: int, world: int) -> str:
+    """Rank 0's Adam has stepped the model, rank 1's has not: no state tensors on rank 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    inner = torch.optim.Adam(model.parameters(), lr=0.1)
+    if rank == 0:
+        model(torch.ones(1, 3)).sum().backward()
+        inner.step()
+    averager = ModelAverager(parse_comm("none", "local:2").sync_levels, optimizer_state=True)
+    try:
+        averager.average(model, level=0, optimizer=inner)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.timeout(240)
+def test_sync_optimizer_state_refuses_ranks_with_different_state() -> None:
+    errors = run_gloo(mismatched_state_worker, world_size=2)
+    assert all("optimizer state differs between ranks (0 to 4 state tensors)" in e for e in errors), errors

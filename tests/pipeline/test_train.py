@@ -199,16 +199,18 @@ def test_rerun_is_a_noop_and_a_killed_run_resumes(small_run: Path, dask_client: 
     assert not ckpt.parent.exists()
 
 
-@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction"), [
-    ("dgc", "allreduce", "auto", "momentum"), ("dgc", "allreduce", "adam", "momentum"),
-    ("dgc", "allreduce", "adam", "adam"), ("none", "local:2", "auto", "momentum")])
+@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction", "ostate"), [
+    ("dgc", "allreduce", "auto", "momentum", False), ("dgc", "allreduce", "adam", "momentum", False),
+    ("dgc", "allreduce", "adam", "adam", False), ("none", "local:2", "auto", "momentum", False),
+    ("none", "local:2", "auto", "momentum", True)])
 def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Client, compression: str,
-                                             sync: str, optimizer: str, correction: str, trained: Trained) -> None:
+                                             sync: str, optimizer: str, correction: str, ostate: bool,
+                                             trained: Trained) -> None:
     dense = trained[2]["grad_bytes_total"]
     sgd = compression == "dgc" and optimizer == "auto"
     cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression=compression, sync=sync,  # type: ignore[arg-type]
                            optimizer=optimizer, dgc_correction=correction,  # type: ignore[arg-type]
-                           lr=0.05 if sgd else 3e-3, **SMALL)  # type: ignore[arg-type]
+                           sync_optimizer_state=ostate, lr=0.05 if sgd else 3e-3, **SMALL)  # type: ignore[arg-type]
     out = train(small_run, cfg, dask_client)
     rep = _report(out)
     comm = rep["per_worker"][0]["comm"]
@@ -220,10 +222,15 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert extra["optimizer"] == rep["optimizer"]
     assert extra["comm"]["dgc"]["momentum"] == comm["config"]["dgc"]["momentum"] == (0.9 if sgd else 0.0)
     assert extra["comm"]["dgc"]["correction"] == correction
+    assert extra["comm"]["sync_optimizer_state"] is comm["config"]["sync_optimizer_state"] is ostate
     assert rep["replicas_identical"] is True  # local: after the final average
     # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the
     # model (dense-sized) every 2nd step: both about half the dense bytes per step
-    assert rep["grad_bytes_total"] / 4 < 0.6 * dense / 5
+    per_step = rep["grad_bytes_total"] / 4
+    if ostate:  # the rounds carry Adam's two moments beside the model: three times the bytes
+        assert 1.4 * dense / 5 < per_step < 1.6 * dense / 5
+    else:
+        assert per_step < 0.6 * dense / 5
     assert np.isfinite(rep["epochs"][0]["mean_loss"])
 
 

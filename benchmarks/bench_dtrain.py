@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from distributed import Client, LocalCluster  # noqa: E402
 
-from pipeline.train import TrainStageConfig, train  # noqa: E402
+from pipeline.train import LR_SCALING, TrainStageConfig, train  # noqa: E402
 
 
 def prepare(run: Path, rows: int, client: Client) -> None:
@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per setting (cache, partition)")
     parser.add_argument("--negatives", choices=("local", "global"), default="local",
                         help="shared negatives from the rank's shard or from all items (cache, scaling parts)")
-    parser.add_argument("--lr-scaling", choices=("none", "sqrt", "linear"), default="none",
+    parser.add_argument("--lr-scaling", choices=LR_SCALING, default="none",
                         help="scaling: the stage's lr_scaling (lr x workers^0.5 or x workers; 1 worker: lr)")
     parser.add_argument("--lr-warmup-steps", type=int, default=0,
                         help="scaling: the stage's lr_warmup_steps (ramp from lr to the scaled lr)")

@@ -48,7 +48,7 @@ class TrainConfig:
     see :func:`scheduled_lr`; ``warmup_steps`` linear warm-up over the first steps (0: none): the learning rate of
     step s < ``warmup_steps`` is the schedule's times ``w + (1 − w) · s / warmup_steps``, w = ``warmup_start``
     (0.0; the data-parallel stage passes 1 / its lr scale, so that the ramp starts at the unscaled rate,
-    Goyal et al. 2017).
+    Goyal et al. 2017); ``adam_betas`` ((0.9, 0.999)) and ``adam_eps`` (1e-8) of Adam.
     """
 
     epochs: int = 6
@@ -73,6 +73,8 @@ class TrainConfig:
     lr_final: float = 0.05
     warmup_steps: int = 0
     warmup_start: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -96,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0 (0 = no warm-up)")
         if not 0.0 <= self.warmup_start <= 1.0:
             raise ValueError(f"TrainConfig.warmup_start={self.warmup_start}: a fraction of lr in [0, 1] (try 0.5)")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"TrainConfig.adam_betas={self.adam_betas}: two values in [0, 1) (try (0.9, 0.999))")
+        if self.adam_eps <= 0:
+            raise ValueError(f"TrainConfig.adam_eps={self.adam_eps}: must be > 0 (try 1e-8)")
         if self.temperature <= 0:
             raise ValueError(f"TrainConfig.temperature={self.temperature}: must be > 0 (try 0.1)")
 
@@ -130,7 +136,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     # fused=True: one kernel per step instead of ~8 per tensor; the hashed-id table makes Adam a visible cost.
     # (the CPU fused kernel exists from torch 2.4 on; pyproject allows 2.3)
     fused = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                            weight_decay=config.weight_decay, fused=fused)
 
 
 def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:

@@ -47,7 +47,8 @@ STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
 EPOCHS_DIR = "epochs"  # per-epoch embeddings (epoch_embeddings)
-LR_SCALING = ("none", "sqrt", "linear")  # TrainStageConfig.lr_scaling
+LR_SCALING = ("none", "sqrt", "linear", "adam-sqrt")  # TrainStageConfig.lr_scaling
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's defaults, what "adam-sqrt" scales
 MAX_AUTO_ID_BUCKETS = 65536  # id_buckets=0: the id table of a larger catalogue stays this size (hashed)
 
 
@@ -76,9 +77,11 @@ class TrainStageConfig:
     hard_cap: int = field(default=0, metadata={"help": "hard negatives per query at most (curriculum +1 per "
                                                        "epoch; 0 = none, best with the softmax loss)"})
     lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
-    lr_scaling: Literal["none", "sqrt", "linear"] = field(
+    lr_scaling: Literal["none", "sqrt", "linear", "adam-sqrt"] = field(
         default="none", metadata={"help": "data-parallel learning rate for the workers-times larger global batch: "
-                                          "lr x workers^0.5 (sqrt) or x workers (linear); 1 worker: lr"})
+                                          "lr x workers^0.5 (sqrt) or x workers (linear); adam-sqrt: sqrt, and "
+                                          "Adam's 1-beta1, 1-beta2 x workers, eps / workers^0.5 (the square-root "
+                                          "rule of Malladi et al. 2022); 1 worker: unchanged"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "with --lr-scaling: steps over which the lr rises "
                                                               "linearly from --lr to the scaled lr (gradual "
                                                               "warm-up, Goyal et al. 2017; 0 = none)"})
@@ -152,6 +155,8 @@ class TrainStageConfig:
               f"must be one of {', '.join(LR_SCALING)}")
         check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "train.lr_warmup_steps",
               self.lr_warmup_steps, "must be an integer >= 0 (0 = no warm-up)")
+        check(self.lr_scaling != "adam-sqrt" or self.optimizer_kind == "adam", "train.lr_scaling",
+              self.lr_scaling, "scales Adam's betas: use it with Adam (not --optimizer sgd or --compression dgc)")
         check(self.lr_warmup_steps == 0 or self.lr_scaling != "none", "train.lr_warmup_steps",
               self.lr_warmup_steps, "warms up to the scaled lr: add --lr-scaling sqrt or linear, or set it to 0")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
@@ -188,13 +193,25 @@ class TrainStageConfig:
         """The learning rate a run of ``world`` ranks (default ``workers``) trains at after any warm-up:
         ``lr`` times ``world ** 0.5`` (sqrt), ``world`` (linear) or 1 (none)."""
         world = self.workers if world is None else world
-        return self.lr * {"none": 1.0, "sqrt": world ** 0.5, "linear": float(world)}[self.lr_scaling]
+        return self.lr * {"none": 1.0, "linear": float(world)}.get(self.lr_scaling, world ** 0.5)
+
+    def adam_betas(self, world: int | None = None) -> tuple[tuple[float, float], float]:
+        """Adam's (beta1, beta2) and eps for ``world`` ranks: torch's defaults, or under "adam-sqrt" with
+        1 - beta times ``world`` and eps over ``world ** 0.5``, so that the momenta average over as many pairs
+        as with one worker."""
+        world = self.workers if world is None else world
+        if self.lr_scaling != "adam-sqrt" or world == 1:
+            return ADAM_BETAS, ADAM_EPS
+        b1, b2 = (max(0.0, 1.0 - (1.0 - b) * world) for b in ADAM_BETAS)
+        return (b1, b2), ADAM_EPS / world ** 0.5
 
     def lr_info(self, world: int | None = None) -> dict[str, Any]:
         """The learning-rate settings of a run of ``world`` ranks, for the report and the checkpoint."""
         world = self.workers if world is None else world
+        betas, eps = self.adam_betas(world)
         return {"lr": self.lr, "lr_scaling": self.lr_scaling, "world": world,
-                "effective_lr": self.effective_lr(world), "warmup_steps": self.lr_warmup_steps}
+                "effective_lr": self.effective_lr(world), "warmup_steps": self.lr_warmup_steps,
+                "adam_betas": list(betas), "adam_eps": eps}
 
     @property
     def optimizer_kind(self) -> str:
@@ -407,11 +424,13 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         shard_rows = ShardRows(cache)
         sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
         lr = cfg.effective_lr(world)  # the warm-up ramps from cfg.lr up to it (Goyal et al. 2017)
+        betas, eps = cfg.adam_betas(world)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr, n_negatives=cfg.n_negatives,
                          seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
                          num_threads=nthreads, log_every=0, device=device_name, loss=cfg.loss,
                          temperature=cfg.temperature, hard_cap=cfg.hard_cap,
-                         warmup_steps=cfg.lr_warmup_steps if lr > cfg.lr else 0, warmup_start=cfg.lr / lr)
+                         warmup_steps=cfg.lr_warmup_steps if lr > cfg.lr else 0, warmup_start=cfg.lr / lr,
+                         adam_betas=betas, adam_eps=eps)
         stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
         model: torch.nn.Module = build_model(mc, seed=cfg.seed).to(device_name)
         comm = cfg.comm_config()

@@ -252,9 +252,15 @@ def scaling_summary(seeds: list[int], per_seed: list[list[dict[str, Any]]]) -> d
     means = {w: mean_curve(rs) for w, rs in runs.items()}
     return {"seeds": seeds, "per_seed": runs, "mean_quality": {w: m[-1] for w, m in means.items()},
             "mean_per_epoch": means,
-            "ratio_2_to_1_per_epoch": [
-                {"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
-                 "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(means[1], means[2], strict=True)]}
+            "ratio_2_to_1_per_epoch": ratios(means[1], means[2]),
+            "ratio_2_to_1_per_seed": {s: ratios(r1["per_epoch"], r2["per_epoch"])
+                                      for s, r1, r2 in zip(seeds, runs[1], runs[2], strict=True)}}
+
+
+def ratios(one_worker: list[dict[str, Any]], two_workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per epoch, 2 workers' hit@10 and MRR over 1 worker's."""
+    return [{"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
+             "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(one_worker, two_workers, strict=True)]
 
 
 def part_baseline(run: Path, client: Client, models: list[str], epochs: int, seeds: list[int],

@@ -6,7 +6,9 @@ pairs whose query item its shard owns. Rows of items it does not own (input feat
 come from their owners' ``ShardServer`` actors (pipeline/rowserver.py) through the remote-row cache (cache/), inside
 the producer threads, one call per owner per hop of a minibatch (pipeline/remote_rows.py). Progress lines (loss,
 pairs/s, cache hit rate, bytes) reach the client as Dask events while the ranks run; everything runs inside
-``distributed.span("train")``. With ``workers = 1`` it is the single-worker trainer (every row local).
+``distributed.span("train")``. With ``workers = 1`` it is the single-worker trainer (every row local). N ranks of
+``batch_size`` pairs take N times fewer optimizer steps per epoch; ``lr_scaling`` raises the learning rate for
+that (sqrt, linear, or adam-sqrt, which also scales Adam's betas), from ``lr`` over ``lr_warmup_steps`` steps.
 
     pinsage train --run-dir runs/x --workers 2 --cache importance --cache-fraction 0.1 --compression dgc
 

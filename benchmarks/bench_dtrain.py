@@ -146,7 +146,7 @@ def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, bat
     epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either).
     ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them.
     ``workers_list``: the worker counts to run; ``settings``: more stage settings for every run (lr_scaling,
-    lr_warmup_steps, negatives: none of them changes a 1-worker run); ``reference``: a stored scaling section
+    lr_warmup_steps, negatives, partition: none of them changes a 1-worker run); ``reference``: a stored scaling section
     whose 1-worker runs stand in for the ones ``workers_list`` leaves out (quality is deterministic per seed)."""
     extra = dict(settings or {})
     if timing_steps:
@@ -308,6 +308,8 @@ def main() -> int:
                         help="scaling: the stage's lr_scaling (lr x workers^0.5 or x workers; 1 worker: lr)")
     parser.add_argument("--lr-warmup-steps", type=int, default=0,
                         help="scaling: the stage's lr_warmup_steps (ramp from lr to the scaled lr)")
+    parser.add_argument("--partition", choices=("metis", "random"), default="metis",
+                        help="scaling: the shards of the 2-worker runs (random: hash, unbiased batches per rank)")
     parser.add_argument("--workers-list", default="1,2",
                         help="scaling: worker counts to run; without 1, the 1-worker curves of the same seeds "
                              "come from --reference")
@@ -327,8 +329,9 @@ def main() -> int:
     run = args.run_dir / f"rows-{args.rows}"
     seeds = [int(x) for x in args.seeds.split(",")]
     workers_list = tuple(int(x) for x in args.workers_list.split(","))
-    chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives}
-    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local"}  # the stage's
+    chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives,
+              "partition": args.partition}
+    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local", "partition": "metis"}  # the stage's
     scaling_settings = {k: v for k, v in chosen.items() if v != defaults[k]}  # also in the section's name
     load_before = os.getloadavg()
     started = time.perf_counter()

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from distributed import Client, LocalCluster  # noqa: E402
 
-from pipeline.train import TrainStageConfig, train  # noqa: E402
+from pipeline.train import LR_SCALING, TrainStageConfig, train  # noqa: E402
 
 
 def prepare(run: Path, rows: int, client: Client) -> None:
@@ -136,34 +136,57 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 
 def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
                  same_global_batch: bool, timing_steps: int, seeds: list[int],
-                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 save: Callable[[dict[str, Any]], None] | None = None, *, workers_list: tuple[int, ...] = (1, 2),
+                 settings: dict[str, Any] | None = None, reference: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
     its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
     that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
     many steps per rank only (no embeddings, no quality: a short run for a quiet machine); 0: ``epochs`` full
     epochs, then hit@10 and MRR (the batches and weights do not depend on timing, so quality does not either).
-    ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them."""
-    if not timing_steps and len(seeds) > 1:  # quality over seeds (the timing of each run is not the point)
-        per_seed: list[list[dict[str, Any]]] = []
-        for seed in seeds:
-            per_seed.append(part_scaling(run, client, epochs, cpus_per_rank, batch, same_global_batch, 0,
-                                         [seed])["rows"])
-            section = scaling_summary(seeds[:len(per_seed)], per_seed)
-            if save is not None and len(per_seed) < len(seeds):
-                save({**section, "partial": True})
-        return section
-    rows = []
-    for workers in (1, 2):
-        per_rank = batch // workers if same_global_batch else batch
-        if timing_steps:
-            r = one(run, client, workers=workers, epochs=1, steps_per_epoch=timing_steps,
-                    cpus_per_rank=cpus_per_rank, batch_size=per_rank)
-        else:  # quality after every epoch of the one run; "quality" is the last epoch's
-            r = curve(run, client, workers=workers, epochs=epochs, cpus_per_rank=cpus_per_rank,
-                      batch_size=per_rank, seed=seeds[0])
-        rows.append(r)
-    rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
-    return {"rows": rows}
+    ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them.
+    ``workers_list``: the worker counts to run; ``settings``: more stage settings for every run (lr_scaling,
+    lr_warmup_steps, negatives, partition: none of them changes a 1-worker run); ``reference``: a stored scaling section
+    whose 1-worker runs stand in for the ones ``workers_list`` leaves out (quality is deterministic per seed)."""
+    extra = dict(settings or {})
+    if timing_steps:
+        rows = [one(run, client, workers=w, epochs=1, steps_per_epoch=timing_steps, cpus_per_rank=cpus_per_rank,
+                    batch_size=batch // w if same_global_batch else batch, **extra) for w in workers_list]
+        if len(rows) == 2:
+            rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
+        return {"rows": rows}
+    if len(seeds) == 1 and tuple(workers_list) == (1, 2):  # one seed of both: the plain rows, as before
+        rows = [scaling_curve(run, client, w, epochs, cpus_per_rank, batch, same_global_batch, seeds[0], extra)
+                for w in workers_list]
+        rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
+        return {"rows": rows}
+    stored = {} if 1 in workers_list else {seed: reference_run(reference, seed, epochs) for seed in seeds}
+    per_seed: list[dict[int, dict[str, Any]]] = []  # quality over seeds (the timing of each run is not the point)
+    for seed in seeds:
+        runs = {w: scaling_curve(run, client, w, epochs, cpus_per_rank, batch, same_global_batch, seed, extra)
+                for w in workers_list}
+        per_seed.append({1: stored[seed], **runs} if stored else runs)
+        section = scaling_summary(seeds[:len(per_seed)], [[r[1], r[2]] for r in per_seed])
+        if save is not None and len(per_seed) < len(seeds):
+            save({**section, "partial": True})
+    return section
+
+
+def scaling_curve(run: Path, client: Client, workers: int, epochs: int, cpus_per_rank: int, batch: int,
+                  same_global_batch: bool, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """:func:`curve` of one row of the scaling part (per-rank batch: ``batch``, or ``batch // workers``)."""
+    return curve(run, client, workers=workers, epochs=epochs, cpus_per_rank=cpus_per_rank,
+                 batch_size=batch // workers if same_global_batch else batch, seed=seed, **settings)
+
+
+def reference_run(reference: dict[str, Any] | None, seed: int, epochs: int) -> dict[str, Any]:
+    """The 1-worker run of ``seed`` in a stored scaling section, cut to its first ``epochs`` epochs."""
+    runs = [] if reference is None else [r for r in reference["per_seed"]["1"] if r["settings"]["seed"] == seed]
+    if not runs or len(runs[0]["per_epoch"]) < epochs:
+        raise SystemExit(f"--reference: no stored 1-worker run of seed {seed} with {epochs} epochs; run "
+                         f"--workers-list 1,2 or pick a --reference section that has one")
+    r = runs[0]
+    return {**r, "per_epoch": r["per_epoch"][:epochs], "reference": True}
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,9 +252,15 @@ def scaling_summary(seeds: list[int], per_seed: list[list[dict[str, Any]]]) -> d
     means = {w: mean_curve(rs) for w, rs in runs.items()}
     return {"seeds": seeds, "per_seed": runs, "mean_quality": {w: m[-1] for w, m in means.items()},
             "mean_per_epoch": means,
-            "ratio_2_to_1_per_epoch": [
-                {"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
-                 "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(means[1], means[2], strict=True)]}
+            "ratio_2_to_1_per_epoch": ratios(means[1], means[2]),
+            "ratio_2_to_1_per_seed": {s: ratios(r1["per_epoch"], r2["per_epoch"])
+                                      for s, r1, r2 in zip(seeds, runs[1], runs[2], strict=True)}}
+
+
+def ratios(one_worker: list[dict[str, Any]], two_workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per epoch, 2 workers' hit@10 and MRR over 1 worker's."""
+    return [{"epoch": m1["epoch"], "hit@10": round(m2["hit@10"] / m1["hit@10"], 4),
+             "mrr": round(m2["mrr"] / m1["mrr"], 4)} for m1, m2 in zip(one_worker, two_workers, strict=True)]
 
 
 def part_baseline(run: Path, client: Client, models: list[str], epochs: int, seeds: list[int],
@@ -274,7 +303,18 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/bench_dtrain"))
     parser.add_argument("--steps", type=int, default=20, help="steps per setting (cache, partition)")
     parser.add_argument("--negatives", choices=("local", "global"), default="local",
-                        help="shared negatives from the rank's shard or from all items (cache part)")
+                        help="shared negatives from the rank's shard or from all items (cache, scaling parts)")
+    parser.add_argument("--lr-scaling", choices=LR_SCALING, default="none",
+                        help="scaling: the stage's lr_scaling (lr x workers^0.5 or x workers; 1 worker: lr)")
+    parser.add_argument("--lr-warmup-steps", type=int, default=0,
+                        help="scaling: the stage's lr_warmup_steps (ramp from lr to the scaled lr)")
+    parser.add_argument("--partition", choices=("metis", "random"), default="metis",
+                        help="scaling: the shards of the 2-worker runs (random: hash, unbiased batches per rank)")
+    parser.add_argument("--workers-list", default="1,2",
+                        help="scaling: worker counts to run; without 1, the 1-worker curves of the same seeds "
+                             "come from --reference")
+    parser.add_argument("--reference", default="scaling_quality_6epochs_3seeds",
+                        help="scaling: the section of --out holding the 1-worker curves --workers-list omits")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per setting (scaling)")
     parser.add_argument("--cpus-per-rank", type=int, default=0, help="scaling: pin each rank to this many cores")
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
@@ -288,6 +328,11 @@ def main() -> int:
     args = parser.parse_args()
     run = args.run_dir / f"rows-{args.rows}"
     seeds = [int(x) for x in args.seeds.split(",")]
+    workers_list = tuple(int(x) for x in args.workers_list.split(","))
+    chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives,
+              "partition": args.partition}
+    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local", "partition": "metis"}  # the stage's
+    scaling_settings = {k: v for k, v in chosen.items() if v != defaults[k]}  # also in the section's name
     load_before = os.getloadavg()
     started = time.perf_counter()
 
@@ -303,7 +348,10 @@ def main() -> int:
                 "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
                 + ("_same_global_batch" if args.same_global_batch else "")
                 + (f"_timing{args.timing_steps}" if args.timing_steps else "")
-                + (f"_quality_{args.epochs}epochs_{len(seeds)}seeds" if len(seeds) > 1 else "")
+                + "".join(f"_{k}-{v}" for k, v in scaling_settings.items())
+                + ("" if workers_list == (1, 2) else f"_workers{'-'.join(map(str, workers_list))}")
+                + (f"_quality_{args.epochs}epochs_{len(seeds)}seeds" if len(seeds) > 1 else
+                   f"_quality_{args.epochs}epochs_seed{seeds[0]}" if workers_list != (1, 2) else "")
                 }.get(args.part, args.part)
         out.update({"machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, name: section})
         quiet = out.get(f"baseline_timing{args.timing_steps}") if args.timing_steps else None
@@ -323,8 +371,13 @@ def main() -> int:
         elif args.part == "partition":
             section = part_partition(run, client, args.steps)
         elif args.part == "scaling":
+            stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+            reference = stored.get(args.reference) if 1 not in workers_list else None
             section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
-                                   args.same_global_batch, args.timing_steps, seeds, save)
+                                   args.same_global_batch, args.timing_steps, seeds, save,
+                                   workers_list=workers_list, settings=scaling_settings, reference=reference)
+            if reference is not None:
+                section["reference_1_worker"] = {"section": args.reference, "command": reference.get("command")}
         elif args.timing_steps:
             section = part_baseline_timing(run, client, args.timing_steps)
         else:

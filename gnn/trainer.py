@@ -45,7 +45,10 @@ class TrainConfig:
     ``logq_alpha`` strength of its popularity (logQ) correction, 0 = none (0.0);
     ``lr_schedule`` "constant" | "cosine" ("constant"): with "cosine" the learning rate of step s (0-based) of
     ``epochs · n_batches`` steps is ``lr · (f + (1 − f) · (1 + cos(π s / total)) / 2)``, f = ``lr_final`` (0.05),
-    see :func:`scheduled_lr`.
+    see :func:`scheduled_lr`; ``warmup_steps`` linear warm-up over the first steps (0: none): the learning rate of
+    step s < ``warmup_steps`` is the schedule's times ``w + (1 − w) · s / warmup_steps``, w = ``warmup_start``
+    (0.0; the data-parallel stage passes 1 / its lr scale, so that the ramp starts at the unscaled rate,
+    Goyal et al. 2017); ``adam_betas`` ((0.9, 0.999)) and ``adam_eps`` (1e-8) of Adam.
     """
 
     epochs: int = 6
@@ -68,6 +71,10 @@ class TrainConfig:
     logq_alpha: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_final: float = 0.05
+    warmup_steps: int = 0
+    warmup_start: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_negatives", "producer_threads", "queue_size", "num_threads"):
@@ -87,6 +94,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: use 'constant' or 'cosine'")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ValueError(f"TrainConfig.lr_final={self.lr_final}: a fraction of lr in [0, 1] (try 0.05)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0 (0 = no warm-up)")
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(f"TrainConfig.warmup_start={self.warmup_start}: a fraction of lr in [0, 1] (try 0.5)")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"TrainConfig.adam_betas={self.adam_betas}: two values in [0, 1) (try (0.9, 0.999))")
+        if self.adam_eps <= 0:
+            raise ValueError(f"TrainConfig.adam_eps={self.adam_eps}: must be > 0 (try 1e-8)")
         if self.temperature <= 0:
             raise ValueError(f"TrainConfig.temperature={self.temperature}: must be > 0 (try 0.1)")
 
@@ -121,17 +136,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     # fused=True: one kernel per step instead of ~8 per tensor; the hashed-id table makes Adam a visible cost.
     # (the CPU fused kernel exists from torch 2.4 on; pyproject allows 2.3)
     fused = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                            weight_decay=config.weight_decay, fused=fused)
 
 
 def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:
     """Learning rate of 0-based optimizer ``step`` out of ``total_steps`` under ``config.lr_schedule``:
     ``config.lr`` throughout for "constant"; for "cosine" a half cosine from ``lr`` at step 0 down to
-    ``lr · lr_final`` at the last step (and after it), so the last epochs take small, precise steps."""
-    if config.lr_schedule == "constant" or total_steps <= 1:
-        return config.lr
-    frac = min(max(step, 0) / (total_steps - 1), 1.0)
-    return config.lr * (config.lr_final + (1.0 - config.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    ``lr · lr_final`` at the last step (and after it), so the last epochs take small, precise steps. During the
+    first ``config.warmup_steps`` steps that rate is scaled by a linear ramp from ``config.warmup_start`` to 1."""
+    lr = config.lr
+    if config.lr_schedule == "cosine" and total_steps > 1:
+        frac = min(max(step, 0) / (total_steps - 1), 1.0)
+        lr *= config.lr_final + (1.0 - config.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if step < config.warmup_steps:
+        lr *= config.warmup_start + (1.0 - config.warmup_start) * max(step, 0) / config.warmup_steps
+    return lr
 
 
 def query_side(model: nn.Module, item_embeddings: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,7 +222,8 @@ class Trainer:
         with closing(stream):
             for batch in stream:
                 batch = batch.to(device)
-                if cfg.lr_schedule != "constant":
+                in_warmup = cfg.warmup_steps > 0 and self.step <= cfg.warmup_steps
+                if cfg.lr_schedule != "constant" or in_warmup:  # the ramp's last set (step == warmup_steps) is lr
                     for group in self.optimizer.param_groups:
                         group["lr"] = scheduled_lr(cfg, self.step, total_steps)
                 self.optimizer.zero_grad(set_to_none=True)

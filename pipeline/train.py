@@ -6,7 +6,9 @@ pairs whose query item its shard owns. Rows of items it does not own (input feat
 come from their owners' ``ShardServer`` actors (pipeline/rowserver.py) through the remote-row cache (cache/), inside
 the producer threads, one call per owner per hop of a minibatch (pipeline/remote_rows.py). Progress lines (loss,
 pairs/s, cache hit rate, bytes) reach the client as Dask events while the ranks run; everything runs inside
-``distributed.span("train")``. With ``workers = 1`` it is the single-worker trainer (every row local).
+``distributed.span("train")``. With ``workers = 1`` it is the single-worker trainer (every row local). N ranks of
+``batch_size`` pairs take N times fewer optimizer steps per epoch; ``lr_scaling`` raises the learning rate for
+that (sqrt, linear, or adam-sqrt, which also scales Adam's betas), from ``lr`` over ``lr_warmup_steps`` steps.
 
     pinsage train --run-dir runs/x --workers 2 --cache importance --cache-fraction 0.1 --compression dgc
 
@@ -47,6 +49,8 @@ STAGE = "train"
 PROGRESS_TOPIC = "pinsage-train-progress"
 RESUME_DIR = ".train-resume"
 EPOCHS_DIR = "epochs"  # per-epoch embeddings (epoch_embeddings)
+LR_SCALING = ("none", "sqrt", "linear", "adam-sqrt")  # TrainStageConfig.lr_scaling
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's defaults, what "adam-sqrt" scales
 MAX_AUTO_ID_BUCKETS = 65536  # id_buckets=0: the id table of a larger catalogue stays this size (hashed)
 
 
@@ -75,6 +79,14 @@ class TrainStageConfig:
     hard_cap: int = field(default=0, metadata={"help": "hard negatives per query at most (curriculum +1 per "
                                                        "epoch; 0 = none, best with the softmax loss)"})
     lr: float = field(default=3e-3, metadata={"help": "learning rate (Adam; SGD with --optimizer sgd or dgc)"})
+    lr_scaling: Literal["none", "sqrt", "linear", "adam-sqrt"] = field(
+        default="none", metadata={"help": "data-parallel learning rate for the workers-times larger global batch: "
+                                          "lr x workers^0.5 (sqrt) or x workers (linear); adam-sqrt: sqrt, and "
+                                          "Adam's 1-beta1, 1-beta2 x workers, eps / workers^0.5 (the square-root "
+                                          "rule of Malladi et al. 2022); 1 worker: unchanged"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "with --lr-scaling: steps over which the lr rises "
+                                                              "linearly from --lr to the scaled lr (gradual "
+                                                              "warm-up, Goyal et al. 2017; 0 = none)"})
     optimizer: Literal["auto", "adam", "sgd"] = field(
         default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum); "
                                           "adam with DGC: error-feedback top-k, the hook's momentum is 0"})
@@ -143,6 +155,14 @@ class TrainStageConfig:
         check(self.cpus_per_rank >= 0, "train.cpus_per_rank", self.cpus_per_rank, "must be >= 0 (0 = no pinning)")
         check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
         check(self.lr > 0, "train.lr", self.lr, "must be positive (Adam: 3e-3, SGD: about 0.05)")
+        check(self.lr_scaling in LR_SCALING, "train.lr_scaling", self.lr_scaling,
+              f"must be one of {', '.join(LR_SCALING)}")
+        check(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0, "train.lr_warmup_steps",
+              self.lr_warmup_steps, "must be an integer >= 0 (0 = no warm-up)")
+        check(self.lr_scaling != "adam-sqrt" or self.optimizer_kind == "adam", "train.lr_scaling",
+              self.lr_scaling, "scales Adam's betas: use it with Adam (not --optimizer sgd or --compression dgc)")
+        check(self.lr_warmup_steps == 0 or self.lr_scaling != "none", "train.lr_warmup_steps",
+              self.lr_warmup_steps, "warms up to the scaled lr: add --lr-scaling sqrt or linear, or set it to 0")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
         check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
         check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
@@ -173,6 +193,30 @@ class TrainStageConfig:
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           dgc=dgc)
+
+    def effective_lr(self, world: int | None = None) -> float:
+        """The learning rate a run of ``world`` ranks (default ``workers``) trains at after any warm-up:
+        ``lr`` times ``world ** 0.5`` (sqrt), ``world`` (linear) or 1 (none)."""
+        world = self.workers if world is None else world
+        return self.lr * {"none": 1.0, "linear": float(world)}.get(self.lr_scaling, world ** 0.5)
+
+    def adam_betas(self, world: int | None = None) -> tuple[tuple[float, float], float]:
+        """Adam's (beta1, beta2) and eps for ``world`` ranks: torch's defaults, or under "adam-sqrt" with
+        1 - beta times ``world`` and eps over ``world ** 0.5``, so that the momenta average over as many pairs
+        as with one worker."""
+        world = self.workers if world is None else world
+        if self.lr_scaling != "adam-sqrt" or world == 1:
+            return ADAM_BETAS, ADAM_EPS
+        b1, b2 = (max(0.0, 1.0 - (1.0 - b) * world) for b in ADAM_BETAS)
+        return (b1, b2), ADAM_EPS / world ** 0.5
+
+    def lr_info(self, world: int | None = None) -> dict[str, Any]:
+        """The learning-rate settings of a run of ``world`` ranks, for the report and the checkpoint."""
+        world = self.workers if world is None else world
+        betas, eps = self.adam_betas(world)
+        return {"lr": self.lr, "lr_scaling": self.lr_scaling, "world": world,
+                "effective_lr": self.effective_lr(world), "warmup_steps": self.lr_warmup_steps,
+                "adam_betas": list(betas), "adam_eps": eps}
 
     @property
     def optimizer_kind(self) -> str:
@@ -384,10 +428,14 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         fill_s = time.perf_counter() - fill_started
         shard_rows = ShardRows(cache)
         sampler = BatchScopedSampler(make_sampler(shard_rows.neighbors, shard_rows.rows), shard_rows)
-        tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, n_negatives=cfg.n_negatives,
+        lr = cfg.effective_lr(world)  # the warm-up ramps from cfg.lr up to it (Goyal et al. 2017)
+        betas, eps = cfg.adam_betas(world)
+        tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr, n_negatives=cfg.n_negatives,
                          seed=cfg.seed + rank, producer_threads=cfg.producer_threads, queue_size=cfg.queue_size,
                          num_threads=nthreads, log_every=0, device=device_name, loss=cfg.loss,
-                         temperature=cfg.temperature, hard_cap=cfg.hard_cap)
+                         temperature=cfg.temperature, hard_cap=cfg.hard_cap,
+                         warmup_steps=cfg.lr_warmup_steps if lr > cfg.lr else 0, warmup_start=cfg.lr / lr,
+                         adam_betas=betas, adam_eps=eps)
         stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
         model: torch.nn.Module = build_model(mc, seed=cfg.seed).to(device_name)
         comm = cfg.comm_config()
@@ -401,7 +449,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         adam_in_hook = cfg.compression == "dgc" and cfg.dgc_correction == "adam" and world > 1
         if cfg.optimizer_kind == "sgd" or adam_in_hook:  # DGC's Adam correction: Adam inside the hook, then SGD(lr)
             momentum = 0.0 if cfg.compression == "dgc" else cfg.momentum
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         else:
             optimizer = make_optimizer(model, tc)
         if session is not None:
@@ -414,7 +462,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             restore_checkpoint(job.resume_path, trainer)
             resumed_from = trainer.epoch
         extra = {"stage": STAGE, "stage_config": to_dict(cfg), "optimizer": cfg.optimizer_kind,
-                 "comm": comm.to_dict(), "key": job.key, "world_size": world}
+                 "comm": comm.to_dict(), "key": job.key, "world_size": world, "lr": cfg.lr_info(world)}
         epochs = []
         snapshots: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # epochs completed -> (emb, query)
         snapshot_bytes = 0  # remote rows the per-epoch embeddings fetched
@@ -711,7 +759,8 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "parts", "method", "edge_cut_fraction", "weight_cut_fraction", "neighbor_entries_cut_fraction",
         "halo_sizes", "items")}
     return {
-        "config": to_dict(cfg), "optimizer": cfg.optimizer_kind, "workers": cfg.workers, "epochs": epochs,
+        "config": to_dict(cfg), "optimizer": cfg.optimizer_kind, "lr": cfg.lr_info(), "workers": cfg.workers,
+        "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "comm", "embed_s",

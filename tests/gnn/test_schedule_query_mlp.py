@@ -1,4 +1,5 @@
-"""The cosine learning-rate schedule (values at given steps, what the trainer hands the optimizer) and the
+"""The cosine learning-rate schedule and the linear warm-up (values at given steps, what the trainer hands the
+optimizer) and the
 residual ReLU layer of the query head (identity at the start, gradients, validation)."""
 
 from __future__ import annotations
@@ -53,6 +54,32 @@ def test_trainer_steps_with_the_scheduled_rates() -> None:
     assert seen == pytest.approx([scheduled_lr(cfg, s, total) for s in range(total)])
     assert seen[0] == pytest.approx(4e-3) and seen[-1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(seen))
+
+
+def test_warmup_ramps_linearly_from_warmup_start_to_lr() -> None:
+    cfg = TrainConfig(lr=4e-3, warmup_steps=4, warmup_start=0.5)  # Goyal et al.: from lr / 2 up to lr
+    assert [scheduled_lr(cfg, s, 100) for s in range(6)] == pytest.approx([2e-3, 2.5e-3, 3e-3, 3.5e-3, 4e-3, 4e-3])
+    from_zero = TrainConfig(lr=1e-2, warmup_steps=2)
+    assert [scheduled_lr(from_zero, s, 100) for s in range(3)] == pytest.approx([0.0, 5e-3, 1e-2])
+    both = TrainConfig(lr=1e-2, lr_schedule="cosine", lr_final=0.1, warmup_steps=2, warmup_start=0.5)
+    cosine = TrainConfig(lr=1e-2, lr_schedule="cosine", lr_final=0.1)  # the ramp multiplies the schedule's rate
+    assert scheduled_lr(both, 1, 5) == pytest.approx(0.75 * scheduled_lr(cosine, 1, 5))
+    assert scheduled_lr(both, 3, 5) == pytest.approx(scheduled_lr(cosine, 3, 5))
+    with pytest.raises(ValueError, match=r"TrainConfig\.warmup_steps=-1"):
+        TrainConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"TrainConfig\.warmup_start=2"):
+        TrainConfig(warmup_start=2)
+
+
+def test_trainer_warms_up_then_keeps_lr() -> None:
+    config, _, batcher = setup("pinsage", batch_size=64)
+    cfg = TrainConfig(epochs=1, lr=4e-3, warmup_steps=2, warmup_start=0.5, mode="sync", log_every=0)
+    seen: list[float] = []
+    trainer = Trainer(build_model(config, seed=0), batcher, config=cfg)
+    trainer.on_step = lambda info: seen.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.fit()
+    assert len(seen) == batcher.n_batches > 3
+    assert seen == pytest.approx([2e-3, 3e-3] + [4e-3] * (len(seen) - 2))
 
 
 def test_query_mlp_starts_as_the_identity_and_learns() -> None:

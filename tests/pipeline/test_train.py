@@ -318,6 +318,65 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(cache_fraction=1.5)
 
 
+@pytest.mark.parametrize(("mode", "scale"), [("none", 1.0), ("sqrt", 2 ** 0.5), ("linear", 2.0),
+                                             ("adam-sqrt", 2 ** 0.5)])
+def test_lr_scaling_multiplies_lr_for_two_workers_only(mode: str, scale: float) -> None:
+    cfg = TrainStageConfig(workers=2, lr=2e-3, lr_scaling=mode)  # type: ignore[arg-type]
+    assert cfg.effective_lr(1) == 2e-3  # one worker: the batch is not larger, the lr stays
+    assert cfg.effective_lr(2) == pytest.approx(2e-3 * scale) == cfg.effective_lr()
+    assert cfg.lr_info()["effective_lr"] == pytest.approx(2e-3 * scale)
+    assert cfg.adam_betas(1) == ((0.9, 0.999), 1e-8)  # and Adam's settings stay too
+    betas, eps = cfg.adam_betas(2)
+    if mode == "adam-sqrt":  # the momenta average over as many pairs as one worker's: 1 - beta doubles
+        assert betas == pytest.approx((0.8, 0.998)) and eps == pytest.approx(1e-8 / 2 ** 0.5)
+    else:
+        assert (betas, eps) == ((0.9, 0.999), 1e-8)
+
+
+def test_lr_scaling_config_errors_name_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.lr_scaling='cube': must be one of none, sqrt, linear, adam-sqrt$"):
+        TrainStageConfig(lr_scaling="cube")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^train\.lr_scaling='adam-sqrt': scales Adam's betas: use it with Adam"):
+        TrainStageConfig(lr_scaling="adam-sqrt", optimizer="sgd")
+    with pytest.raises(ConfigError, match=r"^train\.lr_warmup_steps=-1: must be an integer >= 0"):
+        TrainStageConfig(lr_scaling="sqrt", lr_warmup_steps=-1)
+    with pytest.raises(ConfigError, match=r"^train\.lr_warmup_steps=5: .*add --lr-scaling sqrt or linear"):
+        TrainStageConfig(lr_warmup_steps=5)
+
+
+def test_lr_scaling_flags_reach_the_config() -> None:
+    import argparse
+
+    from pipeline.train import register, train_config
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--run-dir", "r", "--workers", "2", "--lr-scaling", "linear",
+                              "--lr-warmup-steps", "20"])
+    cfg = train_config(args, {})
+    assert (cfg.lr_scaling, cfg.lr_warmup_steps, cfg.effective_lr()) == ("linear", 20, pytest.approx(2 * cfg.lr))
+    with pytest.raises(SystemExit):  # argparse names the flag and the choices
+        parser.parse_args(["train", "--run-dir", "r", "--lr-scaling", "cube"])
+
+
+def test_report_and_checkpoint_record_the_effective_lr(small_run: Path, dask_client: Client,
+                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("train", ".train-resume"))
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, lr=1e-3, lr_scaling="linear", lr_warmup_steps=2,
+                           **SMALL)  # type: ignore[arg-type]
+    out = train(run, cfg, dask_client)
+    want = {"lr": 1e-3, "lr_scaling": "linear", "world": 2, "effective_lr": 2e-3, "warmup_steps": 2,
+            "adam_betas": [0.9, 0.999], "adam_eps": 1e-8}
+    assert _report(out)["lr"] == want
+    ckpt = load_checkpoint(out.path / "checkpoint.pt")
+    assert ckpt.extra["lr"] == want
+    assert (ckpt.train_config["lr"], ckpt.train_config["warmup_steps"], ckpt.train_config["warmup_start"]) == (
+        2e-3, 2, 0.5)  # the ramp starts at the unscaled lr
+    assert ckpt.optimizer_state is not None
+    assert [g["lr"] for g in ckpt.optimizer_state["param_groups"]] == [2e-3]  # past the ramp: the scaled lr
+
+
 def test_local_negatives_come_from_the_pool_only() -> None:
     from gnn.batches import PairBatcher, TrainingPairs
     from gnn.features import TensorRows

@@ -137,8 +137,8 @@ def part_partition(run: Path, client: Client, steps: int) -> dict[str, Any]:
 def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, batch: int,
                  same_global_batch: bool, timing_steps: int, seeds: list[int],
                  save: Callable[[dict[str, Any]], None] | None = None, *, workers_list: tuple[int, ...] = (1, 2),
-                 settings: dict[str, Any] | None = None, reference: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 settings: dict[str, Any] | None = None, reference: dict[str, Any] | None = None,
+                 timing_repeats: int = 1) -> dict[str, Any]:
     """1 vs 2 workers, each rank pinned to ``cpus_per_rank`` cores (0: unpinned; the 1-worker run then spreads
     its producer threads over the whole machine). ``same_global_batch``: 2 ranks of ``batch // 2`` pairs, so
     that both runs take the same optimizer steps on batches of the same size. ``timing_steps`` > 0: time that
@@ -147,14 +147,26 @@ def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, bat
     ``save``: called with the section so far after each seed (several seeds), so that a cut-short run keeps them.
     ``workers_list``: the worker counts to run; ``settings``: more stage settings for every run (lr_scaling,
     lr_warmup_steps, negatives, partition: none of them changes a 1-worker run); ``reference``: a stored scaling section
-    whose 1-worker runs stand in for the ones ``workers_list`` leaves out (quality is deterministic per seed)."""
+    whose 1-worker runs stand in for the ones ``workers_list`` leaves out (quality is deterministic per seed).
+    ``timing_repeats``: with ``timing_steps``, time the worker counts this many times in turn and report each
+    repeat's speed-up with the median, min and max (the last repeat's rows in full)."""
     extra = dict(settings or {})
     if timing_steps:
-        rows = [one(run, client, workers=w, epochs=1, steps_per_epoch=timing_steps, cpus_per_rank=cpus_per_rank,
-                    batch_size=batch // w if same_global_batch else batch, **extra) for w in workers_list]
-        if len(rows) == 2:
-            rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
-        return {"rows": rows}
+        repeats: list[dict[str, Any]] = []
+        for _ in range(timing_repeats):  # alternate the worker counts, so that drift in the machine hits both
+            rows = [one(run, client, workers=w, epochs=1, steps_per_epoch=timing_steps, cpus_per_rank=cpus_per_rank,
+                        batch_size=batch // w if same_global_batch else batch, **extra) for w in workers_list]
+            if len(rows) == 2:
+                rows[1]["speedup_pairs_per_s"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 3)
+            repeats.append({"pairs_per_s": [r["pairs_per_s"] for r in rows], "step_s": [r["step_s"] for r in rows],
+                            "speedup_pairs_per_s": rows[-1].get("speedup_pairs_per_s")})
+        section: dict[str, Any] = {"rows": rows}  # the last repeat in full
+        if timing_repeats > 1:
+            speedups = sorted(r["speedup_pairs_per_s"] for r in repeats if r["speedup_pairs_per_s"] is not None)
+            section.update({"repeats": repeats, "speedup_median": speedups[len(speedups) // 2] if speedups else None,
+                            "speedup_min": speedups[0] if speedups else None,
+                            "speedup_max": speedups[-1] if speedups else None})
+        return section
     if len(seeds) == 1 and tuple(workers_list) == (1, 2):  # one seed of both: the plain rows, as before
         rows = [scaling_curve(run, client, w, epochs, cpus_per_rank, batch, same_global_batch, seeds[0], extra)
                 for w in workers_list]
@@ -310,6 +322,9 @@ def main() -> int:
                         help="scaling: the stage's lr_warmup_steps (ramp from lr to the scaled lr)")
     parser.add_argument("--partition", choices=("metis", "random"), default="metis",
                         help="scaling: the shards of the 2-worker runs (random: hash, unbiased batches per rank)")
+    parser.add_argument("--cache-fraction", type=float, default=TrainStageConfig.cache_fraction,
+                        help="scaling: the importance cache's capacity as a share of the remote vertices (1.0: "
+                             "every remote row cached; the rows do not change, only where they come from)")
     parser.add_argument("--workers-list", default="1,2",
                         help="scaling: worker counts to run; without 1, the 1-worker curves of the same seeds "
                              "come from --reference")
@@ -320,6 +335,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="scaling, baseline: time this many steps per rank only (no quality)")
+    parser.add_argument("--timing-repeats", type=int, default=1,
+                        help="scaling: with --timing-steps, time 1 and 2 workers this many times in turn")
     parser.add_argument("--seeds", default="0", help="scaling, baseline: comma-separated seeds")
     parser.add_argument("--same-global-batch", action="store_true",
                         help="scaling: 2 ranks of batch/2 pairs (same steps and batch as 1 rank)")
@@ -330,8 +347,9 @@ def main() -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     workers_list = tuple(int(x) for x in args.workers_list.split(","))
     chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives,
-              "partition": args.partition}
-    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local", "partition": "metis"}  # the stage's
+              "partition": args.partition, "cache_fraction": args.cache_fraction}
+    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local", "partition": "metis",
+                "cache_fraction": TrainStageConfig.cache_fraction}  # the stage's
     scaling_settings = {k: v for k, v in chosen.items() if v != defaults[k]}  # also in the section's name
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -348,6 +366,7 @@ def main() -> int:
                 "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
                 + ("_same_global_batch" if args.same_global_batch else "")
                 + (f"_timing{args.timing_steps}" if args.timing_steps else "")
+                + (f"x{args.timing_repeats}" if args.timing_steps and args.timing_repeats > 1 else "")
                 + "".join(f"_{k}-{v}" for k, v in scaling_settings.items())
                 + ("" if workers_list == (1, 2) else f"_workers{'-'.join(map(str, workers_list))}")
                 + (f"_quality_{args.epochs}epochs_{len(seeds)}seeds" if len(seeds) > 1 else
@@ -375,7 +394,8 @@ def main() -> int:
             reference = stored.get(args.reference) if 1 not in workers_list else None
             section = part_scaling(run, client, args.epochs, args.cpus_per_rank, args.batch,
                                    args.same_global_batch, args.timing_steps, seeds, save,
-                                   workers_list=workers_list, settings=scaling_settings, reference=reference)
+                                   workers_list=workers_list, settings=scaling_settings, reference=reference,
+                                   timing_repeats=args.timing_repeats)
             if reference is not None:
                 section["reference_1_worker"] = {"section": args.reference, "command": reference.get("command")}
         elif args.timing_steps:

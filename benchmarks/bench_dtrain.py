@@ -348,8 +348,7 @@ def main() -> int:
     workers_list = tuple(int(x) for x in args.workers_list.split(","))
     chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives,
               "partition": args.partition, "cache_fraction": args.cache_fraction}
-    defaults = {"lr_scaling": "none", "lr_warmup_steps": 0, "negatives": "local", "partition": "metis",
-                "cache_fraction": TrainStageConfig.cache_fraction}  # the stage's
+    defaults = {k: getattr(TrainStageConfig, k) for k in chosen}  # the stage's
     scaling_settings = {k: v for k, v in chosen.items() if v != defaults[k]}  # also in the section's name
     load_before = os.getloadavg()
     started = time.perf_counter()

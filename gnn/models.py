@@ -38,7 +38,7 @@ class ModelConfig:
     """Settings of an item encoder (saved in every checkpoint).
 
     Fields (defaults): ``kind`` "pinsage" | "graphsage" ("pinsage"); ``pooling`` "importance" | "mean"
-    ("importance", PinSage only; measured over 3 paired seeds in results/quality_pooling.json: importance leads
+    ("importance", PinSage only; measured over paired seeds in results/quality_pooling.json: importance leads
     mean clearly when items have no id rows (``id_buckets=0``, the features-plus-graph model of the paper), and
     is within seed noise of it with the default id table, which lets either pooling memorise items);
     ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);

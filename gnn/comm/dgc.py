@@ -178,8 +178,10 @@ class DGCState:
         return {self.names.get(p, f"param{id(p)}"): int(m.sum()) / m.numel() for p, m in self.ever_sent.items()}
 
     def stats(self) -> dict[str, object]:
+        """The hook's own counters, plain JSON (the bytes are in :attr:`traffic`, which the session reports)."""
         return {"sparsity": self.sparsity, "fallbacks": self.fallbacks, "selections": self.selections,
-                "residual_norm": self.residual_norm, "coverage": self.coverage, **self.traffic.as_dict()}
+                "residual_norm": self.residual_norm, "coverage": self.coverage,
+                "coverage_by_tensor": self.coverage_by_tensor()}
 
     def __repr__(self) -> str:
         return (f"DGCState(sparsity={self.sparsity}, epoch={self.epoch}, tensors={len(self.velocities)}, "
@@ -222,7 +224,7 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     velocity[indices] = 0.0
     sent_mask = state.ever_sent.get(param)
     if sent_mask is None:
-        sent_mask = state.ever_sent[param] = torch.zeros(g.numel(), dtype=torch.bool)
+        sent_mask = state.ever_sent[param] = torch.zeros(g.numel(), dtype=torch.bool, device=g.device)
     sent_mask[indices] = True
     if momentum is not None and cfg.momentum_masking:
         momentum[indices] = 0.0

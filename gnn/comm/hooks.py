@@ -157,9 +157,7 @@ class CommSession:
         """Counters and the config, plain JSON, for reports and checkpoints."""
         out: dict[str, Any] = {"config": self.config.to_dict(), **self.traffic.as_dict()}
         if self.dgc is not None:
-            out["dgc"] = {"sparsity": self.dgc.sparsity, "fallbacks": self.dgc.fallbacks,
-                          "selections": self.dgc.selections, "residual_norm": self.dgc.residual_norm,
-                          "coverage": self.dgc.coverage, "coverage_by_tensor": self.dgc.coverage_by_tensor()}
+            out["dgc"] = self.dgc.stats()
         if self.averager is not None:
             out["averager"] = {"step": self.averager.step_count, "warmup_steps": self.averager.warmup_steps}
         return out

@@ -685,7 +685,9 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
         try:
             with span(STAGE):
                 workers = [i.worker for i in infos]
-                owner_f = client.scatter(owner, broadcast=True)
+                # hash=False: a key of its own; a content-hashed key is the one the previous run on this client
+                # used, and the scheduler may still be forgetting it ("lost dependencies" on back-to-back runs)
+                owner_f = client.scatter(owner, broadcast=True, hash=False)
                 loaded = [client.submit(_load_shard, str(graph.path), str(walks.path), owner_f, r, cfg.n_neighbors,
                                         workers=[w], allow_other_workers=False, pure=False)
                           for r, w in enumerate(workers)]

@@ -325,6 +325,9 @@ def main() -> int:
     parser.add_argument("--cache-fraction", type=float, default=TrainStageConfig.cache_fraction,
                         help="scaling: the importance cache's capacity as a share of the remote vertices (1.0: "
                              "every remote row cached; the rows do not change, only where they come from)")
+    parser.add_argument("--gather-candidates", action="store_true",
+                        help="scaling: the stage's gather_candidates (each rank's softmax also scores the other "
+                             "ranks' batch items, as one worker's batch would)")
     parser.add_argument("--workers-list", default="1,2",
                         help="scaling: worker counts to run; without 1, the 1-worker curves of the same seeds "
                              "come from --reference")
@@ -347,7 +350,8 @@ def main() -> int:
     seeds = [int(x) for x in args.seeds.split(",")]
     workers_list = tuple(int(x) for x in args.workers_list.split(","))
     chosen = {"lr_scaling": args.lr_scaling, "lr_warmup_steps": args.lr_warmup_steps, "negatives": args.negatives,
-              "partition": args.partition, "cache_fraction": args.cache_fraction}
+              "partition": args.partition, "cache_fraction": args.cache_fraction,
+              "gather_candidates": args.gather_candidates}
     defaults = {k: getattr(TrainStageConfig, k) for k in chosen}  # the stage's
     scaling_settings = {k: v for k, v in chosen.items() if v != defaults[k]}  # also in the section's name
     load_before = os.getloadavg()

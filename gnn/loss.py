@@ -11,8 +11,12 @@ from ``Neighborhoods.hard_negatives`` under a curriculum (see :func:`hard_negati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+CandidateGatherer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def hard_negatives_for_epoch(epoch: int, *, per_epoch: int = 1, cap: int = 6) -> int:
@@ -72,6 +76,9 @@ class SampledSoftmaxLoss(nn.Module):
         temperature: τ (default 0.1; scores of L2-normalised embeddings lie in [-1, 1]).
         log_q: (n_items,) float log-frequency of every item as a candidate, or None (no correction).
         logq_alpha: α, strength of the correction (default 1.0).
+        gather: in data-parallel training, ``(candidates, ids) -> (candidates', ids')`` adding the other ranks'
+            batch items after this rank's own (:class:`gnn.comm.gather.CandidateGather`), or None (default: this
+            rank's batch only).
 
     Shapes:
         ``forward(query (B, D), candidates (C, D), query_pos (B,) int64, positive_pos (B,) int64, weight (B,),
@@ -79,8 +86,9 @@ class SampledSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, *, log_q: torch.Tensor | None = None,
-                 logq_alpha: float = 1.0) -> None:
+                 logq_alpha: float = 1.0, gather: CandidateGatherer | None = None) -> None:
         super().__init__()
+        self.gather = gather
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}: must be > 0 (try 0.1)")
         self.temperature = float(temperature)
@@ -90,6 +98,10 @@ class SampledSoftmaxLoss(nn.Module):
     def forward(self, query: torch.Tensor, candidates: torch.Tensor, query_pos: torch.Tensor,
                 positive_pos: torch.Tensor, weight: torch.Tensor,
                 candidate_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gather is not None:  # the other ranks' batch items join as candidates, after this rank's own
+            if candidate_ids is None:
+                raise ValueError("candidate_ids: gathering the other ranks' candidates needs the id of every row")
+            candidates, candidate_ids = self.gather(candidates, candidate_ids)
         logits = query @ candidates.T / self.temperature  # (B, C)
         if self.log_q is not None and self.logq_alpha != 0.0:
             if candidate_ids is None:

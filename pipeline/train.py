@@ -108,6 +108,10 @@ class TrainStageConfig:
     negatives: Literal["global", "local"] = field(
         default="local", metadata={"help": "shared negatives drawn from all items, or from the rank's own shard "
                                            "(no remote rows for them; with 1 worker both are all items)"})
+    gather_candidates: bool = field(default=False, metadata={
+        "help": "score each rank's queries against the items of every rank's batch (all-gathered each step, with "
+                "gradients), as one worker would: keeps METIS shards from limiting the softmax's in-batch "
+                "candidates to one community (softmax loss only; no effect with 1 worker)"})
     presample_batches: int = field(default=16, metadata={"help": "batches of the importance pre-sampling pass"})
     compression: Literal["none", "fp16", "bf16", "powersgd", "dgc"] = field(
         default="none", metadata={"help": "gradient compression"})
@@ -164,6 +168,8 @@ class TrainStageConfig:
         check(self.lr_warmup_steps == 0 or self.lr_scaling != "none", "train.lr_warmup_steps",
               self.lr_warmup_steps, "warms up to the scaled lr: add --lr-scaling sqrt or linear, or set it to 0")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
+        check(not self.gather_candidates or self.loss == "softmax", "train.gather_candidates",
+              self.gather_candidates, "gathers the softmax's candidates: use it with --loss softmax")
         check(self.window_s >= 1, "train.window_s", self.window_s, "must be a positive number of seconds")
         check(self.progress_s >= 0, "train.progress_s", self.progress_s, "must be >= 0")
         check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
@@ -382,6 +388,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     from gnn.batches import PairBatcher, TrainingPairs
     from gnn.checkpoint import restore_checkpoint, save_checkpoint
     from gnn.graphstore import load_graph_store
+    from gnn.loss import SampledSoftmaxLoss
     from gnn.models import ModelConfig, build_model
     from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
     from gnn.trainer import TrainConfig, Trainer, make_optimizer
@@ -455,8 +462,14 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         if session is not None:
             optimizer = session.wrap_optimizer(optimizer)
         progress = _Progress(rank, stepped.n_batches, cfg.progress_s, cache, session, model, cfg.record_weights)
+        gather = None
+        if cfg.gather_candidates and world > 1:
+            from gnn.comm.gather import CandidateGather
+
+            gather = CandidateGather()
         trainer = Trainer(model, stepped, config=tc, optimizer=optimizer,  # type: ignore[arg-type]
-                          on_step=progress.on_step)
+                          on_step=progress.on_step,
+                          loss=None if gather is None else SampledSoftmaxLoss(cfg.temperature, gather=gather))
         resumed_from = 0
         if Path(job.resume_path).is_file():
             restore_checkpoint(job.resume_path, trainer)
@@ -494,6 +507,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
+                "gathered_candidates": None if gather is None else gather.rows_added,
                 "comm": None if session is None else session.stats(), "items": np.asarray(local.items),
                 "embeddings": emb, "query_embeddings": query_emb,
                 "embed_s": round(time.perf_counter() - embed_started, 3),
@@ -765,7 +779,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "epochs": epochs,
         "pairs_per_s": epochs[-1]["pairs_per_s"] if epochs else None,
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
-                                          "cache_fill_s", "presample_s", "comm", "embed_s",
+                                          "cache_fill_s", "presample_s", "gathered_candidates", "comm", "embed_s",
                                           "embed_remote_bytes", "snapshot_remote_bytes", "resumed_from_epoch",
                                           "cpus", "torch_threads")}
                        for r in results],

@@ -234,6 +234,19 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert np.isfinite(rep["epochs"][0]["mean_loss"])
 
 
+def test_gathered_candidates_keep_identical_replicas_and_change_the_steps(small_run: Path, dask_client: Client,
+                                                                         trained: Trained) -> None:
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, gather_candidates=True, record_weights=True,
+                           **SMALL)  # type: ignore[arg-type]
+    rep = _report(train(small_run, cfg, dask_client))
+    d0, d1 = rep["weight_digests"]
+    assert d0 == d1 and len(set(d0)) == 4  # plain all-reduce: same weights on both ranks after each step
+    assert d0[0] != trained[2]["weight_digests"][0][0]  # the other rank's items entered the first step's softmax
+    assert all(w["gathered_candidates"] > 0 for w in rep["per_worker"])
+    assert rep["config"]["gather_candidates"] is True and np.isfinite(rep["epochs"][0]["mean_loss"])
+    assert trained[2]["per_worker"][0]["gathered_candidates"] is None
+
+
 def _embeddings_and_digests(out: Any) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
     rep = _report(out)  # read now: the next run replaces <run>/train
     return np.load(out.path / "embeddings.npy"), np.load(out.path / "query_embeddings.npy"), rep["weight_digests"]
@@ -316,6 +329,8 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):
         TrainStageConfig(cache_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"train\.gather_candidates=True.*--loss softmax"):
+        TrainStageConfig(gather_candidates=True, loss="max_margin")
 
 
 @pytest.mark.parametrize(("mode", "scale"), [("none", 1.0), ("sqrt", 2 ** 0.5), ("linear", 2.0),

@@ -10,6 +10,12 @@ invocations), then runs the real ``train`` stage (pipeline/train.py) on one 2-wo
 * ``--part partition``: METIS vs random (hash) shards, cache none and importance 10 %: remote bytes;
 * ``--part scaling``: 1 vs 2 workers, ``--epochs`` full epochs each: pairs/s, then hit@10 and MRR of the
   embeddings (the evaluate stage's protocol A, test split) after every epoch of the one run (``epoch_embeddings``);
+* ``--part limit``: what this machine allows, timed side by side in turn (``--timing-steps`` steps, ``--timing-repeats``
+  rounds, medians): one worker with one compute thread (the scaling part's 1-worker run), one worker with a compute
+  thread per core (``cpus_per_rank=2``: the strongest 1-worker setting), one worker pinned to one core (what a rank
+  of a 2-worker run has), and 2 workers with the scaling settings. Twice the single-core rate is the most 2 workers
+  can reach here; the section reports each speed-up against both 1-worker settings and the 2-worker efficiency
+  against that ceiling;
 * ``--part baseline``: GraphSAGE (uniform neighbours, cache none) and PinSage++ (walk neighbourhoods, importance
   cache 10 %), 2 workers, one run of ``--epochs`` epochs per model and seed: hit@10, MRR, optimizer steps, pairs and
   training seconds after every epoch, then the steps and time each needs to reach a target hit@10 fixed
@@ -191,6 +197,38 @@ def scaling_curve(run: Path, client: Client, workers: int, epochs: int, cpus_per
                  batch_size=batch // workers if same_global_batch else batch, seed=seed, **settings)
 
 
+LIMIT_RUNS = {"one_worker_1_thread": {"workers": 1},
+              "one_worker_2_threads": {"workers": 1, "cpus_per_rank": 2},
+              "one_worker_1_core": {"workers": 1, "cpus_per_rank": 1}}
+
+
+def part_limit(run: Path, client: Client, steps: int, repeats: int, batch: int,
+               settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``--part limit`` section: each of :data:`LIMIT_RUNS` and the 2-worker run (``settings``) timed for
+    ``steps`` steps, in turn, ``repeats`` times; medians of pairs/s, the speed-ups of 2 workers over each 1-worker
+    setting, and 2 workers' share of the ceiling, twice the single-core rate."""
+    names = [*LIMIT_RUNS, "two_workers"]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for name in names:
+            kw = LIMIT_RUNS.get(name, {"workers": 2, **settings})
+            r = one(run, client, epochs=1, steps_per_epoch=steps, batch_size=batch, **kw)
+            rates[name].append(r["pairs_per_s"])
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    med = {n: median(v) for n, v in rates.items()}
+    ceiling = 2 * med["one_worker_1_core"]
+    return {
+        "settings": {n: LIMIT_RUNS.get(n, {"workers": 2, **settings}) for n in names}, "pairs_per_s": rates,
+        "median_pairs_per_s": med, "ceiling_two_single_cores": ceiling,
+        "speedup_two_workers_vs": {n: round(med["two_workers"] / med[n], 3) for n in LIMIT_RUNS},
+        "ceiling_speedup_vs": {n: round(ceiling / med[n], 3) for n in LIMIT_RUNS},
+        "two_workers_share_of_ceiling": round(med["two_workers"] / ceiling, 3),
+    }
+
+
 def reference_run(reference: dict[str, Any] | None, seed: int, epochs: int) -> dict[str, Any]:
     """The 1-worker run of ``seed`` in a stored scaling section, cut to its first ``epochs`` epochs."""
     runs = [] if reference is None else [r for r in reference["per_seed"]["1"] if r["settings"]["seed"] == seed]
@@ -306,7 +344,7 @@ NICE_NOTE = f" (under nice -n {os.nice(0)})" if os.nice(0) else ""
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=("cache", "partition", "scaling", "baseline"), required=True)
+    parser.add_argument("--part", choices=("cache", "partition", "scaling", "limit", "baseline"), required=True)
     parser.add_argument("--model", choices=("pinsage", "graphsage", "both"), default="both",
                         help="baseline part: which models")
     parser.add_argument("--target-fraction", type=float, default=0.95,
@@ -346,6 +384,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dtrain.json")
     parser.add_argument("--note", default="", help="conditions of the run, recorded with it")
     args = parser.parse_args()
+    if args.part == "limit" and not args.timing_steps:
+        parser.error("--part limit times steps only: give --timing-steps (e.g. 100) and --timing-repeats (e.g. 3)")
     run = args.run_dir / f"rows-{args.rows}"
     seeds = [int(x) for x in args.seeds.split(",")]
     workers_list = tuple(int(x) for x in args.workers_list.split(","))
@@ -365,7 +405,9 @@ def main() -> int:
         out = json.loads(args.out.read_text()) if args.out.is_file() else {}
         baseline = (f"baseline_timing{args.timing_steps}" if args.timing_steps else
                     f"baseline_curves_{args.model}_{args.epochs}epochs_seeds{'-'.join(map(str, seeds))}")
-        name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline,
+        limit = f"limit_timing{args.timing_steps}x{args.timing_repeats}" + "".join(
+            f"_{k}-{v}" for k, v in scaling_settings.items())
+        name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline, "limit": limit,
                 "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
                 + ("_same_global_batch" if args.same_global_batch else "")
                 + (f"_timing{args.timing_steps}" if args.timing_steps else "")
@@ -401,6 +443,8 @@ def main() -> int:
                                    timing_repeats=args.timing_repeats)
             if reference is not None:
                 section["reference_1_worker"] = {"section": args.reference, "command": reference.get("command")}
+        elif args.part == "limit":
+            section = part_limit(run, client, args.timing_steps, args.timing_repeats, args.batch, scaling_settings)
         elif args.timing_steps:
             section = part_baseline_timing(run, client, args.timing_steps)
         else:

@@ -39,8 +39,9 @@ class ModelConfig:
 
     Fields (defaults): ``kind`` "pinsage" | "graphsage" ("pinsage"); ``pooling`` "importance" | "mean"
     ("importance", PinSage only; measured over paired seeds in results/quality_pooling.json: importance leads
-    mean clearly when items have no id rows (``id_buckets=0``, the features-plus-graph model of the paper), and
-    is within seed noise of it with the default id table, which lets either pooling memorise items);
+    mean clearly when items have no id rows (``id_buckets=0``, the features-plus-graph model of the paper) on the
+    generated data, ties with it without id rows on Amazon, where the item features carry too little for either
+    to learn, and is within seed noise of it with the default id table, which lets either pooling memorise items);
     ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
     ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
     ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);

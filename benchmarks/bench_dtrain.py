@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median_low
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def part_scaling(run: Path, client: Client, epochs: int, cpus_per_rank: int, bat
         section: dict[str, Any] = {"rows": rows}  # the last repeat in full
         if timing_repeats > 1:
             speedups = sorted(r["speedup_pairs_per_s"] for r in repeats if r["speedup_pairs_per_s"] is not None)
-            section.update({"repeats": repeats, "speedup_median": speedups[len(speedups) // 2] if speedups else None,
+            section.update({"repeats": repeats, "speedup_median": median_low(speedups) if speedups else None,
                             "speedup_min": speedups[0] if speedups else None,
                             "speedup_max": speedups[-1] if speedups else None})
         return section
@@ -214,11 +215,7 @@ def part_limit(run: Path, client: Client, steps: int, repeats: int, batch: int,
             kw = LIMIT_RUNS.get(name, {"workers": 2, **settings})
             r = one(run, client, epochs=1, steps_per_epoch=steps, batch_size=batch, **kw)
             rates[name].append(r["pairs_per_s"])
-
-    def median(xs: list[float]) -> float:
-        return sorted(xs)[len(xs) // 2]
-
-    med = {n: median(v) for n, v in rates.items()}
+    med = {n: median_low(v) for n, v in rates.items()}
     ceiling = 2 * med["one_worker_1_core"]
     return {
         "settings": {n: LIMIT_RUNS.get(n, {"workers": 2, **settings}) for n in names}, "pairs_per_s": rates,

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.bench_quality import MODELS, load, overrides, training_inputs
+from benchmarks.bench_quality import MODELS, load, overrides, training_inputs, walk_config
 from benchmarks.quality_lib import train_gnn
 from gnn.baselines import Scorer
 from gnn.models import ModelConfig
@@ -48,13 +48,6 @@ from pipeline.evaluate import EvalConfig, evaluate_tables
 from pipeline.rundir import write_json_atomic
 
 METRICS = (("item_to_item", "hit@10"), ("item_to_item", "mrr"), ("user_to_item", "f1@10"))
-
-
-def walk_config(walk_over: dict[str, Any], n_neighbors: int, seed: int) -> WalkConfig:
-    """The walks of one seed: ``walk_over`` on the defaults, keeping at least ``n_neighbors`` neighbours per item
-    (``top_t`` raised to T when T is larger), seeded with the training seed."""
-    top_t = max(int(walk_over.get("top_t", WalkConfig.top_t)), n_neighbors)
-    return WalkConfig(**{**walk_over, "top_t": top_t, "seed": seed})
 
 
 def weight_profile(indptr: np.ndarray, weights: np.ndarray, t: int) -> dict[str, Any]:

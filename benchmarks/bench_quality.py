@@ -116,6 +116,13 @@ def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainC
     return out
 
 
+def walk_config(walk_over: dict[str, Any], n_neighbors: int, seed: int | None = None) -> WalkConfig:
+    """``walk_over`` on the walk defaults, keeping at least ``n_neighbors`` neighbours per item (``top_t`` raised
+    to T when T is larger), seeded with ``seed`` when given (the training seed)."""
+    top_t = max(int(walk_over.get("top_t", WalkConfig.top_t)), n_neighbors)
+    return WalkConfig(**{**walk_over, "top_t": top_t, **({} if seed is None else {"seed": seed})})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["generated", "amazon", "taobao"], required=True)
@@ -133,16 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     model_over, train_over = overrides(args.set)
     walk_over = overrides(args.walk_set, (WalkConfig,))[0]
     if args.seed is not None:
-        train_over["seed"] = walk_over["seed"] = args.seed
-    # T neighbours need T kept per item by the walks.
-    walk_over["top_t"] = max(int(walk_over.get("top_t", WalkConfig.top_t)),
-                             int(model_over.get("n_neighbors", ModelConfig.n_neighbors)))
+        train_over["seed"] = args.seed
+    walks = walk_config(walk_over, int(model_over.get("n_neighbors", ModelConfig.n_neighbors)), args.seed)
     started = time.perf_counter()
     load_start = os.getloadavg()
     tables, info = load(args.dataset, args.data, args.gen_rows)
-    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","),
-                 WalkConfig(**walk_over))
-    result["walks"] = dataclasses.asdict(WalkConfig(**walk_over))
+    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","), walks)
+    result["walks"] = dataclasses.asdict(walks)
     result.update(info)
     result["machine"] = {"nproc": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                          "platform": platform.platform(), "torch": torch.__version__, "torch_threads": 1}

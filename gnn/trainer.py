@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gnn.batches import PairBatcher, TrainBatch
-from gnn.loss import MaxMarginLoss, SampledSoftmaxLoss, log_frequency
+from gnn.loss import CandidateGatherer, MaxMarginLoss, SampledSoftmaxLoss, log_frequency
 from gnn.producer import QueueStats, iterate_batches
 from gnn.sampler import Sampler
 
@@ -173,12 +173,16 @@ def compute_loss(model: nn.Module, loss_fn: MaxMarginLoss | SampledSoftmaxLoss, 
     return loss_fn(query, emb[batch.positive], emb[batch.negatives], batch.weight, hard, batch.hard_mask)
 
 
-def make_loss(config: TrainConfig, batches: PairBatcher) -> MaxMarginLoss | SampledSoftmaxLoss:
-    """The loss ``config`` names; the softmax's logQ table counts the positives of the batcher's pairs."""
+def make_loss(config: TrainConfig, batches: PairBatcher, *,
+              gather: CandidateGatherer | None = None) -> MaxMarginLoss | SampledSoftmaxLoss:
+    """The loss ``config`` names; the softmax's logQ table counts the positives of the batcher's pairs.
+    ``gather``: the softmax's cross-rank candidates (:class:`gnn.comm.gather.CandidateGather`; softmax only)."""
     if config.loss == "max_margin":
+        if gather is not None:
+            raise ValueError("gather: cross-rank candidates are the softmax's; use TrainConfig.loss='softmax'")
         return MaxMarginLoss(config.margin)
     log_q = log_frequency(batches.pairs.positive, batches.n_items) if config.logq_alpha else None
-    return SampledSoftmaxLoss(config.temperature, log_q=log_q, logq_alpha=config.logq_alpha)
+    return SampledSoftmaxLoss(config.temperature, log_q=log_q, logq_alpha=config.logq_alpha, gather=gather)
 
 
 class Trainer:

@@ -388,10 +388,9 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     from gnn.batches import PairBatcher, TrainingPairs
     from gnn.checkpoint import restore_checkpoint, save_checkpoint
     from gnn.graphstore import load_graph_store
-    from gnn.loss import SampledSoftmaxLoss
     from gnn.models import ModelConfig, build_model
     from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
-    from gnn.trainer import TrainConfig, Trainer, make_optimizer
+    from gnn.trainer import TrainConfig, Trainer, make_loss, make_optimizer
     from gnn.walks import load_neighborhoods
     from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
 
@@ -468,8 +467,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
 
             gather = CandidateGather()
         trainer = Trainer(model, stepped, config=tc, optimizer=optimizer,  # type: ignore[arg-type]
-                          on_step=progress.on_step,
-                          loss=None if gather is None else SampledSoftmaxLoss(cfg.temperature, gather=gather))
+                          on_step=progress.on_step, loss=make_loss(tc, stepped, gather=gather))  # type: ignore[arg-type]
         resumed_from = 0
         if Path(job.resume_path).is_file():
             restore_checkpoint(job.resume_path, trainer)

@@ -5,8 +5,10 @@ its groups with ``dist.new_subgroups`` (which needs CUDA without ``group_size``)
 groups of consecutive ranks with ``dist.new_group``, averages every floating tensor (parameters and buffers) and
 broadcasts integer buffers from the group's first rank, so replicas inside a group are bit-identical afterwards.
 
-``weighting="touched"`` averages each row of a matrix over the replicas whose gradients touched that row since their
-last averaging round (the rest of the group for no row nobody touched: a plain mean). Plain averaging shrinks the
+``weighting="touched"`` averages each row of a matrix over the replicas whose gradients touched that row since the
+last round of that level (the rest of the group for no row nobody touched: a plain mean): under hierarchical averaging
+a global round weights a row by the replicas that trained it since the last *global* round, not since their group's
+last round, which would leave a row one group trained between global rounds halved. Plain averaging shrinks the
 update of a row that only one of G replicas trained (an item-embedding row of an item that lives in one shard) by G,
 while gradient all-reduce under Adam does not (Adam's step does not scale with the averaged gradient's size): with
 METIS shards most item rows are such rows, so local SGD under plain averaging trains them at 1/G of the rate.
@@ -68,7 +70,8 @@ class ModelAverager:
             raise ValueError(f"--sync-weighting {weighting!r}: choose one of {', '.join(SYNC_WEIGHTINGS)}")
         self.weighting = weighting
         self.optimizer_state = optimizer_state
-        self.touched: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (rows,) bool, since the last round
+        # per level: parameter -> (rows,) bool, rows this replica touched since that level's last round
+        self.touched: list[dict[torch.Tensor, torch.Tensor]] = [{} for _ in levels]
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         world_group = process_group if process_group is not None else dist.group.WORLD
@@ -128,8 +131,9 @@ class ModelAverager:
             if p.dim() < 2 or p.grad is None:
                 continue
             rows = p.grad.detach().reshape(p.shape[0], -1).ne(0).any(dim=1)  # (rows,)
-            seen = self.touched.get(p)
-            self.touched[p] = rows if seen is None else seen | rows
+            for masks in self.touched:
+                seen = masks.get(p)
+                masks[p] = rows if seen is None else seen | rows
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int | None:
         """Count one optimizer step and average if a level is due; returns the level index averaged, if any.
@@ -153,9 +157,10 @@ class ModelAverager:
         if self.weighting == "touched":
             for p in module.parameters():
                 if p.dim() >= 2 and p.is_floating_point():
-                    payload += self._average_touched(p, group, len(members))
+                    payload += self._average_touched(p, self.touched[level].get(p), group, len(members))
                     weighted.add(p)
-            self.touched.clear()
+            for masks in self.touched[:level + 1]:  # a round of this level also settles every level inside it
+                masks.clear()
         tensors = [p.data for p in module.parameters() if p not in weighted] + list(module.buffers())
         if self.optimizer_state and optimizer is not None:
             state = optimizer_state_tensors(optimizer, list(module.parameters()))
@@ -178,12 +183,13 @@ class ModelAverager:
             payload += t.numel() * t.element_size()
         self.traffic.record_sync(level=self.levels[level].label, payload_bytes=payload)
 
-    def _average_touched(self, p: torch.Tensor, group: dist.ProcessGroup, size: int) -> int:
-        """Row-wise mean of ``p`` over the group's replicas that touched the row (plain mean where none did);
-        returns the bytes this rank sent. Three all-reduces: the touch counts, the touched rows' values, and the
-        values of the rows nobody touched (the same rows on every rank once the counts are summed)."""
+    def _average_touched(self, p: torch.Tensor, mine: torch.Tensor | None, group: dist.ProcessGroup,
+                         size: int) -> int:
+        """Row-wise mean of ``p`` over the group's replicas that touched the row (``mine``: this replica's (rows,)
+        mask; plain mean where none did); returns the bytes this rank sent. Three all-reduces: the touch counts, the
+        touched rows' values, and the values of the rows nobody touched (the same rows on every rank once the
+        counts are summed)."""
         rows = p.shape[0]
-        mine = self.touched.get(p)
         if mine is None:
             mine = torch.zeros(rows, dtype=torch.bool, device=p.device)
         counts = mine.to(p.dtype)  # (rows,)

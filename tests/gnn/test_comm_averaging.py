@@ -143,6 +143,45 @@ def test_touched_weighting_averages_each_row_over_the_ranks_that_trained_it(weig
     assert torch.allclose(emb0["1.weight"], avg["1.weight"]) and torch.allclose(emb0["1.bias"], avg["1.bias"])
 
 
+def touched_hierarchical_worker(rank: int, world: int) -> dict[str, Any]:
+    """4 ranks, hierarchical:2@1,all@2, touched weighting: at step 1 rank 0 trains embedding row 0 and ranks 1-3
+    rows 5-7 (pairs average after it); at step 2 rank r trains row 4 + r, so nobody touches row 0 before the
+    global round that follows."""
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Embedding(8, 3), torch.nn.Linear(3, 1)), forward_sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", "hierarchical:2@1,all@2", sync_weighting="touched"))
+    assert session.averager is not None
+    inner = torch.optim.SGD(model.parameters(), lr=0.5)
+    snapshots = []
+    for ids in (torch.tensor([0 if rank == 0 else 4 + rank]), torch.tensor([4 + rank])):
+        inner.zero_grad()
+        model(ids).pow(2).sum().backward()
+        session.averager.record_touched(model)
+        inner.step()
+        snapshots.append(snapshot(model.module))  # before this step's round
+        session.averager.step(model)
+        snapshots.append(snapshot(model.module))  # after it
+    return {"snapshots": snapshots, "rounds": session.stats()["sync_rounds"]}
+
+
+@pytest.mark.timeout(240)
+def test_touched_weighting_counts_a_global_round_from_the_last_global_round() -> None:
+    results = run_gloo(touched_hierarchical_worker, world_size=4)
+    trained = results[0]["snapshots"][0]["0.weight"][0]  # row 0 after rank 0's own step 1
+    torch.manual_seed(0)  # the workers' initial weights
+    initial = torch.nn.Embedding(8, 3).weight.detach()[0]
+    assert not torch.equal(trained, initial)
+    for r in results:
+        assert r["rounds"] == {"group2@1": 1, "all@2": 1}
+        after_pairs, after_all = r["snapshots"][1]["0.weight"], r["snapshots"][3]["0.weight"]
+        # the pair round keeps rank 0's row 0 in pair {0, 1}; pair {2, 3} never trained it
+        assert torch.equal(after_pairs[0], trained if r is results[0] or r is results[1] else initial)
+        # the global round: only rank 0 touched row 0 since the last global round, so its value stands (a plain
+        # mean, or one counting touches since the pair round only, would give (trained + initial) / 2)
+        assert torch.equal(after_all[0], trained)
+        assert torch.equal(after_all, results[0]["snapshots"][3]["0.weight"])
+
+
 def test_touched_weighting_needs_model_averaging() -> None:
     with pytest.raises(ValueError, match=r"sync-weighting touched .* needs --sync local"):
         parse_comm("none", "allreduce", sync_weighting="touched")

@@ -86,6 +86,21 @@ MODES: dict[str, dict[str, Any]] = {
                                 "sync_weighting": "touched"},
     "none_w4": {"workers": 4},
     "hierarchical_w4": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0},
+    # the 4-worker pair on hash shards, where local:2 came within 2 % (local2_wu1_rand): a group of 2 then averages
+    # two uniform samples of the pairs, not two neighbouring communities
+    "none_w4_rand": {"workers": 4, "partition": "random"},
+    "hierarchical_w4_rand": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                             "partition": "random"},
+    # shorter periods on the same shards: pairs every 2 steps and everyone every 4 (4x fewer global rounds), and
+    # pairs every step with everyone every 2
+    "hierarchical_w4_rand_p24": {"workers": 4, "sync": "hierarchical:2@2,all@4", "sync_warmup_epochs": 1.0,
+                                 "partition": "random"},
+    "hierarchical_w4_rand_p12": {"workers": 4, "sync": "hierarchical:2@1,all@2", "sync_warmup_epochs": 1.0,
+                                 "partition": "random"},
+    # each item row averaged over the ranks that touched it: plain averaging divides a row trained on one rank of a
+    # group of G by G, which an all-reduce + Adam step does not (gnn/comm/README.md, touched-row weighting)
+    "hierarchical_w4_rand_touched": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                                     "partition": "random", "sync_weighting": "touched"},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
     "sgd_lr1": {"optimizer": "sgd", "lr": 1.0},
     "dgc_lr1": {"compression": "dgc", "lr": 1.0},
@@ -120,13 +135,15 @@ def warmup_epochs_of(mode: str, args: argparse.Namespace) -> float:
     return float(MODES[mode].get("sync_warmup_epochs", args.sync_warmup_epochs))
 
 
-def quality(run: Path, *, pooled: bool = False) -> dict[str, Any]:
+def quality(run: Path, *, pooled: bool = False, embeddings: Path | None = None) -> dict[str, Any]:
     """Protocol A item->item hit@10 / MRR and user->item F1@10 on the test split; with ``pooled``, also on the valid
     split and on both together (pair- and user-weighted: twice the held-out pairs, so half the evaluation variance;
-    nothing in this benchmark is tuned on valid), the pooled figures being the headline ones."""
+    nothing in this benchmark is tuned on valid), the pooled figures being the headline ones. ``embeddings``: score
+    these item embeddings (an epoch's, ``epoch_embeddings``) instead of the run's final ones."""
     from pipeline.evaluate import EvalConfig, evaluate, read_report
 
-    evaluate(run, EvalConfig(protocol_b=False, baselines=("popularity",)), force=True)
+    evaluate(run, EvalConfig(protocol_b=False, baselines=("popularity",),
+                             embeddings_path=None if embeddings is None else str(embeddings)), force=True)
     report = read_report(run)["protocol_a"]
     by = {}
     for split in ("test", "valid") if pooled else ("test",):
@@ -159,6 +176,9 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
     sgd = settings.get("optimizer") == "sgd" or (settings.get("compression") == "dgc"
                                                    and settings.get("optimizer", "auto") == "auto")
     lr = settings.pop("lr", args.sgd_lr if sgd else 3e-3)
+    curve = [n for n in args.curve_epochs if n < args.epochs]  # the last epoch is the run's own quality
+    if curve:
+        extra.setdefault("epoch_embeddings", True)
     cfg = TrainStageConfig(workers=workers, epochs=args.epochs, steps_per_epoch=args.steps, progress_s=0.0, lr=lr,
                            dgc_warmup_unit="step", dgc_warmup_stage_length=args.dgc_stage_steps, seed=seed,
                            **settings, **extra)
@@ -180,6 +200,13 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
            "quality": quality(run, pooled=args.section != "multi_epoch") if cfg.embed else None}
     if rep.get("weight_digests"):
         row["weight_digests"] = rep["weight_digests"]
+    if curve and row["quality"] is not None:  # quality after some earlier epochs, and the loss of every epoch
+        from pipeline.train import epoch_embeddings_path
+
+        row["per_epoch"] = {str(n): quality(run, pooled=args.section != "multi_epoch",
+                                            embeddings=epoch_embeddings_path(out.path, n)) for n in curve}
+        row["per_epoch"][str(cfg.epochs)] = row["quality"]
+        row["loss_by_epoch"] = [round(x["mean_loss"], 5) for x in rep["epochs"]]
     row["reduction_vs_dense"] = row["dense_bytes_per_step"] / max(row["grad_bytes_per_step"], 1e-9)
     return row
 
@@ -252,7 +279,9 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "local2_wu1_gneg": "none_gneg", "local2_wu1_ostate": "none",
                      "local2_wu1_gneg_ostate": "none_gneg",
                      "local4_wu1_touched": "none", "hierarchical_w4_touched": "none_w4",
-                     "hierarchical": "none", "hierarchical_w4": "none_w4"}
+                     "hierarchical": "none", "hierarchical_w4": "none_w4",
+                     "hierarchical_w4_rand": "none_w4_rand", "hierarchical_w4_rand_p24": "none_w4_rand",
+                     "hierarchical_w4_rand_p12": "none_w4_rand", "hierarchical_w4_rand_touched": "none_w4_rand"}
 
 
 def paired_gaps(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -280,6 +309,16 @@ def paired_gaps(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any
             entry[q] = {"mean": round(mean, 4), "se": round(se, 4), "ci95": [round(mean - half, 4),
                                                                              round(mean + half, 4)],
                         "per_seed": {x: round(v, 4) for x, v in zip(seeds, d, strict=True)}}
+        curves = [per_seed[m][x].get("per_epoch") for m in (mode, ref) for x in seeds]
+        if all(curves):  # the hit@10 gap after each epoch both modes evaluated (--curve-epochs)
+            epochs = sorted(set.intersection(*(set(c or ()) for c in curves)), key=int)
+            by_epoch = {}
+            for n in epochs:
+                d = [(per_seed[mode][x]["per_epoch"][n]["hit@10"] - per_seed[ref][x]["per_epoch"][n]["hit@10"])
+                     / per_seed[ref][x]["per_epoch"][n]["hit@10"] for x in seeds]
+                by_epoch[n] = {"mean": round(sum(d) / len(d), 4), "per_seed": {x: round(v, 4)
+                                                                             for x, v in zip(seeds, d, strict=True)}}
+            entry["hit@10_by_epoch"] = by_epoch
         h = entry["hit@10"]
         entry["hit@10_within_2pct"] = h["mean"] >= -0.02
         entry["decided"] = ("within" if h["ci95"][0] >= -0.02 else "outside" if h["ci95"][1] < -0.02
@@ -347,6 +386,9 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated; quality averaged over them")
     parser.add_argument("--sgd-lr", type=float, default=0.1)
     parser.add_argument("--dgc-stage-steps", type=int, default=2)
+    parser.add_argument("--curve-epochs", default="",
+                        help="also score the embeddings after these epochs (comma-separated, e.g. 1,3,10): how a "
+                             "gap changes with training length; rows get per_epoch, paired gaps hit@10_by_epoch")
     parser.add_argument("--section", choices=("auto", "quality_softmax"), default="auto",
                         help="auto: 'runs' (1 epoch, seed 0) or 'multi_epoch'; quality_softmax: paired per-seed "
                              "gaps with standard errors, quality pooled over the valid and test splits")
@@ -384,6 +426,12 @@ def main() -> int:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1")
     if not seeds:
         parser.error("--seeds: give at least one seed, e.g. 0")
+    try:
+        args.curve_epochs = sorted({int(x) for x in args.curve_epochs.split(",") if x.strip()})
+    except ValueError:
+        parser.error(f"--curve-epochs {args.curve_epochs!r}: give comma-separated epochs, e.g. 1,3,10")
+    if any(n < 1 or n > args.epochs for n in args.curve_epochs):
+        parser.error(f"--curve-epochs: every epoch must lie in 1..--epochs ({args.epochs})")
     if args.check_pairing:
         args.section = "quality_softmax"
     elif args.section == "auto":

@@ -101,6 +101,12 @@ MODES: dict[str, dict[str, Any]] = {
     # group of G by G, which an all-reduce + Adam step does not (gnn/comm/README.md, touched-row weighting)
     "hierarchical_w4_rand_touched": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
                                      "partition": "random", "sync_weighting": "touched"},
+    # twice the learning rate (sqrt of the 4 replicas a global round mixes): does averaging 4 local Adam steps, each
+    # normalised by its own batch's noisier second moment, just take shorter steps than one Adam step on the mean?
+    # The dense run at the same lr says whether the higher lr alone helps.
+    "hierarchical_w4_rand_lr2": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                                 "partition": "random", "lr": 6e-3},
+    "none_w4_rand_lr2": {"workers": 4, "partition": "random", "lr": 6e-3},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
     "sgd_lr1": {"optimizer": "sgd", "lr": 1.0},
     "dgc_lr1": {"compression": "dgc", "lr": 1.0},
@@ -281,7 +287,8 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "local4_wu1_touched": "none", "hierarchical_w4_touched": "none_w4",
                      "hierarchical": "none", "hierarchical_w4": "none_w4",
                      "hierarchical_w4_rand": "none_w4_rand", "hierarchical_w4_rand_p24": "none_w4_rand",
-                     "hierarchical_w4_rand_p12": "none_w4_rand", "hierarchical_w4_rand_touched": "none_w4_rand"}
+                     "hierarchical_w4_rand_p12": "none_w4_rand", "hierarchical_w4_rand_touched": "none_w4_rand",
+                     "hierarchical_w4_rand_lr2": "none_w4_rand", "none_w4_rand_lr2": "none_w4_rand"}
 
 
 def paired_gaps(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -183,6 +183,7 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
                                                    and settings.get("optimizer", "auto") == "auto")
     lr = settings.pop("lr", args.sgd_lr if sgd else 3e-3)
     curve = [n for n in args.curve_epochs if n < args.epochs]  # the last epoch is the run's own quality
+    pooled = args.section != "multi_epoch"  # valid + test pooled, except in the multi_epoch section
     if curve:
         extra.setdefault("epoch_embeddings", True)
     cfg = TrainStageConfig(workers=workers, epochs=args.epochs, steps_per_epoch=args.steps, progress_s=0.0, lr=lr,
@@ -203,14 +204,14 @@ def run_mode(run: Path, client: Client, mode: str, args: argparse.Namespace, see
            "last_step_sent_bytes": comm["last_step_sent_bytes"], "sync_rounds": comm["sync_rounds"],
            "step_s": round(seconds / steps, 4), "mean_loss": e["mean_loss"], "dgc": comm.get("dgc"),
            "replicas_identical": rep["replicas_identical"],
-           "quality": quality(run, pooled=args.section != "multi_epoch") if cfg.embed else None}
+           "quality": quality(run, pooled=pooled) if cfg.embed else None}
     if rep.get("weight_digests"):
         row["weight_digests"] = rep["weight_digests"]
     if curve and row["quality"] is not None:  # quality after some earlier epochs, and the loss of every epoch
         from pipeline.train import epoch_embeddings_path
 
-        row["per_epoch"] = {str(n): quality(run, pooled=args.section != "multi_epoch",
-                                            embeddings=epoch_embeddings_path(out.path, n)) for n in curve}
+        row["per_epoch"] = {str(n): quality(run, pooled=pooled, embeddings=epoch_embeddings_path(out.path, n))
+                            for n in curve}
         row["per_epoch"][str(cfg.epochs)] = row["quality"]
         row["loss_by_epoch"] = [round(x["mean_loss"], 5) for x in rep["epochs"]]
     row["reduction_vs_dense"] = row["dense_bytes_per_step"] / max(row["grad_bytes_per_step"], 1e-9)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gnn.comm import DGCConfig, parse_comm, setup_communication
+from gnn.comm import DGCConfig, ddp_wrap, parse_comm, setup_communication
 from gnn.comm.launch import run_gloo
 from gnn.comm.projection import StepTraffic, gbit, projected_step_seconds
 
@@ -83,7 +83,7 @@ def micro_worker(rank: int, world: int, modes: list[str], shape: dict[str, int],
         if mode == "compute":
             runs[mode] = {"model": base, "optimizer": torch.optim.SGD(base.parameters(), lr=0.05), "session": None}
             continue
-        model = DDP(base, forward_sync_buffers=False)
+        model = ddp_wrap(base, sync_buffers=False)
         session = setup_communication(model, _mode_config(mode, dgc_sparsity))
         momentum = 0.0 if mode == "dgc" else 0.9  # DGC: the hook's velocity is the momentum
         runs[mode] = {"model": model, "session": session,
@@ -167,7 +167,7 @@ def convergence_worker(rank: int, world: int, steps: int) -> dict[str, float]:
         torch.manual_seed(7)
         student = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                       torch.nn.ReLU(), torch.nn.Linear(256, 16))
-        model = DDP(student, forward_sync_buffers=False)
+        model = ddp_wrap(student, sync_buffers=False)
         session = setup_communication(model, cfg)
         dgc = cfg.compression == "dgc"
         optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05,

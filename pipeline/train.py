@@ -382,7 +382,6 @@ def _rank_main(info: Any, job: RankJob, servers: dict[int, Any]) -> dict[str, An
 
 def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, nthreads: int) -> dict[str, Any]:
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
     from cache import LocalOwnerTable, RemoteRowCache
     from gnn.batches import PairBatcher, TrainingPairs
@@ -447,9 +446,10 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         comm = cfg.comm_config()
         session = None
         if world > 1:
-            model = DistributedDataParallel(model, forward_sync_buffers=comm.uses_ddp_allreduce,
-                                            device_ids=[0] if job.device == "cuda" else None)
-            from gnn.comm import setup_communication
+            from gnn.comm import ddp_wrap, setup_communication
+
+            model = ddp_wrap(model, sync_buffers=comm.uses_ddp_allreduce,
+                             device_ids=[0] if job.device == "cuda" else None)
 
             session = setup_communication(model, comm)
         adam_in_hook = cfg.compression == "dgc" and cfg.dgc_correction == "adam" and world > 1

@@ -15,7 +15,7 @@ from gnn.comm.config import (
     parse_sync,
 )
 from gnn.comm.dgc import DGCState, dgc_hook, select_topk
-from gnn.comm.hooks import CommSession, setup_communication
+from gnn.comm.hooks import CommSession, ddp_wrap, setup_communication
 
 __all__ = [
     "AveragingOptimizer",
@@ -28,6 +28,7 @@ __all__ = [
     "TrafficAccount",
     "add_comm_arguments",
     "comm_config_from_args",
+    "ddp_wrap",
     "dgc_hook",
     "parse_comm",
     "parse_sync",

@@ -8,12 +8,14 @@
 Design of local/hierarchical sync: the model stays wrapped in DDP (one code path for the trainer), but the hook
 registered here all-reduces gradients only during ``sync_warmup_steps`` and afterwards returns the local gradient
 untouched, without any communication (DDP's per-step all-reduce is off); the wrapped optimizer then averages
-parameters and buffers on the configured schedule. Build the DDP model with ``forward_sync_buffers=False`` then
-(``broadcast_buffers=False`` before torch 2.13), or DDP would broadcast rank 0's buffers at every forward.
+parameters and buffers on the configured schedule. Build the DDP model with ``ddp_wrap(module, sync_buffers=False)``
+then (``forward_sync_buffers=False``; ``broadcast_buffers=False`` before torch 2.13), or DDP would broadcast rank 0's
+buffers at every forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +186,19 @@ def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) 
                          f"{kind}); {fix}")
 
 
+def ddp_wrap(module: torch.nn.Module, *, sync_buffers: bool,
+             device_ids: list[int] | None = None) -> torch.nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(module)`` that broadcasts rank 0's buffers at every forward only if
+    ``sync_buffers`` (False under local / hierarchical averaging), on any torch the project supports: the argument
+    is ``forward_sync_buffers`` from torch 2.13 (which deprecates ``broadcast_buffers``) and ``broadcast_buffers``
+    before it (the CUDA images ship torch 2.11)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters \
+        else "broadcast_buffers"
+    kwargs: dict[str, Any] = {"device_ids": device_ids, name: sync_buffers}
+    return ddp(module, **kwargs)
+
+
 def _syncs_buffers_every_forward(ddp_model: torch.nn.parallel.DistributedDataParallel) -> bool:
     if "forward_sync_buffers" in vars(ddp_model):  # torch >= 2.13 (broadcast_buffers is deprecated there)
         return bool(vars(ddp_model)["forward_sync_buffers"])
@@ -206,9 +221,9 @@ def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, co
     session = CommSession(config=config, traffic=traffic, model=ddp_model)
     if not config.uses_ddp_allreduce:
         if _syncs_buffers_every_forward(ddp_model):
-            raise ValueError(f"--sync {config.sync_spec}: build the model with DistributedDataParallel(..., "
-                             "forward_sync_buffers=False) (broadcast_buffers=False before torch 2.13); the averager "
-                             "synchronises buffers on its own schedule")
+            raise ValueError(f"--sync {config.sync_spec}: build the model with ddp_wrap(model, sync_buffers=False) "
+                             "(DistributedDataParallel(..., forward_sync_buffers=False); broadcast_buffers=False "
+                             "before torch 2.13); the averager synchronises buffers on its own schedule")
         session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
                                          process_group=process_group, traffic=traffic,
                                          weighting=config.sync_weighting,

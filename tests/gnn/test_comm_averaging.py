@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gnn.comm import CommConfig, ModelAverager, parse_comm, setup_communication
+from gnn.comm import CommConfig, ModelAverager, ddp_wrap, parse_comm, setup_communication
 from gnn.comm.launch import run_gloo
 
 
@@ -24,7 +23,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def averaging_worker(rank: int, world: int, sync: str, warmup: int, steps: int) -> dict[str, Any]:
-    model = DDP(bn_model(), forward_sync_buffers=False)
+    model = ddp_wrap(bn_model(), sync_buffers=False)
     session = setup_communication(model, parse_comm("none", sync, sync_warmup_steps=warmup))
     optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     history = []
@@ -43,7 +42,7 @@ def averaging_worker(rank: int, world: int, sync: str, warmup: int, steps: int) 
     wrong_world = f"hierarchical:2@2,{world * 2}@4"
     for label, sync_buffers, spec in [("broadcast", True, "local:4"), ("world", False, wrong_world)]:
         try:
-            setup_communication(DDP(bn_model(), forward_sync_buffers=sync_buffers), parse_comm("none", spec))
+            setup_communication(ddp_wrap(bn_model(), sync_buffers=sync_buffers), parse_comm("none", spec))
         except ValueError as error:
             errors[label] = str(error)
     return {"history": history, "stats": session.stats(), "errors": errors}
@@ -109,7 +108,7 @@ def test_hierarchical_averages_within_groups_then_everyone(gloo_four: list[dict[
 def touched_worker(rank: int, world: int, weighting: str) -> dict[str, Any]:
     """Rank 0 trains embedding rows 0 and 1, rank 1 rows 1 and 2; rows 3-5 nobody; local:2 without warm-up."""
     torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Embedding(6, 3), torch.nn.Linear(3, 1)), forward_sync_buffers=False)
+    model = ddp_wrap(torch.nn.Sequential(torch.nn.Embedding(6, 3), torch.nn.Linear(3, 1)), sync_buffers=False)
     session = setup_communication(model, parse_comm("none", "local:2", sync_weighting=weighting))
     assert session.averager is not None
     inner = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -148,7 +147,7 @@ def touched_hierarchical_worker(rank: int, world: int) -> dict[str, Any]:
     rows 5-7 (pairs average after it); at step 2 rank r trains row 4 + r, so nobody touches row 0 before the
     global round that follows."""
     torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Embedding(8, 3), torch.nn.Linear(3, 1)), forward_sync_buffers=False)
+    model = ddp_wrap(torch.nn.Sequential(torch.nn.Embedding(8, 3), torch.nn.Linear(3, 1)), sync_buffers=False)
     session = setup_communication(model, parse_comm("none", "hierarchical:2@1,all@2", sync_weighting="touched"))
     assert session.averager is not None
     inner = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -192,7 +191,7 @@ def test_touched_weighting_needs_model_averaging() -> None:
 def optimizer_state_worker(rank: int, world: int, sync_state: bool) -> dict[str, Any]:
     """Adam under local:2 after 1 warm-up step, each rank on its own data: the optimizer states before and after the
     round at step 3 (and the model after it)."""
-    model = DDP(bn_model(), forward_sync_buffers=False)
+    model = ddp_wrap(bn_model(), sync_buffers=False)
     session = setup_communication(model, parse_comm("none", "local:2", sync_warmup_steps=1,
                                                     sync_optimizer_state=sync_state))
     inner = torch.optim.Adam(model.parameters(), lr=0.05)

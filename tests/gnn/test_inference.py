@@ -162,7 +162,7 @@ def test_layerwise_on_cuda_equals_the_cpu_reference(kind: str) -> None:
         nbr, w = table(layer, np.arange(48))
         index = torch.from_numpy(np.where(nbr >= 0, nbr, 0)).cuda()
         h = lw.combine(layer, h, lw.message(layer, h), index, torch.from_numpy(w).cuda())
-    got = lw.head(h).cpu()
+    got = lw.head(h).detach().cpu()
     assert float((got - ref).abs().max()) <= TOL
 
 

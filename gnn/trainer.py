@@ -130,6 +130,11 @@ class EpochReport:
     pairs_per_s: float
     consumer_wait_s: float
     build_s: float
+    # the trainer thread's time in each part of its steps (forward with the loss, backward with DDP's gradient
+    # all-reduce, optimizer step): where a distributed step spends what a 1-worker step does not
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -218,6 +223,7 @@ class Trainer:
         stats = QueueStats()
         losses: list[float] = []
         pairs = 0
+        phases = np.zeros(3)  # forward, backward, optimizer seconds
         start = time.perf_counter()
         stream = iterate_batches(self.batches, epoch=self.epoch, n_batches=self.batches.n_batches, mode=cfg.mode,
                                  n_threads=cfg.producer_threads, queue_size=cfg.queue_size, stats=stats)
@@ -231,9 +237,14 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = scheduled_lr(cfg, self.step, total_steps)
                 self.optimizer.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
                 loss = compute_loss(self.model, self.loss, batch)
+                t1 = time.perf_counter()
                 loss.backward()
+                t2 = time.perf_counter()
                 self.optimizer.step()
+                t3 = time.perf_counter()
+                phases += np.array([t1 - t0, t2 - t1, t3 - t2])
                 self.step += 1
                 value = float(loss.detach())
                 losses.append(value)
@@ -246,7 +257,8 @@ class Trainer:
         report = EpochReport(epoch=self.epoch, steps=len(losses), pairs=pairs,
                              mean_loss=float(np.mean(losses)) if losses else float("nan"), seconds=seconds,
                              pairs_per_s=pairs / seconds if seconds > 0 else float("nan"),
-                             consumer_wait_s=stats.consumer_wait_s, build_s=stats.build_s)
+                             consumer_wait_s=stats.consumer_wait_s, build_s=stats.build_s,
+                             forward_s=float(phases[0]), backward_s=float(phases[1]), optimizer_s=float(phases[2]))
         logger.info("epoch %d: loss %.4f, %.0f pairs/s (waited %.1f s for batches)", report.epoch,
                     report.mean_loss, report.pairs_per_s, report.consumer_wait_s)
         self.epoch += 1

@@ -765,7 +765,14 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         epochs.append({"epoch": rows[0]["epoch"], "mean_loss": float(np.mean([x["mean_loss"] for x in rows])),
                        "steps": rows[0]["steps"], "pairs": pairs, "seconds": round(secs, 3),
                        "pairs_per_s": round(pairs / secs, 1),
-                       "per_rank_loss": [x["mean_loss"] for x in rows]})
+                       "per_rank_loss": [x["mean_loss"] for x in rows],
+                       # seconds each trainer waited for a ready batch (sampling-bound when large) and seconds its
+                       # producer threads spent building batches (summed over threads)
+                       "per_rank_wait_s": [round(x["consumer_wait_s"], 3) for x in rows],
+                       "per_rank_build_s": [round(x["build_s"], 3) for x in rows],
+                       "per_rank_phase_s": [{k: round(x.get(f"{k}_s", 0.0), 3) for k in ("forward", "backward",
+                                                                                          "optimizer")}
+                                            for x in rows]})
     caches = [stats_cls(**{k: v for k, v in r["cache"].items() if k != "hit_rate"}) for r in results]
     total = stats_cls.merge(caches)
     grad = [0 if r["comm"] is None else int(r["comm"].get("total_bytes", 0)) for r in results]

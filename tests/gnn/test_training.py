@@ -160,6 +160,9 @@ def test_training_learns_the_communities(kind: str, mode: str) -> None:
     assert len(reports) == 15 and trainer.step == 15 * batcher.n_batches == len(steps)
     assert reports[-1].mean_loss < 0.85 * reports[0].mean_loss
     assert reports[0].pairs == len(batcher.pairs) and reports[0].pairs_per_s > 0
+    for r in reports:  # the trainer thread's phases are parts of the epoch, each taken at every step
+        assert r.forward_s > 0 and r.backward_s > 0 and r.optimizer_s > 0
+        assert r.forward_s + r.backward_s + r.optimizer_s <= r.seconds
     after = group_purity(model, sampler)
     assert after > 0.85 and after > before + 0.2
 

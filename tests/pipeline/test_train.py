@@ -178,6 +178,10 @@ def test_stage_outputs_report_checkpoint_and_embeddings(small_run: Path, trained
     received = sum(w["transport"]["total"]["bytes"] + w["embed_remote_bytes"] for w in rep["per_worker"])
     assert sum(s["bytes"] for s in rep["served"]) == received  # what the owners served, training + embedding
     assert rep["partition"]["parts"] == 2 and len(rep["epochs"]) == 1
+    epoch = rep["epochs"][0]  # where each rank's time went: waiting for batches, forward, backward, optimizer
+    assert len(epoch["per_rank_wait_s"]) == len(epoch["per_rank_build_s"]) == len(epoch["per_rank_phase_s"]) == 2
+    for phases in epoch["per_rank_phase_s"]:
+        assert set(phases) == {"forward", "backward", "optimizer"} and sum(phases.values()) <= epoch["seconds"]
     ckpt = load_checkpoint(out.path / "checkpoint.pt")
     assert ckpt.extra["comm"]["compression"] == "none" and ckpt.extra["stage_config"]["workers"] == 2
     assert ckpt.step == 5 and ckpt.optimizer_state is not None

@@ -15,7 +15,8 @@ invocations), then runs the real ``train`` stage (pipeline/train.py) on one 2-wo
   thread per core (``cpus_per_rank=2``: the strongest 1-worker setting), one worker pinned to one core (what a rank
   of a 2-worker run has), and 2 workers with the scaling settings. Twice the single-core rate is the most 2 workers
   can reach here; the section reports each speed-up against both 1-worker settings and the 2-worker efficiency
-  against that ceiling;
+  against that ceiling. ``--slot-cores C`` (a host with 2C cores or more): a slot is C pinned cores; one worker on
+  one slot, one worker on both slots' cores (with both workers' producer threads), and 2 workers on a slot each;
 * ``--part baseline``: GraphSAGE (uniform neighbours, cache none) and PinSage++ (walk neighbourhoods, importance
   cache 10 %), 2 workers, one run of ``--epochs`` epochs per model and seed: hit@10, MRR, optimizer steps, pairs and
   training seconds after every epoch, then the steps and time each needs to reach a target hit@10 fixed
@@ -77,6 +78,8 @@ def one(run: Path, client: Client, **settings: Any) -> dict[str, Any]:
         "step_s": round(e["seconds"] / max(steps, 1), 4),
         "epoch_s_implied": round(e["seconds"] / max(steps, 1) * steps_per_epoch, 1),
         "pairs_per_s": e["pairs_per_s"], "loss": e["mean_loss"],
+        "wait_s": e.get("per_rank_wait_s"), "build_s": e.get("per_rank_build_s"), "epoch_s": e["seconds"],
+        "phase_s": e.get("per_rank_phase_s"),
         "presample_s": [w.get("presample_s") for w in rep["per_worker"]],
         "partition": rep["partition"], "cpus": [w.get("cpus") for w in rep["per_worker"]],
     }
@@ -203,25 +206,43 @@ LIMIT_RUNS = {"one_worker_1_thread": {"workers": 1},
               "one_worker_1_core": {"workers": 1, "cpus_per_rank": 1}}
 
 
+def slot_runs(cores: int) -> dict[str, dict[str, Any]]:
+    """The 1-worker settings of ``--part limit --slot-cores C`` (a host with cores to spare): one worker pinned to
+    one slot of C cores, and one worker pinned to the 2C cores that the two workers' slots hold together, with as
+    many producer threads as the two workers have between them (the strongest 1-worker use of that hardware)."""
+    producers = TrainStageConfig.producer_threads
+    return {f"one_worker_{cores}_cores": {"workers": 1, "cpus_per_rank": cores},
+            f"one_worker_{2 * cores}_cores": {"workers": 1, "cpus_per_rank": 2 * cores,
+                                               "producer_threads": 2 * producers}}
+
+
 def part_limit(run: Path, client: Client, steps: int, repeats: int, batch: int,
-               settings: dict[str, Any]) -> dict[str, Any]:
-    """The ``--part limit`` section: each of :data:`LIMIT_RUNS` and the 2-worker run (``settings``) timed for
-    ``steps`` steps, in turn, ``repeats`` times; medians of pairs/s, the speed-ups of 2 workers over each 1-worker
-    setting, and 2 workers' share of the ceiling, twice the single-core rate."""
-    names = [*LIMIT_RUNS, "two_workers"]
+               settings: dict[str, Any], slot_cores: int = 0) -> dict[str, Any]:
+    """The ``--part limit`` section: each 1-worker setting and the 2-worker run (``settings``) timed for ``steps``
+    steps, in turn, ``repeats`` times; medians of pairs/s, the speed-ups of 2 workers over each 1-worker setting,
+    and 2 workers' share of the ceiling, twice the rate of one worker on one slot's cores.
+
+    ``slot_cores`` 0: the settings of :data:`LIMIT_RUNS` (a 2-core host: a slot is one core, the 2 workers are not
+    pinned); C > 0: :func:`slot_runs` and 2 workers pinned to C cores each (a host with at least 2C cores)."""
+    one_worker = slot_runs(slot_cores) if slot_cores else LIMIT_RUNS
+    two = {"workers": 2, **({"cpus_per_rank": slot_cores} if slot_cores else {}), **settings}
+    slot = next(iter(one_worker)) if slot_cores else "one_worker_1_core"
+    names = [*one_worker, "two_workers"]
     rates: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
         for name in names:
-            kw = LIMIT_RUNS.get(name, {"workers": 2, **settings})
+            kw = one_worker.get(name, two)
             r = one(run, client, epochs=1, steps_per_epoch=steps, batch_size=batch, **kw)
             rates[name].append(r["pairs_per_s"])
+            print(json.dumps({"limit": name, **{k: r[k] for k in ("pairs_per_s", "epoch_s", "wait_s", "phase_s")}}),
+                  file=sys.stderr, flush=True)
     med = {n: median_low(v) for n, v in rates.items()}
-    ceiling = 2 * med["one_worker_1_core"]
+    ceiling = 2 * med[slot]
     return {
-        "settings": {n: LIMIT_RUNS.get(n, {"workers": 2, **settings}) for n in names}, "pairs_per_s": rates,
-        "median_pairs_per_s": med, "ceiling_two_single_cores": ceiling,
-        "speedup_two_workers_vs": {n: round(med["two_workers"] / med[n], 3) for n in LIMIT_RUNS},
-        "ceiling_speedup_vs": {n: round(ceiling / med[n], 3) for n in LIMIT_RUNS},
+        "settings": {n: one_worker.get(n, two) for n in names}, "pairs_per_s": rates, "slot_cores": slot_cores or 1,
+        "median_pairs_per_s": med, "ceiling_two_slots": ceiling,
+        "speedup_two_workers_vs": {n: round(med["two_workers"] / med[n], 3) for n in one_worker},
+        "ceiling_speedup_vs": {n: round(ceiling / med[n], 3) for n in one_worker},
         "two_workers_share_of_ceiling": round(med["two_workers"] / ceiling, 3),
     }
 
@@ -370,6 +391,8 @@ def main() -> int:
                         help="scaling: the section of --out holding the 1-worker curves --workers-list omits")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per setting (scaling)")
     parser.add_argument("--cpus-per-rank", type=int, default=0, help="scaling: pin each rank to this many cores")
+    parser.add_argument("--slot-cores", type=int, default=0,
+                        help="limit: each worker's slot is this many pinned cores (0: the 2-core host's settings)")
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="scaling, baseline: time this many steps per rank only (no quality)")
@@ -402,7 +425,8 @@ def main() -> int:
         out = json.loads(args.out.read_text()) if args.out.is_file() else {}
         baseline = (f"baseline_timing{args.timing_steps}" if args.timing_steps else
                     f"baseline_curves_{args.model}_{args.epochs}epochs_seeds{'-'.join(map(str, seeds))}")
-        limit = f"limit_timing{args.timing_steps}x{args.timing_repeats}" + "".join(
+        limit = f"limit_timing{args.timing_steps}x{args.timing_repeats}" + (
+            f"_slots{args.slot_cores}" if args.slot_cores else "") + "".join(
             f"_{k}-{v}" for k, v in scaling_settings.items())
         name = {"cache": f"cache_{args.negatives}_negatives", "baseline": baseline, "limit": limit,
                 "scaling": "scaling" + (f"_pinned{args.cpus_per_rank}" if args.cpus_per_rank else "")
@@ -441,7 +465,8 @@ def main() -> int:
             if reference is not None:
                 section["reference_1_worker"] = {"section": args.reference, "command": reference.get("command")}
         elif args.part == "limit":
-            section = part_limit(run, client, args.timing_steps, args.timing_repeats, args.batch, scaling_settings)
+            section = part_limit(run, client, args.timing_steps, args.timing_repeats, args.batch, scaling_settings,
+                                 args.slot_cores)
         elif args.timing_steps:
             section = part_baseline_timing(run, client, args.timing_steps)
         else:

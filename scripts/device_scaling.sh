@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# 1 vs 2 workers on the lent device machine's 16 idle CPU cores (issue 5's scaling goal needs more than the 2 cores
+# of the development machine): bench_dtrain --part limit with slots of C pinned cores each, C in ${SLOTS:-4 2 1},
+# each its own section of $OUT/dtrain_device.json (saved as it finishes), plus the CPU topology it ran on.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+{ nproc; lscpu; lscpu -e; } > "$OUT/cpu.txt" 2>&1
+for c in ${SLOTS:-4 2 1}; do
+  python3 benchmarks/bench_dtrain.py --part limit --slot-cores "$c" --timing-steps "${STEPS:-60}" \
+    --timing-repeats "${REPEATS:-3}" --lr-scaling adam-sqrt --partition random --cache-fraction 1.0 \
+    --gather-candidates --run-dir /tmp/bench_dtrain --out "$OUT/dtrain_device.json" \
+    --note "lent device machine, idle 16-core CPU, nothing else running" 2>&1 | grep -v "distributed.shuffle" \
+    | tee -a "$OUT/dtrain_device.log" | grep -E '"limit"|Error|error' 
+done

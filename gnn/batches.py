@@ -120,6 +120,13 @@ class PairBatcher:
         self._order: tuple[int, np.ndarray] | None = None
 
     @property
+    def max_candidates(self) -> int:
+        """A bound on a batch's distinct items (queries, positives, shared and hard negatives), the same on every
+        rank: the row count that ``gnn.comm.gather.CandidateGather(max_rows=...)`` pads to."""
+        hard = 0 if self.hard_negatives is None else min(self.hard_cap, self.hard_negatives.shape[1])
+        return min(self.n_items, self.batch_size * (2 + hard) + self.n_negatives)
+
+    @property
     def n_batches(self) -> int:
         return -(-len(self.pairs) // self.batch_size)
 

@@ -465,7 +465,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         if cfg.gather_candidates and world > 1:
             from gnn.comm.gather import CandidateGather
 
-            gather = CandidateGather()
+            gather = CandidateGather(max_rows=stepped.inner.max_candidates)  # one all-gather a step
         trainer = Trainer(model, stepped, config=tc, optimizer=optimizer,  # type: ignore[arg-type]
                           on_step=progress.on_step, loss=make_loss(tc, stepped, gather=gather))  # type: ignore[arg-type]
         resumed_from = 0

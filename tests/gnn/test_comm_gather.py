@@ -24,37 +24,69 @@ def upstream(rank: int, n: int) -> torch.Tensor:
     return torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100.0 * rank
 
 
-def gather_worker(rank: int, world: int) -> dict[str, Any]:
-    ids = torch.tensor(IDS[rank])
+UNEQUAL = [[0, 1, 2], [3, 2], [4, 5, 0, 1]]  # different counts per rank (the last batch of an epoch, say)
+
+
+def gather_worker(rank: int, world: int, table_ids: list[list[int]], max_rows: int | None) -> dict[str, Any]:
+    ids = torch.tensor(table_ids[rank])
     rows = table()[ids].clone().requires_grad_()
-    gather = CandidateGather()
+    gather = CandidateGather(max_rows=max_rows)
     out, out_ids = gather(rows, ids)
     (out * upstream(rank, out.shape[0])).sum().backward()
     return {"ids": out_ids.tolist(), "rows": out.detach(), "grad": rows.grad, "added": gather.rows_added}
 
 
-def source(rank: int, item: int) -> tuple[int, int]:
+def source(table_ids: list[list[int]], rank: int, item: int) -> tuple[int, int]:
     """(rank, position) of the row that ``rank`` uses for ``item``: its own, else the first other rank's."""
-    if item in IDS[rank]:
-        return rank, IDS[rank].index(item)
-    return next((r, IDS[r].index(item)) for r in range(len(IDS)) if r != rank and item in IDS[r])
+    if item in table_ids[rank]:
+        return rank, table_ids[rank].index(item)
+    return next((r, ids.index(item)) for r, ids in enumerate(table_ids) if r != rank and item in ids)
+
+
+def expected_order(table_ids: list[list[int]], rank: int) -> list[int]:
+    """Own items, then the other ranks' in rank order, each item once."""
+    order = list(table_ids[rank])
+    for r, ids in enumerate(table_ids):
+        order += [i for i in ids if r != rank and i not in order]
+    return order
 
 
 @pytest.mark.timeout(240)
-def test_gather_puts_own_rows_first_takes_every_item_once_and_sums_every_ranks_gradient() -> None:
-    results = run_gloo(gather_worker, world_size=3)
-    assert [r["ids"] for r in results] == [[0, 1, 2, 3, 4, 5], [3, 2, 4, 0, 1, 5], [4, 5, 0, 1, 2, 3]]
-    assert [r["added"] for r in results] == [3, 3, 3]
+@pytest.mark.parametrize(("table_ids", "max_rows"), [(IDS, None), (IDS, 3), (UNEQUAL, None), (UNEQUAL, 6)],
+                         ids=["three-collectives", "packed", "unequal-three-collectives", "unequal-packed"])
+def test_gather_puts_own_rows_first_takes_every_item_once_and_sums_every_ranks_gradient(
+        table_ids: list[list[int]], max_rows: int | None) -> None:
+    results = run_gloo(gather_worker, world_size=3, args=(table_ids, max_rows))
+    if table_ids is IDS:
+        assert [r["ids"] for r in results] == [[0, 1, 2, 3, 4, 5], [3, 2, 4, 0, 1, 5], [4, 5, 0, 1, 2, 3]]
+        assert [r["added"] for r in results] == [3, 3, 3]
+    assert [r["ids"] for r in results] == [expected_order(table_ids, rank) for rank in range(3)]
     for r in results:
         assert torch.equal(r["rows"], table()[torch.tensor(r["ids"])])  # every row is its item's row
-    expected = [torch.zeros(3, 3) for _ in IDS]
+    expected = [torch.zeros(len(ids), 3) for ids in table_ids]
     for s, r in enumerate(results):
         grad_out = upstream(s, len(r["ids"]))
         for k, item in enumerate(r["ids"]):
-            owner, pos = source(s, item)
+            owner, pos = source(table_ids, s, item)
             expected[owner][pos] += grad_out[k]
     for rank, r in enumerate(results):
         assert torch.equal(r["grad"], expected[rank]), rank
+
+
+def too_many_worker(rank: int, world: int) -> str:
+    ids = torch.tensor(UNEQUAL[rank])
+    try:
+        CandidateGather(max_rows=1)(table()[ids], ids)  # every rank over its bound: none reaches a collective
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(240)
+def test_packed_gather_refuses_more_rows_than_its_bound() -> None:
+    results = run_gloo(too_many_worker, world_size=3)
+    assert [f"{len(ids)} candidates on rank {rank} but max_rows=1" in r
+            for rank, (ids, r) in enumerate(zip(UNEQUAL, results, strict=True))] == [True] * 3
 
 
 def loss_worker(rank: int, world: int) -> dict[str, Any]:

@@ -59,6 +59,19 @@ def test_batch_positions_point_at_the_right_items() -> None:
     assert all(h in row for h, row in zip(hard_ids.tolist(), np.repeat(cand, 2, axis=0).tolist(), strict=True))
 
 
+def test_max_candidates_bounds_every_batch_with_hard_negatives() -> None:
+    """The bound the packed candidate gather pads to holds in every epoch of the curriculum, the last short batch
+    included, and does not exceed the catalogue."""
+    store = community_store(n_users=120, n_items=400, per_user=8)
+    _, _, batcher = setup(store=store, batch_size=11)
+    assert batcher.max_candidates == 11 * (2 + 2) + 10 < store.n_items
+    seen = [int(batcher(epoch, i).subgraph.node_ids[0].shape[0]) for epoch in range(4)
+            for i in range(batcher.n_batches)]
+    assert max(seen) <= batcher.max_candidates and len(batcher.pairs) % 11  # a short last batch was among them
+    _, _, small = setup(batch_size=64)
+    assert small.max_candidates == small.n_items  # 64 * 4 + 10 distinct items would exceed the 40 there are
+
+
 def test_curriculum_and_hard_negative_picks() -> None:
     assert [hard_negatives_for_epoch(e, cap=3) for e in range(6)] == [0, 1, 2, 3, 3, 3]
     ids, mask = pick_hard_negatives(np.array([[4, -1, -1], [7, 8, 9]]), 2, np.random.default_rng(0))

@@ -107,6 +107,12 @@ MODES: dict[str, dict[str, Any]] = {
     "hierarchical_w4_rand_lr2": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
                                  "partition": "random", "lr": 6e-3},
     "none_w4_rand_lr2": {"workers": 4, "partition": "random", "lr": 6e-3},
+    # the same idea without touching the dense warm-up: only the local steps between rounds take 2x (sqrt of the 4
+    # replicas) or sqrt(2)x the lr (--sync-lr-scale)
+    "hierarchical_w4_rand_llr2": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                                  "partition": "random", "sync_lr_scale": 2.0},
+    "hierarchical_w4_rand_llr14": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
+                                   "partition": "random", "sync_lr_scale": 1.414},
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
     "sgd_lr1": {"optimizer": "sgd", "lr": 1.0},
     "dgc_lr1": {"compression": "dgc", "lr": 1.0},
@@ -289,7 +295,8 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "hierarchical": "none", "hierarchical_w4": "none_w4",
                      "hierarchical_w4_rand": "none_w4_rand", "hierarchical_w4_rand_p24": "none_w4_rand",
                      "hierarchical_w4_rand_p12": "none_w4_rand", "hierarchical_w4_rand_touched": "none_w4_rand",
-                     "hierarchical_w4_rand_lr2": "none_w4_rand", "none_w4_rand_lr2": "none_w4_rand"}
+                     "hierarchical_w4_rand_lr2": "none_w4_rand", "none_w4_rand_lr2": "none_w4_rand",
+                     "hierarchical_w4_rand_llr2": "none_w4_rand", "hierarchical_w4_rand_llr14": "none_w4_rand"}
 
 
 def paired_gaps(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -122,6 +122,9 @@ class TrainStageConfig:
                                              "over the ranks that trained it since the last round"})
     sync_optimizer_state: bool = field(
         default=False, metadata={"help": "averaging rounds also average the optimizer state (Adam's moments)"})
+    sync_lr_scale: float = field(
+        default=1.0, metadata={"help": "factor on the lr of the local steps between averaging rounds (after the "
+                                       "warm-up)"})
     dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
     dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
@@ -198,7 +201,7 @@ class TrainStageConfig:
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
-                          dgc=dgc)
+                          sync_lr_scale=self.sync_lr_scale, dgc=dgc)
 
     def effective_lr(self, world: int | None = None) -> float:
         """The learning rate a run of ``world`` ranks (default ``workers``) trains at after any warm-up:

@@ -248,20 +248,34 @@ def _check_same_layout(count: int, group: dist.ProcessGroup) -> None:
 class AveragingOptimizer(torch.optim.Optimizer):
     """Wrap an optimizer so that each ``step()`` is followed by :meth:`ModelAverager.step` (local SGD).
 
-    Like PyTorch's ``PostLocalSGDOptimizer``, but averaging buffers as well and counting traffic.
+    Like PyTorch's ``PostLocalSGDOptimizer``, but averaging buffers as well and counting traffic. ``lr_scale``:
+    the learning rate of every step after the averager's warm-up is multiplied by it for that step (the groups' lr,
+    and any schedule that sets it, are left as they were).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, averager: ModelAverager, model: torch.nn.Module) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, averager: ModelAverager, model: torch.nn.Module, *,
+                 lr_scale: float = 1.0) -> None:
+        if not lr_scale > 0:
+            raise ValueError(f"lr_scale={lr_scale} must be > 0")
         self.optimizer = optimizer
         self.averager = averager
         self.model = model
+        self.lr_scale = float(lr_scale)
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.state = optimizer.state  # the same dict: the wrapped optimizer keeps its momentum buffers
 
     def step(self, closure: Any = None) -> Any:
         self.averager.record_touched(self.model)
-        loss = self.optimizer.step(closure)
+        scale = 1.0 if self.averager.in_warmup else self.lr_scale  # warm-up steps are all-reduced dense steps
+        base = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+        try:
+            loss = self.optimizer.step(closure)
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, base, strict=True):
+                group["lr"] = lr
         self.averager.step(self.model, self.optimizer)
         return loss
 

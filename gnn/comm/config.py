@@ -133,6 +133,9 @@ class CommConfig:
         sync_optimizer_state: average the optimizer's per-parameter state (Adam's moments, SGD's momentum) along
             with the model in each averaging round (default False: each replica keeps its own, as in PyTorch's
             ``PostLocalSGDOptimizer``).
+        sync_lr_scale: factor on the learning rate of the local steps of local/hierarchical averaging, after the
+            warm-up (default 1.0). An averaged local Adam step is normalised by each replica's own batch's second
+            moment, larger than that of the all-reduced mean gradient, so it moves less than one dense step.
         powersgd_rank: PowerSGD matrix approximation rank (default 2).
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts; must be > 1 (default 10).
         dgc: DGC settings (used when ``compression == "dgc"``).
@@ -144,6 +147,7 @@ class CommConfig:
     sync_warmup_steps: int = 0
     sync_weighting: str = "uniform"
     sync_optimizer_state: bool = False
+    sync_lr_scale: float = 1.0
     powersgd_rank: int = 2
     powersgd_start_iter: int = 10
     dgc: DGCConfig = field(default_factory=DGCConfig)
@@ -171,6 +175,11 @@ class CommConfig:
         if self.sync_optimizer_state and self.sync == "allreduce":
             raise ValueError("--sync-optimizer-state averages the optimizer state in model averaging rounds; it "
                              "needs --sync local:H or hierarchical:..., not allreduce")
+        if not self.sync_lr_scale > 0:
+            raise ValueError(f"--sync-lr-scale {self.sync_lr_scale} must be > 0")
+        if self.sync_lr_scale != 1.0 and self.sync == "allreduce":
+            raise ValueError("--sync-lr-scale scales the local steps between averaging rounds; it needs --sync "
+                             "local:H or hierarchical:..., not allreduce")
         if self.powersgd_rank < 1:
             raise ValueError(f"--powersgd-rank {self.powersgd_rank} must be >= 1")
         if self.powersgd_start_iter <= 1:
@@ -277,6 +286,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="averaging rounds: plain mean, or each matrix row over the replicas that touched it")
     group.add_argument("--sync-optimizer-state", action="store_true",
                        help="averaging rounds also average the optimizer state (Adam's moments, SGD's momentum)")
+    group.add_argument("--sync-lr-scale", type=float, default=d.sync_lr_scale,
+                       help="factor on the lr of the local steps between averaging rounds (after the warm-up)")
     group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
     group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
     group.add_argument("--dgc-sparsity", type=float, default=dg.sparsity)
@@ -300,7 +311,7 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     correction=args.dgc_correction)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
-                      sync_optimizer_state=args.sync_optimizer_state,
+                      sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,
                       powersgd_rank=args.powersgd_rank,
                       powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)
 

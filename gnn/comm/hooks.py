@@ -147,7 +147,7 @@ class CommSession:
         if self.averager is not None:
             if self.model is None:
                 raise ValueError("CommSession.model is unset; create the session with setup_communication")
-            return AveragingOptimizer(optimizer, self.averager, self.model)
+            return AveragingOptimizer(optimizer, self.averager, self.model, lr_scale=self.config.sync_lr_scale)
         return optimizer
 
     def set_epoch(self, epoch: int) -> None:

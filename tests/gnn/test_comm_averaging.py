@@ -260,3 +260,42 @@ def mismatched_state_worker(rank: int, world: int) -> str:
 def test_sync_optimizer_state_refuses_ranks_with_different_state() -> None:
     errors = run_gloo(mismatched_state_worker, world_size=2)
     assert all("optimizer state differs between ranks (0 to 4 state tensors)" in e for e in errors), errors
+
+
+def lr_scale_worker(rank: int, world: int) -> dict[str, Any]:
+    """local:4 after 1 warm-up step, lr scale 2: step 1 is a dense step at lr 0.1 (all-reduced gradient), steps 2-3
+    are local steps at lr 0.2; the group's lr reads 0.1 throughout."""
+    torch.manual_seed(0)
+    model = ddp_wrap(torch.nn.Linear(3, 1, bias=False), sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", "local:4", sync_warmup_steps=1, sync_lr_scale=2.0))
+    optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.tensor([[1.0 + rank, 2.0, -1.0]])
+    weights, grads, lrs = [model.module.weight.detach().clone()], [], []
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        grads.append(model.module.weight.grad.detach().clone())
+        optimizer.step()
+        weights.append(model.module.weight.detach().clone())
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return {"weights": weights, "grads": grads, "lrs": lrs}
+
+
+@pytest.mark.timeout(240)
+def test_sync_lr_scale_multiplies_the_local_steps_only() -> None:
+    results = run_gloo(lr_scale_worker, world_size=2)
+    for r in results:
+        w, g = r["weights"], r["grads"]
+        assert torch.allclose(g[0], torch.tensor([[1.5, 2.0, -1.0]]))  # step 1: the mean of both ranks' x
+        assert torch.allclose(w[1], w[0] - 0.1 * g[0])  # warm-up: the plain lr
+        for step in (1, 2):  # local steps: each rank's own gradient at twice the lr
+            assert torch.allclose(w[step + 1], w[step] - 0.2 * g[step])
+        assert r["lrs"] == [0.1, 0.1, 0.1]
+    assert not torch.allclose(results[0]["weights"][3], results[1]["weights"][3])  # no round before step 4
+
+
+def test_sync_lr_scale_needs_local_averaging() -> None:
+    with pytest.raises(ValueError, match="--sync-lr-scale scales the local steps"):
+        parse_comm("none", "allreduce", sync_lr_scale=2.0)
+    with pytest.raises(ValueError, match=r"--sync-lr-scale 0\.0 must be > 0"):
+        parse_comm("none", "local:2", sync_lr_scale=0.0)

@@ -131,7 +131,8 @@ class EpochReport:
     consumer_wait_s: float
     build_s: float
     # the trainer thread's time in each part of its steps (forward with the loss, backward with DDP's gradient
-    # all-reduce, optimizer step): where a distributed step spends what a 1-worker step does not
+    # all-reduce, optimizer step): where a distributed step spends what a 1-worker step does not. On a GPU these are
+    # host-side times (kernels run asynchronously; the step's end waits for them at the loss read-out)
     forward_s: float = 0.0
     backward_s: float = 0.0
     optimizer_s: float = 0.0

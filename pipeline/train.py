@@ -773,8 +773,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
                        # producer threads spent building batches (summed over threads)
                        "per_rank_wait_s": [round(x["consumer_wait_s"], 3) for x in rows],
                        "per_rank_build_s": [round(x["build_s"], 3) for x in rows],
-                       "per_rank_phase_s": [{k: round(x.get(f"{k}_s", 0.0), 3) for k in ("forward", "backward",
-                                                                                          "optimizer")}
+                       "per_rank_phase_s": [{k: round(x[f"{k}_s"], 3) for k in ("forward", "backward", "optimizer")}
                                             for x in rows]})
     caches = [stats_cls(**{k: v for k, v in r["cache"].items() if k != "hit_rate"}) for r in results]
     total = stats_cls.merge(caches)

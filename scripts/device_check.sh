@@ -2,13 +2,7 @@
 # GPU checks on a lent device machine (see README, "GPU"): installs the carried wheels (.whl/) that its image
 # lacks, then runs the CUDA-marked tests, the GPU benchmark, and writes everything under $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, numpy, pandas, numba; print(sys.version.split()[0], torch.__version__, numpy.__version__, pandas.__version__, numba.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -p no:cacheprovider -q -rs "${@:-tests/gnn/test_cuda.py}" 2>&1 | tee "$OUT/pytest.txt"

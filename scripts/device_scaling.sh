@@ -3,14 +3,7 @@
 # of the development machine): bench_dtrain --part limit with slots of C pinned cores each, C in ${SLOTS:-4 2 1},
 # each its own section of $OUT/dtrain_device.json (saved as it finishes), plus the CPU topology it ran on.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+source "$(dirname "$0")/device_env.sh"
 { nproc; lscpu; lscpu -e; } > "$OUT/cpu.txt" 2>&1
 for c in ${SLOTS:-4 2 1}; do
   python3 benchmarks/bench_dtrain.py --part limit --slot-cores "$c" --timing-steps "${STEPS:-60}" \

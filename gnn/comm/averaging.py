@@ -267,15 +267,17 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Any = None) -> Any:
         self.averager.record_touched(self.model)
-        scale = 1.0 if self.averager.in_warmup else self.lr_scale  # warm-up steps are all-reduced dense steps
-        base = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * scale
-        try:
+        if self.lr_scale == 1.0 or self.averager.in_warmup:  # warm-up steps are all-reduced dense steps
             loss = self.optimizer.step(closure)
-        finally:
-            for group, lr in zip(self.optimizer.param_groups, base, strict=True):
-                group["lr"] = lr
+        else:
+            base = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * self.lr_scale
+            try:
+                loss = self.optimizer.step(closure)
+            finally:
+                for group, lr in zip(self.optimizer.param_groups, base, strict=True):
+                    group["lr"] = lr
         self.averager.step(self.model, self.optimizer)
         return loss
 

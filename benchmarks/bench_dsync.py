@@ -50,6 +50,7 @@ from gnn.comm import SyncLevel  # noqa: E402
 from gnn.comm.config import parse_sync  # noqa: E402
 from gnn.comm.projection import StepTraffic, gbit, projected_step_seconds  # noqa: E402
 from pipeline.partition import PartitionConfig, run_partition  # noqa: E402
+from pipeline.rundir import write_json_atomic  # noqa: E402
 from pipeline.train import TrainStageConfig, train  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -434,7 +435,7 @@ def main() -> int:
             if key != "pairing_check":
                 block["means"] = {m: mean_row(v) for m, v in block["per_seed"].items()}
                 block["paired_gaps"] = paired_gaps(block["per_seed"])
-        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        write_json_atomic(args.out, out, sort_keys=False)
         return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -516,7 +517,7 @@ def main() -> int:
         block["paired_gaps"] = paired_gaps(block["per_seed"])
     out["machine"] = {"nproc": os.cpu_count(), "platform": platform.platform()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    write_json_atomic(args.out, out, sort_keys=False)
     return 0
 
 

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from distributed import Client, LocalCluster  # noqa: E402
 
+from pipeline.rundir import write_json_atomic  # noqa: E402
 from pipeline.train import LR_SCALING, TrainStageConfig, train  # noqa: E402
 
 
@@ -446,7 +447,7 @@ def main() -> int:
                 if timing is not None:
                     sec["time_to_target_quiet"] = time_to_target(sec, timing["step_s"], timing["command"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        write_json_atomic(args.out, out, sort_keys=False)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:

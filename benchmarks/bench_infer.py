@@ -37,7 +37,7 @@ from gnn.models import ModelConfig, build_model, build_sampler
 from gnn.trainer import Trainer, embed_items
 from gnn.walks import Neighborhoods, save_neighborhoods
 from pipeline.infer import InferConfig, load_embeddings, run_infer
-from pipeline.rundir import run_stage
+from pipeline.rundir import run_stage, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,7 @@ def main() -> int:
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.out, result, sort_keys=False)
     print(json.dumps(result["summary"], indent=2))
     tmp.cleanup()
     return 0

@@ -223,7 +223,9 @@ def main() -> None:
             for rows, entry in earlier.get("sizes", {}).items():
                 entry.setdefault("command", earlier.get("command"))
                 result["sizes"].setdefault(rows, entry)
-    Path(name).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    from pipeline.rundir import write_json_atomic  # the parent process only (the children measure bare pandas)
+
+    write_json_atomic(Path(name), result, sort_keys=False)
     print(f"wrote {name}")
 
 

@@ -36,6 +36,7 @@ from distributed import Client, LocalCluster
 from gnn.ann import IndexSpec, ann_block_topk, build_index, recall_at_k
 from gnn.topk import TopK, chunk_topk, item_queries, merge
 from pipeline.recommend import RecommendConfig, top_k_items
+from pipeline.rundir import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +204,7 @@ def main() -> int:
     report["faiss_ivf"] = ivf_report
     report["machine"]["loadavg_end"] = os.getloadavg()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(a.out, report, sort_keys=False)
     print(json.dumps(report, indent=2))
     return 0
 

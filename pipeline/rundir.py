@@ -37,12 +37,13 @@ class StageError(RuntimeError):
     """A stage's input is missing or stale; the message names the stage and what to run first."""
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file in the same folder, fsync, then rename over ``path``."""
+def write_json_atomic(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON through a temporary file in the same folder, fsync, then rename over ``path``
+    (``sort_keys=False`` keeps the payload's key order, as result files written by benchmarks do)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with tmp.open("w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        json.dump(payload, f, indent=2, sort_keys=sort_keys, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -101,16 +101,24 @@ class ItemInputEncoder(nn.Module):
         n_numeric: numeric columns after the category (default 4).
         content_dim: dense content columns after the numeric ones (default 0).
         out_dim: output width (default 64).
+        id_dropout: in training mode, the share of rows whose id vector is zeroed (default 0): each row of a
+            batch (an item of the batch's input layer) loses its id vector with this probability, so the model
+            also learns to place an item from its category, counts and neighbourhood. No rescaling: at
+            evaluation every id is present, as in the kept rows. Ignored without an id table.
 
     Shapes:
         ``forward(ids (n,) int64, rows (n, 1 + n_numeric + content_dim) float32) -> (n, out_dim)``
     """
 
     def __init__(self, *, n_categories: int, category_dim: int = 16, id_buckets: int = 65536, id_dim: int = 32,
-                 n_numeric: int = N_COUNT_FEATURES, content_dim: int = 0, out_dim: int = 64) -> None:
+                 n_numeric: int = N_COUNT_FEATURES, content_dim: int = 0, out_dim: int = 64,
+                 id_dropout: float = 0.0) -> None:
         super().__init__()
         if n_categories < 1:
             raise ValueError(f"n_categories={n_categories}: need at least one category")
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"id_dropout={id_dropout}: give a probability in [0, 1)")
+        self.id_dropout = float(id_dropout)
         self.n_categories, self.n_numeric, self.content_dim = n_categories, n_numeric, content_dim
         self.id_buckets = id_buckets
         self.category = nn.Embedding(n_categories, category_dim)
@@ -133,13 +141,18 @@ class ItemInputEncoder(nn.Module):
         cat = torch.remainder(rows[:, CATEGORY_COLUMN].to(torch.int64), self.n_categories)
         parts = [self.category(cat)]  # (n, category_dim)
         if self.item_id is not None:
-            parts.append(self.item_id(hash_ids(ids, self.id_buckets)))  # (n, id_dim)
+            vec = self.item_id(hash_ids(ids, self.id_buckets))  # (n, id_dim)
+            if self.training and self.id_dropout > 0.0:
+                keep = torch.rand(vec.shape[0], 1, device=vec.device) >= self.id_dropout  # (n, 1)
+                vec = vec * keep
+            parts.append(vec)
         parts.append(rows[:, NUMERIC_START:])  # (n, n_numeric + content_dim)
         return torch.relu(self.proj(torch.cat(parts, dim=1)))
 
     def __repr__(self) -> str:
+        drop = f", id_dropout={self.id_dropout}" if self.id_dropout else ""
         return (f"ItemInputEncoder(n_categories={self.n_categories}, id_buckets={self.id_buckets}, "
-                f"n_numeric={self.n_numeric}, content_dim={self.content_dim}, out_dim={self.out_dim})")
+                f"n_numeric={self.n_numeric}, content_dim={self.content_dim}, out_dim={self.out_dim}{drop})")
 
 
 class TensorRows:

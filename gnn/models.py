@@ -54,7 +54,8 @@ class ModelConfig:
     ``query_id_buckets`` rows of a hashed per-item query offset added to the head, 0 = none (0): the query of
     item i becomes ``A z_i + b + e[hash(i)]`` (rows start at zero), a free vector per query item that can hold
     an item's own successor (a planted "next item"), which a shared map of z cannot; it needs the query items'
-    ids (``queries(z, ids)``).
+    ids (``queries(z, ids)``); ``id_dropout`` share of the input layer's rows whose id vector is zeroed in
+    training (0): the model must then also place an item from its features and its neighbours' vectors.
     """
 
     kind: ModelKind = "pinsage"
@@ -75,6 +76,7 @@ class ModelConfig:
     query_head: bool = True
     query_hidden: int = 0
     query_id_buckets: int = 0
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("pinsage", "graphsage"):
@@ -92,6 +94,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.id_buckets, content_dim, n_numeric and query_hidden must be non-negative")
         if self.query_hidden and not self.query_head:
             raise ValueError(f"ModelConfig.query_hidden={self.query_hidden}: needs query_head=True (or set it to 0)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"ModelConfig.id_dropout={self.id_dropout}: give a probability in [0, 1)")
         if self.query_id_buckets < 0 or (self.query_id_buckets and not self.query_head):
             raise ValueError(f"ModelConfig.query_id_buckets={self.query_id_buckets}: pass 0 (none) or a positive "
                              "number of rows with query_head=True")
@@ -121,7 +125,7 @@ class ItemEncoder(nn.Module):
         self.input = ItemInputEncoder(n_categories=config.n_categories, category_dim=config.category_dim,
                                       id_buckets=config.id_buckets, id_dim=config.id_dim,
                                       n_numeric=config.n_numeric, content_dim=config.content_dim,
-                                      out_dim=config.input_dim)
+                                      out_dim=config.input_dim, id_dropout=config.id_dropout)
         convs: list[nn.Module] = []
         for layer in range(config.n_layers):
             in_dim = config.input_dim if layer == 0 else config.hidden_dim

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from benchmarks.bench_baselines import read_amazon, read_taobao, split_last_days, split_last_n
@@ -41,7 +42,7 @@ from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
 from pipeline.evaluate import EvalConfig, evaluate_tables, format_table
-from pipeline.generate import GenerateConfig, generate
+from pipeline.generate import GenerateConfig, generate, items_path
 from pipeline.rundir import write_json_atomic
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -51,33 +52,63 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def load(dataset: str, data: Path, gen_rows: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0
+         ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Split tables of a dataset and facts about it. ``content_dim`` > 0 (generated data only) also generates a
+    dense content vector per item (its community's centre plus item-specific noise, ``pinsage generate
+    --content-dim``), returned as ``info["item_content"]`` (n_items, D) float32 in the tables' item order; pop it
+    before writing ``info`` anywhere."""
+    if content_dim and dataset != "generated":
+        raise SystemExit(f"--gen-content-dim {content_dim}: content features exist for --dataset generated only")
     if dataset == "amazon":
         return split_last_n(read_amazon(data / "amazon-videogames" / "Video.txt")), {"split": "leave-last-out"}
     if dataset == "taobao":
         return split_last_days(read_taobao(data / "taobao" / "UserBehavior-head.csv")), {"split": "last day"}
-    cfg = GenerateConfig(rows=gen_rows, seed=0, communities=50)
+    cfg = GenerateConfig(rows=gen_rows, seed=0, communities=50, content_dim=content_dim)
     with tempfile.TemporaryDirectory() as tmp:
         info = generate(Path(tmp) / "gen.csv", cfg)
         df = read_taobao(Path(tmp) / "gen.csv")
-    return split_last_days(df), {"split": "last day", "generate": dataclasses.asdict(cfg),
-                                 "users": info["users"], "items": info["items"]}
+        content = _item_content(Path(tmp) / "gen.csv", df) if content_dim else None
+    out: dict[str, Any] = {"split": "last day", "generate": dataclasses.asdict(cfg), "users": info["users"],
+                           "items": info["items"]}
+    if content is not None:
+        out["item_content"] = content
+    return split_last_days(df), out
 
 
-def training_inputs(tables: dict[str, pd.DataFrame]) -> tuple[Histories, GraphStore, int]:
-    """The training histories, their graph store (with every item's category) and the number of categories."""
+def _item_content(csv: Path, df: pd.DataFrame) -> np.ndarray:
+    """Content rows of the generated items in ``read_taobao``'s item order (its ids factorise the sorted raw ids
+    of the rows it keeps)."""
+    raw = pd.read_csv(csv, header=None, usecols=[1], names=["i"], dtype={"i": np.int64})["i"].to_numpy()
+    kept = np.unique(raw[df["line"].to_numpy() - 1])  # sorted raw ids: position = item index
+    side = pq.read_table(items_path(csv)).to_pandas()
+    where = pd.Index(side["raw_item"].to_numpy()).get_indexer(kept)
+    if (where < 0).any():
+        raise ValueError(f"{items_path(csv)}: no content row for raw item {int(kept[where < 0][0])}")
+    return np.stack(side["content"].to_numpy()[where]).astype(np.float32)  # (n_items, D)
+
+
+def training_inputs(tables: dict[str, pd.DataFrame], content: np.ndarray | None = None
+                    ) -> tuple[Histories, GraphStore, int]:
+    """The training histories, their graph store (with every item's category, and ``content`` rows when given)
+    and the number of categories."""
     everything = pd.concat(list(tables.values()))
     n_users, n_items = int(everything["user"].max()) + 1, int(everything["item"].max()) + 1
     train = Histories.from_interactions(tables["train"], n_users=n_users, n_items=n_items)
     category = np.zeros(n_items, np.int64)
     category[everything["item"].to_numpy()] = everything["category"].to_numpy()
     n_categories = int(category.max()) + 1
-    return train, store_from_histories(train, category=category, n_categories=n_categories), n_categories
+    if content is not None and content.shape[0] != n_items:
+        raise ValueError(f"content has {content.shape[0]} rows for {n_items} items")
+    store = store_from_histories(train, category=category, n_categories=n_categories, content=content)
+    return train, store, n_categories
 
 
 def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any], train_over: dict[str, Any],
-        budget_s: float, models: list[str], walk_cfg: WalkConfig | None = None) -> dict[str, Any]:
-    train, store, n_categories = training_inputs(tables)
+        budget_s: float, models: list[str], walk_cfg: WalkConfig | None = None,
+        content: np.ndarray | None = None) -> dict[str, Any]:
+    train, store, n_categories = training_inputs(tables, content)
+    model_over = {**model_over, "content_dim": 0 if content is None else int(content.shape[1])}
     scorers: dict[str, Scorer] = {}
     training: dict[str, Any] = {}
     for name in models:
@@ -129,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("..") / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path("results") / "quality.json")
     ap.add_argument("--gen-rows", type=int, default=200_000)
+    ap.add_argument("--gen-content-dim", type=int, default=0,
+                    help="generated data: a dense content vector of this width per item, read by the models")
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock training budget per model")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--set", action="append", default=[], help="field=value override of ModelConfig/TrainConfig")
@@ -144,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     walks = walk_config(walk_over, int(model_over.get("n_neighbors", ModelConfig.n_neighbors)), args.seed)
     started = time.perf_counter()
     load_start = os.getloadavg()
-    tables, info = load(args.dataset, args.data, args.gen_rows)
-    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","), walks)
+    tables, info = load(args.dataset, args.data, args.gen_rows, args.gen_content_dim)
+    content = info.pop("item_content", None)
+    result = run(args.dataset, tables, model_over, train_over, args.budget_s, args.models.split(","), walks,
+                 content)
     result["walks"] = dataclasses.asdict(walks)
     result.update(info)
     result["machine"] = {"nproc": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

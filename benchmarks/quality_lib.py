@@ -19,9 +19,10 @@ from gnn.trainer import TrainConfig, Trainer, embed_items, query_side
 from gnn.walks import Neighborhoods, WalkConfig, compute_neighborhoods
 
 
-def store_from_histories(train: Histories, *, category: np.ndarray | None = None, n_categories: int = 1
-                         ) -> GraphStore:
-    """Graph store of the training histories (edge time = position in the user's sequence)."""
+def store_from_histories(train: Histories, *, category: np.ndarray | None = None, n_categories: int = 1,
+                         content: np.ndarray | None = None) -> GraphStore:
+    """Graph store of the training histories (edge time = position in the user's sequence), with dense
+    ``content`` rows (n_items, D) when given."""
     n_users, n_items = train.n_users, train.n_items
     users = np.repeat(np.arange(n_users), train.lengths())
     pos = np.arange(users.shape[0]) - train.indptr[users]
@@ -32,7 +33,7 @@ def store_from_histories(train: Histories, *, category: np.ndarray | None = None
     return GraphStore(n_users=n_users, n_items=n_items, n_categories=n_categories,
                       user_items=csr_from_edges(users, train.items, w, pos, n_users),
                       item_users=csr_from_edges(train.items, users, w, pos, n_items),
-                      item_category=cat, item_counts=counts)
+                      item_category=cat, item_counts=counts, item_content=content)
 
 
 def consecutive_pairs(train: Histories, *, both_directions: bool) -> TrainingPairs:

@@ -55,7 +55,9 @@ class ModelConfig:
     item i becomes ``A z_i + b + e[hash(i)]`` (rows start at zero), a free vector per query item that can hold
     an item's own successor (a planted "next item"), which a shared map of z cannot; it needs the query items'
     ids (``queries(z, ids)``); ``id_dropout`` share of the input layer's rows whose id vector is zeroed in
-    training (0): the model must then also place an item from its features and its neighbours' vectors.
+    training (0): the model must then also place an item from its features and its neighbours' vectors (measured
+    at 0.5 on generated data, results/quality_pooling.json ``iddrop05_t10``: every model loses ~0.09 hit@10 in 8
+    epochs and importance pooling does not pull ahead of mean pooling).
     """
 
     kind: ModelKind = "pinsage"

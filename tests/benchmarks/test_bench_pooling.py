@@ -83,3 +83,27 @@ def test_weight_profile_by_hand() -> None:
     assert prof["first_over_last"][1] == pytest.approx(2.0)  # median of 3 and 1
     assert prof["visits_in_top_t"][1] == pytest.approx(7.0)
     assert weight_profile(indptr, weights, 3)["items"] == 0
+
+
+def test_generated_content_rows_follow_the_tables_item_order() -> None:
+    """Each item's content row is its community's centre plus its own noise (generate --content-dim), in the
+    order of the tables' item ids: rows of items sharing a community lie closer than rows of other items."""
+    tables, info = load("generated", Path("unused"), 6000, content_dim=16)
+    content = info.pop("item_content")
+    _, store, _ = training_inputs(tables, content)
+    assert store.item_content is not None and store.item_content.shape == (store.n_items, 16)
+    # a user's consecutive rows mostly stay in one community (planted sequences, home community), so their
+    # content rows are close; rows in a wrong item order would be as far apart as random pairs
+    items = tables["train"].sort_values(["user", "ts"], kind="stable")
+    a, b = items["item"].to_numpy()[:-1], items["item"].to_numpy()[1:]
+    same_user = items["user"].to_numpy()[:-1] == items["user"].to_numpy()[1:]
+    a, b = a[same_user & (a != b)], b[same_user & (a != b)]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, store.n_items, (2, a.shape[0]))
+    consecutive = np.linalg.norm(content[a] - content[b], axis=1)
+    random = np.linalg.norm(content[x] - content[y], axis=1)
+    assert np.median(consecutive) < 0.75 * np.median(random)  # 0.5-noise rows: sqrt(2*.25*16)=2.8 vs ~6.3
+    with pytest.raises(SystemExit, match="generated only"):
+        load("amazon", Path("unused"), 0, content_dim=16)
+    with pytest.raises(ValueError, match="rows for"):
+        training_inputs(tables, content[:-1])

@@ -87,6 +87,11 @@ class TrainStageConfig:
     lr_warmup_steps: int = field(default=0, metadata={"help": "with --lr-scaling: steps over which the lr rises "
                                                               "linearly from --lr to the scaled lr (gradual "
                                                               "warm-up, Goyal et al. 2017; 0 = none)"})
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "constant, or cosine decay over the run's steps from the (scaled) lr "
+                                              "to lr x --lr-final (a warm-up ramp multiplies the first steps)"})
+    lr_final: float = field(default=0.05, metadata={"help": "with --lr-schedule cosine: the last step's lr as a "
+                                                            "fraction of the lr"})
     optimizer: Literal["auto", "adam", "sgd"] = field(
         default="auto", metadata={"help": "auto: Adam, or plain SGD under DGC (its hook applies the momentum); "
                                           "adam with DGC: error-feedback top-k, the hook's momentum is 0"})
@@ -170,6 +175,9 @@ class TrainStageConfig:
               self.lr_scaling, "scales Adam's betas: use it with Adam (not --optimizer sgd or --compression dgc)")
         check(self.lr_warmup_steps == 0 or self.lr_scaling != "none", "train.lr_warmup_steps",
               self.lr_warmup_steps, "warms up to the scaled lr: add --lr-scaling sqrt or linear, or set it to 0")
+        check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
+              "must be constant or cosine")
+        check(0.0 <= self.lr_final <= 1.0, "train.lr_final", self.lr_final, "must lie in [0, 1] (try 0.05)")
         check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must lie in [0, 1)")
         check(not self.gather_candidates or self.loss == "softmax", "train.gather_candidates",
               self.gather_candidates, "gathers the softmax's candidates: use it with --loss softmax")
@@ -225,7 +233,7 @@ class TrainStageConfig:
         betas, eps = self.adam_betas(world)
         return {"lr": self.lr, "lr_scaling": self.lr_scaling, "world": world,
                 "effective_lr": self.effective_lr(world), "warmup_steps": self.lr_warmup_steps,
-                "adam_betas": list(betas), "adam_eps": eps}
+                "schedule": self.lr_schedule, "lr_final": self.lr_final, "adam_betas": list(betas), "adam_eps": eps}
 
     @property
     def optimizer_kind(self) -> str:
@@ -443,7 +451,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                          num_threads=nthreads, log_every=0, device=device_name, loss=cfg.loss,
                          temperature=cfg.temperature, hard_cap=cfg.hard_cap,
                          warmup_steps=cfg.lr_warmup_steps if lr > cfg.lr else 0, warmup_start=cfg.lr / lr,
-                         adam_betas=betas, adam_eps=eps)
+                         lr_schedule=cfg.lr_schedule, lr_final=cfg.lr_final, adam_betas=betas, adam_eps=eps)
         stepped = _StepBatches(make_batches(sampler, cfg.seed + rank), cfg.steps_per_epoch)
         model: torch.nn.Module = build_model(mc, seed=cfg.seed).to(device_name)
         comm = cfg.comm_config()

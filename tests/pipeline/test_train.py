@@ -386,7 +386,7 @@ def test_report_and_checkpoint_record_the_effective_lr(small_run: Path, dask_cli
                            **SMALL)  # type: ignore[arg-type]
     out = train(run, cfg, dask_client)
     want = {"lr": 1e-3, "lr_scaling": "linear", "world": 2, "effective_lr": 2e-3, "warmup_steps": 2,
-            "adam_betas": [0.9, 0.999], "adam_eps": 1e-8}
+            "schedule": "constant", "lr_final": 0.05, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8}
     assert _report(out)["lr"] == want
     ckpt = load_checkpoint(out.path / "checkpoint.pt")
     assert ckpt.extra["lr"] == want
@@ -394,6 +394,24 @@ def test_report_and_checkpoint_record_the_effective_lr(small_run: Path, dask_cli
         2e-3, 2, 0.5)  # the ramp starts at the unscaled lr
     assert ckpt.optimizer_state is not None
     assert [g["lr"] for g in ckpt.optimizer_state["param_groups"]] == [2e-3]  # past the ramp: the scaled lr
+
+
+def test_cosine_schedule_reaches_the_last_step(small_run: Path, dask_client: Client, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("train", ".train-resume"))
+    cfg = TrainStageConfig(workers=2, epochs=2, steps_per_epoch=3, lr=1e-3, lr_schedule="cosine", lr_final=0.1,
+                           sync="local:2", **SMALL)  # type: ignore[arg-type]
+    out = train(run, cfg, dask_client)
+    assert (_report(out)["lr"]["schedule"], _report(out)["lr"]["lr_final"]) == ("cosine", 0.1)
+    ckpt = load_checkpoint(out.path / "checkpoint.pt")
+    assert (ckpt.train_config["lr_schedule"], ckpt.train_config["lr_final"]) == ("cosine", 0.1)
+    assert ckpt.optimizer_state is not None  # the 6th of 6 steps ran at lr x lr_final
+    groups = ckpt.optimizer_state.get("optimizer", ckpt.optimizer_state)["param_groups"]
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4)]
+    with pytest.raises(ConfigError, match=r"^train\.lr_schedule='step': must be constant or cosine"):
+        TrainStageConfig(lr_schedule="step")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^train\.lr_final=2: must lie in \[0, 1\]"):
+        TrainStageConfig(lr_final=2)
 
 
 def test_local_negatives_come_from_the_pool_only() -> None:

@@ -10,5 +10,5 @@ for c in ${SLOTS:-4 2 1}; do
     --timing-repeats "${REPEATS:-3}" --lr-scaling adam-sqrt --partition random --cache-fraction 1.0 \
     --gather-candidates --run-dir /tmp/bench_dtrain --out "$OUT/dtrain_device.json" \
     --note "lent device machine, idle 16-core CPU, nothing else running" 2>&1 | grep -v "distributed.shuffle" \
-    | tee -a "$OUT/dtrain_device.log" | grep -E '"limit"|Error|error' 
+    | tee -a "$OUT/dtrain_device.log" | grep -E '"limit"|Error|error'
 done

@@ -120,7 +120,8 @@ class TrainStageConfig:
     presample_batches: int = field(default=16, metadata={"help": "batches of the importance pre-sampling pass"})
     compression: Literal["none", "fp16", "bf16", "powersgd", "dgc"] = field(
         default="none", metadata={"help": "gradient compression"})
-    sync: str = field(default="allreduce", metadata={"help": "allreduce | local:H | hierarchical:G@P,...,all@P"})
+    sync: str = field(default="allreduce", metadata={"help": "allreduce | local:H | hierarchical:G@P,...,all@P "
+                                                           "(first level may be G@grad)"})
     sync_warmup_steps: int = field(default=0, metadata={"help": "global all-reduce steps before local averaging"})
     sync_weighting: Literal["uniform", "touched"] = field(
         default="uniform", metadata={"help": "averaging rounds: plain mean, or each matrix row (an item's embedding) "
@@ -130,6 +131,8 @@ class TrainStageConfig:
     sync_lr_scale: float = field(
         default=1.0, metadata={"help": "factor on the lr of the local steps between averaging rounds (after the "
                                        "warm-up)"})
+    sync_outer_momentum: float = field(
+        default=0.0, metadata={"help": "slow momentum of the global averaging rounds (SlowMo; 0: plain averaging)"})
     dgc_sparsity: float = field(default=0.999, metadata={"help": "DGC final sparsity"})
     dgc_warmup: str = field(default="0.75,0.9375,0.984375,0.996",
                             metadata={"help": "DGC warm-up sparsities, one per stage (empty: none)"})
@@ -209,7 +212,7 @@ class TrainStageConfig:
                         warmup_stage_length=self.dgc_warmup_stage_length)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
-                          sync_lr_scale=self.sync_lr_scale, dgc=dgc)
+                          sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)
 
     def effective_lr(self, world: int | None = None) -> float:
         """The learning rate a run of ``world`` ranks (default ``workers``) trains at after any warm-up:

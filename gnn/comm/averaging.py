@@ -19,6 +19,13 @@ well as on the model (local Adam with synchronised moments, as in the local adap
 "Toward communication efficient adaptive gradient method", and Wang et al. 2021, "Local adaptivity in federated
 learning"); it costs the state's bytes on top of the model's (Adam: three times a round).
 
+``outer_momentum=β > 0`` turns each global round (the last level) into a step of an outer optimizer, as in SlowMo
+(Wang et al., ICLR 2020) with its slow learning rate 1: with ``x̄`` the replicas' mean and ``a`` the weights after the
+previous global round (the anchor), ``u ← β·u + (a − x̄)``, ``a ← a − u``, and every replica continues from ``a``.
+β = 0 is plain averaging. Averaged local Adam steps move the weights less than dense steps do (the replicas' noisy
+directions cancel); the slow momentum carries the direction they agree on across rounds. It needs no extra traffic:
+every replica computes the same update from the same mean. Parameters only; buffers are averaged as before.
+
     averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps)
     optimizer = AveragingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), averager, model)
 """
@@ -47,7 +54,9 @@ class ModelAverager:
 
     Step ``s`` (1-based, counted by :meth:`step`) does nothing while ``s <= warmup_steps`` (gradients are then
     all-reduced by the communication hook); afterwards, with ``t = s - warmup_steps``, the level with the largest
-    period dividing ``t`` averages within its groups (consecutive ranks ``[j·g, (j+1)·g)``), if any.
+    period dividing ``t`` averages within its groups (consecutive ranks ``[j·g, (j+1)·g)``), if any. A gradient
+    level (``G@grad``, the first) never averages models: it only builds the group in which the hook all-reduces
+    gradients after the warm-up (:attr:`gradient_group`).
 
     Args:
         levels: averaging levels, group sizes nesting, last one covering every rank (``group_size`` None or world).
@@ -59,11 +68,18 @@ class ModelAverager:
             backward, as :class:`AveragingOptimizer` does).
         optimizer_state: also average the optimizer's per-parameter state tensors in each round (plain mean;
             pass the optimizer to :meth:`step`, as :class:`AveragingOptimizer` does; default False).
+        outer_momentum: slow momentum β of the global rounds, in [0, 1) (default 0: plain averaging); the anchor
+            is taken by :meth:`before_step` (:class:`AveragingOptimizer` calls it) before the first local step.
     """
 
     def __init__(self, levels: Sequence[SyncLevel], *, warmup_steps: int = 0,
                  process_group: dist.ProcessGroup | None = None, traffic: TrafficAccount | None = None,
-                 weighting: str = "uniform", optimizer_state: bool = False) -> None:
+                 weighting: str = "uniform", optimizer_state: bool = False, outer_momentum: float = 0.0) -> None:
+        if not 0.0 <= outer_momentum < 1.0:
+            raise ValueError(f"--sync-outer-momentum {outer_momentum} must be in [0, 1) (0: plain averaging)")
+        self.outer_momentum = float(outer_momentum)
+        self.anchor: list[torch.Tensor] | None = None  # weights after the last global round (outer momentum)
+        self.velocity: list[torch.Tensor] | None = None
         if not levels:
             raise ValueError("levels must not be empty; give at least one SyncLevel (e.g. local:16)")
         if weighting not in SYNC_WEIGHTINGS:
@@ -108,6 +124,11 @@ class ModelAverager:
             self.groups.append(mine)
 
     @property
+    def gradient_group(self) -> dist.ProcessGroup | None:
+        """The group whose ranks all-reduce gradients every step after the warm-up (a ``G@grad`` level), or None."""
+        return self.groups[0][0] if self.levels[0].gradients else None
+
+    @property
     def in_warmup(self) -> bool:
         """True while the step in progress is a global gradient all-reduce step."""
         return self.step_count < self.warmup_steps
@@ -118,7 +139,7 @@ class ModelAverager:
         if t <= 0:
             return None
         for i in reversed(range(len(self.levels))):
-            if t % self.levels[i].period == 0:
+            if t % self.levels[i].period == 0 and not self.levels[i].gradients:
                 return i
         return None
 
@@ -134,6 +155,24 @@ class ModelAverager:
             for masks in self.touched:
                 seen = masks.get(p)
                 masks[p] = rows if seen is None else seen | rows
+
+    def before_step(self, model: torch.nn.Module) -> None:
+        """Call before each optimizer step: with outer momentum, the first step after the warm-up takes the anchor
+        (the replicas are identical then: the warm-up all-reduced their gradients, or DDP broadcast the start)."""
+        if self.outer_momentum and self.anchor is None and not self.in_warmup:
+            params = list(_module_of(model).parameters())
+            self.anchor = [p.detach().clone() for p in params]
+            self.velocity = [torch.zeros_like(p) for p in params]
+
+    def _outer_step(self, module: torch.nn.Module) -> None:
+        """Replace the just-averaged parameters by the slow-momentum step from the anchor (see the module doc)."""
+        if self.anchor is None or self.velocity is None:
+            raise RuntimeError("ModelAverager(outer_momentum > 0) has no anchor: call before_step(model) before each "
+                               "optimizer step, or wrap the optimizer in AveragingOptimizer")
+        for p, a, u in zip(module.parameters(), self.anchor, self.velocity, strict=True):
+            u.mul_(self.outer_momentum).add_(a - p.data)
+            a.sub_(u)
+            p.data.copy_(a)
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int | None:
         """Count one optimizer step and average if a level is due; returns the level index averaged, if any.
@@ -181,6 +220,8 @@ class ModelAverager:
         for t in others:  # e.g. BatchNorm's num_batches_tracked: take the group leader's
             dist.broadcast(t, src=members[0], group=group)
             payload += t.numel() * t.element_size()
+        if self.outer_momentum and level == len(self.levels) - 1:
+            self._outer_step(module)
         self.traffic.record_sync(level=self.levels[level].label, payload_bytes=payload)
 
     def _average_touched(self, p: torch.Tensor, mine: torch.Tensor | None, group: dist.ProcessGroup,
@@ -208,14 +249,21 @@ class ModelAverager:
         return (counts.numel() + values.numel() + untouched.numel()) * p.element_size()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count}
+        out: dict[str, Any] = {"step_count": self.step_count}
+        if self.anchor is not None and self.velocity is not None:
+            out["outer"] = {"anchor": [a.clone() for a in self.anchor], "velocity": [u.clone() for u in self.velocity]}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
+        outer = state.get("outer")
+        self.anchor = None if outer is None else [a.clone() for a in outer["anchor"]]
+        self.velocity = None if outer is None else [u.clone() for u in outer["velocity"]]
 
     def __repr__(self) -> str:
         levels = ", ".join(lv.label for lv in self.levels)
-        return f"ModelAverager(levels=[{levels}], warmup={self.warmup_steps}, step={self.step_count})"
+        outer = f", outer_momentum={self.outer_momentum}" if self.outer_momentum else ""
+        return f"ModelAverager(levels=[{levels}], warmup={self.warmup_steps}, step={self.step_count}{outer})"
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -266,6 +314,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.state = optimizer.state  # the same dict: the wrapped optimizer keeps its momentum buffers
 
     def step(self, closure: Any = None) -> Any:
+        self.averager.before_step(self.model)
         self.averager.record_touched(self.model)
         if self.lr_scale == 1.0 or self.averager.in_warmup:  # warm-up steps are all-reduced dense steps
             loss = self.optimizer.step(closure)

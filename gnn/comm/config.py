@@ -4,7 +4,10 @@
 Hierarchical spec: comma-separated ``group_size@period`` levels with strictly increasing group sizes (each dividing
 the next) and strictly increasing periods; the last level must cover every rank (``all@P``, or the world size,
 checked when the process group exists). ``hierarchical:2@4,all@16``: groups of 2 average every 4 steps, everyone
-every 16 (the larger level wins when both divide a step).
+every 16 (the larger level wins when both divide a step). The first level may instead read ``G@grad``: groups of G
+all-reduce their *gradients* every step (synchronous data parallelism inside a group, as PyTorch's
+``post_localSGD_hook`` does within its subgroup), and the levels after it average models: ``hierarchical:2@grad,all@4``
+trains pairs of ranks as one synchronous replica each and averages the pairs every 4 steps.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ DGC_WARMUP_DEFAULT = (0.75, 0.9375, 0.984375, 0.996)  # Lin et al. 2018, then `s
 
 @dataclass(frozen=True)
 class SyncLevel:
-    """One model-averaging level: ranks in consecutive blocks of ``group_size`` (``None`` = all ranks) average
-    parameters and buffers every ``period`` local steps."""
+    """One synchronisation level: ranks in consecutive blocks of ``group_size`` (``None`` = all ranks) average
+    parameters and buffers every ``period`` local steps; with ``gradients`` (first level only, period 1) they
+    all-reduce gradients every step instead, before the optimizer step."""
 
     group_size: int | None
     period: int
+    gradients: bool = False
 
     @property
     def label(self) -> str:
-        return f"{'all' if self.group_size is None else f'group{self.group_size}'}@{self.period}"
+        return f"{'all' if self.group_size is None else f'group{self.group_size}'}@{self.spec_period}"
+
+    @property
+    def spec_period(self) -> str:
+        """``grad`` for a gradient level, else the period: the text after ``@`` in a ``--sync`` spec."""
+        return "grad" if self.gradients else str(self.period)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,8 @@ class CommConfig:
         sync_lr_scale: factor on the learning rate of the local steps of local/hierarchical averaging, after the
             warm-up (default 1.0). An averaged local Adam step is normalised by each replica's own batch's second
             moment, larger than that of the all-reduced mean gradient, so it moves less than one dense step.
+        sync_outer_momentum: slow momentum β of the global averaging rounds (SlowMo, Wang et al. 2020; default 0:
+            plain averaging; see gnn/comm/averaging.py).
         powersgd_rank: PowerSGD matrix approximation rank (default 2).
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts; must be > 1 (default 10).
         dgc: DGC settings (used when ``compression == "dgc"``).
@@ -148,6 +160,7 @@ class CommConfig:
     sync_weighting: str = "uniform"
     sync_optimizer_state: bool = False
     sync_lr_scale: float = 1.0
+    sync_outer_momentum: float = 0.0
     powersgd_rank: int = 2
     powersgd_start_iter: int = 10
     dgc: DGCConfig = field(default_factory=DGCConfig)
@@ -180,6 +193,11 @@ class CommConfig:
         if self.sync_lr_scale != 1.0 and self.sync == "allreduce":
             raise ValueError("--sync-lr-scale scales the local steps between averaging rounds; it needs --sync "
                              "local:H or hierarchical:..., not allreduce")
+        if not 0.0 <= self.sync_outer_momentum < 1.0:
+            raise ValueError(f"--sync-outer-momentum {self.sync_outer_momentum} must be in [0, 1) (0: plain averaging)")
+        if self.sync_outer_momentum and self.sync == "allreduce":
+            raise ValueError("--sync-outer-momentum applies to model averaging rounds; it needs --sync local:H or "
+                             "hierarchical:..., not allreduce")
         if self.powersgd_rank < 1:
             raise ValueError(f"--powersgd-rank {self.powersgd_rank} must be >= 1")
         if self.powersgd_start_iter <= 1:
@@ -194,7 +212,7 @@ class CommConfig:
         if self.sync == "local":
             return f"local:{self.sync_levels[0].period}"
         return "hierarchical:" + ",".join(
-            f"{'all' if lv.group_size is None else lv.group_size}@{lv.period}" for lv in self.sync_levels)
+            f"{'all' if lv.group_size is None else lv.group_size}@{lv.spec_period}" for lv in self.sync_levels)
 
     @property
     def uses_ddp_allreduce(self) -> bool:
@@ -227,6 +245,10 @@ def _check_levels(kind: str, levels: tuple[SyncLevel, ...]) -> None:
     if levels[-1].group_size is not None and kind == "local":
         raise ValueError("--sync local:H must average all ranks")
     for i, level in enumerate(levels):
+        misplaced = kind != "hierarchical" or i != 0 or level.group_size is None or len(levels) < 2
+        if level.gradients and (misplaced or level.period != 1):
+            raise ValueError(f"--sync {kind}: a gradient level G@grad must be the first of at least two levels, "
+                             "with a group size (e.g. hierarchical:2@grad,all@4); all@grad is --sync allreduce")
         if level.period < 1:
             raise ValueError(f"--sync {kind}: period {level.period} of level {i + 1} must be >= 1")
         if level.group_size is not None and level.group_size < 2:
@@ -243,10 +265,12 @@ def _check_levels(kind: str, levels: tuple[SyncLevel, ...]) -> None:
 
 
 def parse_sync(spec: str) -> tuple[str, tuple[SyncLevel, ...]]:
-    """Parse ``allreduce``, ``local:H`` or ``hierarchical:G@P,...,all@P`` into a sync kind and its levels.
+    """Parse ``allreduce``, ``local:H`` or ``hierarchical:G@P,...,all@P`` (the first level may be ``G@grad``) into
+    a sync kind and its levels.
 
-    >>> parse_sync("hierarchical:2@4,all@16")
-    ('hierarchical', (SyncLevel(group_size=2, period=4), SyncLevel(group_size=None, period=16)))
+    >>> kind, levels = parse_sync("hierarchical:2@grad,all@16")
+    >>> kind, [level.label for level in levels]
+    ('hierarchical', ['group2@grad', 'all@16'])
     """
     text = spec.strip()
     kind, _, rest = text.partition(":")
@@ -260,9 +284,11 @@ def parse_sync(spec: str) -> tuple[str, tuple[SyncLevel, ...]]:
         levels = []
         for item in rest.split(","):
             size, at, period = item.strip().partition("@")
-            if not at or not period.isdigit() or not (size.isdigit() or size == "all"):
-                raise ValueError(f"--sync {spec!r}: level {item!r} must read GROUP@PERIOD (e.g. 2@4 or all@16)")
-            levels.append(SyncLevel(None if size == "all" else int(size), int(period)))
+            if not at or not (period.isdigit() or period == "grad") or not (size.isdigit() or size == "all"):
+                raise ValueError(f"--sync {spec!r}: level {item!r} must read GROUP@PERIOD (e.g. 2@4 or all@16) "
+                                 "or, first, GROUP@grad")
+            grads = period == "grad"
+            levels.append(SyncLevel(None if size == "all" else int(size), 1 if grads else int(period), grads))
         return "hierarchical", tuple(levels)
     raise ValueError(f"--sync {spec!r}: use allreduce, local:H or hierarchical:G@P,...,all@P")
 
@@ -280,7 +306,9 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     d, dg = CommConfig(), DGCConfig()
     group = parser.add_argument_group("gradient communication")
     group.add_argument("--compression", default=d.compression, choices=COMPRESSIONS)
-    group.add_argument("--sync", default="allreduce", help="allreduce | local:H | hierarchical:G@P,...,all@P")
+    group.add_argument("--sync", default="allreduce",
+                       help="allreduce | local:H | hierarchical:G@P,...,all@P (the first level may be G@grad: "
+                       "gradient all-reduce in groups of G at every step)")
     group.add_argument("--sync-warmup-steps", type=int, default=d.sync_warmup_steps)
     group.add_argument("--sync-weighting", default=d.sync_weighting, choices=SYNC_WEIGHTINGS,
                        help="averaging rounds: plain mean, or each matrix row over the replicas that touched it")
@@ -288,6 +316,8 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="averaging rounds also average the optimizer state (Adam's moments, SGD's momentum)")
     group.add_argument("--sync-lr-scale", type=float, default=d.sync_lr_scale,
                        help="factor on the lr of the local steps between averaging rounds (after the warm-up)")
+    group.add_argument("--sync-outer-momentum", type=float, default=d.sync_outer_momentum,
+                       help="slow momentum of the global averaging rounds (SlowMo; 0: plain averaging)")
     group.add_argument("--powersgd-rank", type=int, default=d.powersgd_rank)
     group.add_argument("--powersgd-start-iter", type=int, default=d.powersgd_start_iter)
     group.add_argument("--dgc-sparsity", type=float, default=dg.sparsity)
@@ -312,7 +342,7 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,
-                      powersgd_rank=args.powersgd_rank,
+                      sync_outer_momentum=args.sync_outer_momentum, powersgd_rank=args.powersgd_rank,
                       powersgd_start_iter=args.powersgd_start_iter, dgc=dgc)
 
 

@@ -7,7 +7,8 @@
 
 Design of local/hierarchical sync: the model stays wrapped in DDP (one code path for the trainer), but the hook
 registered here all-reduces gradients only during ``sync_warmup_steps`` and afterwards returns the local gradient
-untouched, without any communication (DDP's per-step all-reduce is off); the wrapped optimizer then averages
+untouched, without any communication (DDP's per-step all-reduce is off), or, under a ``G@grad`` level, all-reduced
+within the rank's group of G only; the wrapped optimizer then averages
 parameters and buffers on the configured schedule. Build the DDP model with ``ddp_wrap(module, sync_buffers=False)``
 then (``forward_sync_buffers=False``; ``broadcast_buffers=False`` before torch 2.13), or DDP would broadcast rank 0's
 buffers at every forward.
@@ -103,7 +104,8 @@ def powersgd_counting_hook(state: _HookState, bucket: dist.GradBucket) -> Future
 
 @ddp_hook
 def local_sgd_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.Tensor]:
-    """All-reduce during the averager's warm-up, then no communication at all (local steps)."""
+    """All-reduce during the averager's warm-up, then no communication at all (local steps), or an all-reduce
+    within the rank's group under a ``G@grad`` level (the group's ranks step as one synchronous replica)."""
     averager = state.averager
     if averager is None:
         raise ValueError("local_sgd_hook needs a ModelAverager in state.averager")
@@ -112,6 +114,10 @@ def local_sgd_hook(state: _HookState, bucket: dist.GradBucket) -> Future[torch.T
     if averager.in_warmup:
         _close(state, bucket, dense=dense, sent=dense)
         return default_hooks.allreduce_hook(state.process_group, bucket)  # type: ignore[arg-type]
+    group = averager.gradient_group
+    if group is not None:
+        _close(state, bucket, dense=dense, sent=dense)
+        return default_hooks.allreduce_hook(group, bucket)
     _close(state, bucket, dense=dense, sent=0)
     future: Future[torch.Tensor] = torch.futures.Future()
     future.set_result(buf)
@@ -227,7 +233,8 @@ def setup_communication(ddp_model: torch.nn.parallel.DistributedDataParallel, co
         session.averager = ModelAverager(config.sync_levels, warmup_steps=config.sync_warmup_steps,
                                          process_group=process_group, traffic=traffic,
                                          weighting=config.sync_weighting,
-                                         optimizer_state=config.sync_optimizer_state)
+                                         optimizer_state=config.sync_optimizer_state,
+                                         outer_momentum=config.sync_outer_momentum)
         ddp_model.register_comm_hook(_HookState(process_group, traffic, averager=session.averager),
                                      local_sgd_hook)
     elif config.compression == "dgc":

@@ -6,6 +6,7 @@ Model, per step and per worker, link bandwidth ``b`` bytes/s (full duplex), late
   dense / fp16 / bf16 / PowerSGD:                all-reduce of what the hook sends
   DGC:                                           all-gather of the sparse values+indices + all-reduce of dim≤1 tensors
   local:H / hierarchical:                        model all-reduce in the level's group, times the level's frequency
+                                                 (a G@grad level: a gradient all-reduce in groups of G every step)
   step time = compute + codec overhead + communication (no compute/communication overlap: an upper bound).
 """
 
@@ -35,12 +36,13 @@ def ring_allgather_seconds(payload_bytes: float, workers: int, *, bandwidth: flo
 
 
 def level_frequencies(levels: Sequence[SyncLevel]) -> list[float]:
-    """Share of steps at which each level is the one that averages (the largest dividing period wins)."""
+    """Share of steps at which each level is the one that averages (the largest dividing period wins); a gradient
+    level (``G@grad``) communicates at every step, beside the others: share 1."""
     horizon = math.lcm(*(lv.period for lv in levels))
-    counts = [0] * len(levels)
+    counts = [horizon if lv.gradients else 0 for lv in levels]
     for t in range(1, horizon + 1):
         for i in reversed(range(len(levels))):
-            if t % levels[i].period == 0:
+            if t % levels[i].period == 0 and not levels[i].gradients:
                 counts[i] += 1
                 break
     return [c / horizon for c in counts]

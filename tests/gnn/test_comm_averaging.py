@@ -54,7 +54,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]
 
 def both_schedules(rank: int, world: int) -> dict[str, Any]:
     return {"local": averaging_worker(rank, world, "local:3", 2, 8),
-            "hierarchical": averaging_worker(rank, world, "hierarchical:2@2,all@4", 0, 6)}
+            "hierarchical": averaging_worker(rank, world, "hierarchical:2@2,all@4", 0, 6),
+            "pairs": averaging_worker(rank, world, "hierarchical:2@grad,all@4", 1, 7)}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,30 @@ def test_hierarchical_averages_within_groups_then_everyone(gloo_four: list[dict[
             assert not same(hist[0][step], hist[1][step]) and not across_equal
     assert results[0]["stats"]["sync_rounds"] == {"group2@2": 2, "all@4": 1}
     assert results[3]["stats"]["total_sent_bytes"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_gradient_level_trains_each_group_as_one_synchronous_replica(gloo_four: list[dict[str, Any]]) -> None:
+    results = [r["pairs"] for r in gloo_four]
+    hist = [r["history"] for r in results]
+    params = [n for n, _ in bn_model().named_parameters()]
+    for step in range(7):
+        s = step + 1  # step 1 is the warm-up (global all-reduce); then pairs all-reduce gradients, all@4 at s = 5
+        pairs_equal = same(hist[0][step], hist[1][step], params) and same(hist[2][step], hist[3][step], params)
+        across_equal = same(hist[0][step], hist[2][step], params)
+        assert pairs_equal  # every step: each pair steps on the pair's mean gradient
+        if s in (1, 5):
+            assert across_equal
+        else:
+            assert not across_equal
+        if s == 5:  # the global round averages the buffers too (BatchNorm's running stats differ inside a pair)
+            assert all(same(hist[0][step], h[step]) for h in hist)
+        else:
+            assert not same(hist[0][step], hist[1][step])
+    stats = results[0]["stats"]
+    assert stats["sync_rounds"] == {"all@4": 1}
+    assert stats["config"]["sync_spec"] == "hierarchical:2@grad,all@4"
+    assert stats["total_sent_bytes"] == 7 * stats["last_step_dense_bytes"]  # warm-up + 6 pair all-reduces
 
 
 def touched_worker(rank: int, world: int, weighting: str) -> dict[str, Any]:
@@ -299,3 +324,50 @@ def test_sync_lr_scale_needs_local_averaging() -> None:
         parse_comm("none", "allreduce", sync_lr_scale=2.0)
     with pytest.raises(ValueError, match=r"--sync-lr-scale 0\.0 must be > 0"):
         parse_comm("none", "local:2", sync_lr_scale=0.0)
+
+
+def outer_momentum_worker(rank: int, world: int, beta: float) -> dict[str, Any]:
+    """local:2 after 1 warm-up step, SGD lr 0.1 on sum(w·x): each rank's gradient is its constant x."""
+    torch.manual_seed(0)
+    model = ddp_wrap(torch.nn.Linear(3, 1, bias=False), sync_buffers=False)
+    session = setup_communication(model, parse_comm("none", "local:2", sync_warmup_steps=1,
+                                                    sync_outer_momentum=beta))
+    optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.tensor([[1.0 + rank, 2.0, -1.0]])
+    weights = [model.module.weight.detach().clone()]
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+        weights.append(model.module.weight.detach().clone())
+    return {"weights": weights, "state": optimizer.state_dict()["averager"], "stats": session.stats()}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_outer_momentum_steps_from_the_anchor_with_slow_momentum(beta: float) -> None:
+    results = run_gloo(outer_momentum_worker, world_size=2, args=(beta,))
+    xbar = torch.tensor([[1.5, 2.0, -1.0]])
+    w = results[0]["weights"]
+    assert torch.allclose(w[1], w[0] - 0.1 * xbar)  # the warm-up step; the anchor is taken after it
+    # round 1 (step 3): mean = w1 - 0.2·x̄, u = 0.2·x̄: the plain mean whatever beta
+    assert torch.allclose(w[3], w[1] - 0.2 * xbar)
+    # round 2 (step 5): mean = w3 - 0.2·x̄, u = beta·0.2·x̄ + 0.2·x̄
+    assert torch.allclose(w[5], w[3] - (0.2 + beta * 0.2) * xbar)
+    for r in results:
+        assert torch.equal(r["weights"][3], w[3]) and torch.equal(r["weights"][5], w[5])
+    assert not torch.allclose(results[0]["weights"][4], results[1]["weights"][4])  # local step in between
+    state = results[0]["state"]
+    assert results[0]["stats"]["config"]["sync_outer_momentum"] == beta
+    if beta:  # the anchor (resumable) is the weights after the last global round
+        assert torch.equal(state["outer"]["anchor"][0], w[5])
+        assert torch.allclose(state["outer"]["velocity"][0], (0.2 + beta * 0.2) * xbar)
+    else:
+        assert "outer" not in state
+
+
+def test_outer_momentum_needs_model_averaging() -> None:
+    with pytest.raises(ValueError, match="--sync-outer-momentum applies to model averaging rounds"):
+        parse_comm("none", "allreduce", sync_outer_momentum=0.5)
+    with pytest.raises(ValueError, match=r"--sync-outer-momentum 1\.0 must be in \[0, 1\)"):
+        parse_comm("none", "local:2", sync_outer_momentum=1.0)

@@ -17,6 +17,15 @@ def test_parse_sync_forms() -> None:
     assert parse_sync("local:16") == ("local", (SyncLevel(None, 16),))
     assert parse_sync("hierarchical:2@4,4@8,all@16") == (
         "hierarchical", (SyncLevel(2, 4), SyncLevel(4, 8), SyncLevel(None, 16)))
+    kind, levels = parse_sync("hierarchical:2@grad,all@4")
+    assert (kind, levels) == ("hierarchical", (SyncLevel(2, 1, gradients=True), SyncLevel(None, 4)))
+    config = parse_comm("none", "hierarchical:2@grad,all@4")
+    assert config.sync_spec == "hierarchical:2@grad,all@4"
+    assert [lv.label for lv in levels] == ["group2@grad", "all@4"]
+    assert CommConfig.from_dict(config.to_dict()) == config
+    old = config.to_dict()  # a checkpoint written before gradient levels existed has no "gradients" key
+    old["sync_levels"] = [{"group_size": 2, "period": 4}, {"group_size": None, "period": 8}]
+    assert CommConfig.from_dict(old).sync_levels == (SyncLevel(2, 4), SyncLevel(None, 8))
 
 
 @pytest.mark.parametrize(("compression", "sync", "fragment"), [
@@ -28,6 +37,11 @@ def test_parse_sync_forms() -> None:
     ("none", "hierarchical:3@2,4@4,all@8", "must be a larger multiple of 3"),
     ("none", "hierarchical:all@4,2@8", "'all' may only be the last level"),
     ("none", "hierarchical:1@2,all@4", "group size 1"),
+    ("none", "hierarchical:2@4,4@grad,all@8", "must be the first of at least two levels"),
+    ("none", "hierarchical:2@grad", "must be the first of at least two levels"),
+    ("none", "hierarchical:all@grad,all@4", "all@grad is --sync allreduce"),
+    ("none", "hierarchical:2@grad,all@1", "periods must increase (1 then 1)"),
+    ("none", "local:grad", "local needs a positive period"),
     ("none", "ring", "--sync 'ring'"),
     ("dgc", "local:4", "cannot be combined with --sync local:4"),
 ])
@@ -145,6 +159,11 @@ def test_projection_formulas() -> None:
     hier = StepTraffic(model_bytes=1e9, levels=levels)
     expected = 3 / 16 * 1.0 + 1 / 16 * 2 * 7 / 8
     assert abs(communication_seconds(hier, 8, bandwidth=bw) - expected) < 1e-12
+    grads = (SyncLevel(2, 1, gradients=True), SyncLevel(None, 4))  # pairs all-reduce gradients at every step
+    assert level_frequencies(grads) == [1.0, 1 / 4]
+    pairs = StepTraffic(model_bytes=1e9, levels=grads)
+    expected = 1.0 * 2 * 1 / 2 + 1 / 4 * 2 * 7 / 8
+    assert abs(communication_seconds(pairs, 8, bandwidth=bw) - expected) < 1e-12
 
 
 def test_dgc_state_round_trips_residuals_by_name() -> None:

@@ -53,6 +53,12 @@ from pipeline.partition import PartitionConfig, run_partition  # noqa: E402
 from pipeline.rundir import write_json_atomic  # noqa: E402
 from pipeline.train import TrainStageConfig, train  # noqa: E402
 
+
+def _hier_w4_rand(sync: str, **extra: Any) -> dict[str, Any]:
+    """A 4-worker averaging mode on hash shards after a 1-epoch dense warm-up (the none_w4_rand pair)."""
+    return {"workers": 4, "sync": sync, "sync_warmup_epochs": 1.0, "partition": "random", **extra}
+
+
 MODES: dict[str, dict[str, Any]] = {
     "none": {},
     "fp16": {"compression": "fp16"},
@@ -90,59 +96,45 @@ MODES: dict[str, dict[str, Any]] = {
     # the 4-worker pair on hash shards, where local:2 came within 2 % (local2_wu1_rand): a group of 2 then averages
     # two uniform samples of the pairs, not two neighbouring communities
     "none_w4_rand": {"workers": 4, "partition": "random"},
-    "hierarchical_w4_rand": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                             "partition": "random"},
+    "hierarchical_w4_rand": _hier_w4_rand("hierarchical:2@2,all@8"),
     # shorter periods on the same shards: pairs every 2 steps and everyone every 4 (4x fewer global rounds), and
     # pairs every step with everyone every 2
-    "hierarchical_w4_rand_p24": {"workers": 4, "sync": "hierarchical:2@2,all@4", "sync_warmup_epochs": 1.0,
-                                 "partition": "random"},
-    "hierarchical_w4_rand_p12": {"workers": 4, "sync": "hierarchical:2@1,all@2", "sync_warmup_epochs": 1.0,
-                                 "partition": "random"},
+    "hierarchical_w4_rand_p24": _hier_w4_rand("hierarchical:2@2,all@4"),
+    "hierarchical_w4_rand_p12": _hier_w4_rand("hierarchical:2@1,all@2"),
     # each item row averaged over the ranks that touched it: plain averaging divides a row trained on one rank of a
     # group of G by G, which an all-reduce + Adam step does not (gnn/comm/README.md, touched-row weighting)
-    "hierarchical_w4_rand_touched": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                     "partition": "random", "sync_weighting": "touched"},
+    "hierarchical_w4_rand_touched": _hier_w4_rand("hierarchical:2@2,all@8", sync_weighting="touched"),
     # twice the learning rate (sqrt of the 4 replicas a global round mixes): does averaging 4 local Adam steps, each
     # normalised by its own batch's noisier second moment, just take shorter steps than one Adam step on the mean?
     # The dense run at the same lr says whether the higher lr alone helps.
-    "hierarchical_w4_rand_lr2": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                 "partition": "random", "lr": 6e-3},
+    "hierarchical_w4_rand_lr2": _hier_w4_rand("hierarchical:2@2,all@8", lr=6e-3),
     "none_w4_rand_lr2": {"workers": 4, "partition": "random", "lr": 6e-3},
     # the same idea without touching the dense warm-up: only the local steps between rounds take 2x (sqrt of the 4
     # replicas) or sqrt(2)x the lr (--sync-lr-scale)
-    "hierarchical_w4_rand_llr2": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                  "partition": "random", "sync_lr_scale": 2.0},
-    "hierarchical_w4_rand_llr14": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                   "partition": "random", "sync_lr_scale": 1.414},
-    "hierarchical_w4_rand_llr3": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                  "partition": "random", "sync_lr_scale": 3.0},
+    "hierarchical_w4_rand_llr2": _hier_w4_rand("hierarchical:2@2,all@8", sync_lr_scale=2.0),
+    "hierarchical_w4_rand_llr14": _hier_w4_rand("hierarchical:2@2,all@8", sync_lr_scale=1.414),
+    "hierarchical_w4_rand_llr3": _hier_w4_rand("hierarchical:2@2,all@8", sync_lr_scale=3.0),
     # x2 with the replicas' Adam moments averaged in each round as well (does the shared preconditioner tame the
     # spread across seeds that the larger local steps bring?)
-    "hierarchical_w4_rand_llr2_ostate": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                         "partition": "random", "sync_lr_scale": 2.0, "sync_optimizer_state": True},
+    "hierarchical_w4_rand_llr2_ostate": _hier_w4_rand("hierarchical:2@2,all@8", sync_lr_scale=2.0,
+                                                      sync_optimizer_state=True),
     # with the lr decaying to 5 % over the run (--lr-schedule cosine) for both: at a constant lr the replicas'
     # local steps keep their noise to the end (at 10 epochs hierarchical x1 / x2 lost 10-13 % on seed 0), post-local
     # SGD (Lin et al. 2020) decays the lr
     "none_w4_rand_cos": {"workers": 4, "partition": "random", "lr_schedule": "cosine"},
-    "hierarchical_w4_rand_cos": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                 "partition": "random", "lr_schedule": "cosine"},
-    "hierarchical_w4_rand_llr2_cos": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                      "partition": "random", "sync_lr_scale": 2.0, "lr_schedule": "cosine"},
+    "hierarchical_w4_rand_cos": _hier_w4_rand("hierarchical:2@2,all@8", lr_schedule="cosine"),
+    "hierarchical_w4_rand_llr2_cos": _hier_w4_rand("hierarchical:2@2,all@8", sync_lr_scale=2.0,
+                                                   lr_schedule="cosine"),
     # pairs all-reduce gradients at every step (one synchronous replica per pair, PyTorch's post-local SGD subgroup)
     # and the two pairs average models every 2, 4 or 8 steps: a global round then mixes 2 replicas, as local:H does
     # on 2 workers (within 2 % on these shards), not 4 (the gap grew with the replicas a round mixes)
-    "hierarchical_w4_rand_g2": {"workers": 4, "sync": "hierarchical:2@grad,all@2", "sync_warmup_epochs": 1.0,
-                                "partition": "random"},
-    "hierarchical_w4_rand_g4": {"workers": 4, "sync": "hierarchical:2@grad,all@4", "sync_warmup_epochs": 1.0,
-                                "partition": "random"},
-    "hierarchical_w4_rand_g8": {"workers": 4, "sync": "hierarchical:2@grad,all@8", "sync_warmup_epochs": 1.0,
-                                "partition": "random"},
+    "hierarchical_w4_rand_g2": _hier_w4_rand("hierarchical:2@grad,all@2"),
+    "hierarchical_w4_rand_g4": _hier_w4_rand("hierarchical:2@grad,all@4"),
+    "hierarchical_w4_rand_g8": _hier_w4_rand("hierarchical:2@grad,all@8"),
     # SlowMo's slow momentum on the global rounds (--sync-outer-momentum 0.5): the replicas' averaged local Adam steps
     # lag the dense run in training loss; the outer momentum carries the direction the rounds agree on
-    "hierarchical_w4_rand_g4_om5": {"workers": 4, "sync": "hierarchical:2@grad,all@4", "sync_warmup_epochs": 1.0,
-                                    "partition": "random", "sync_outer_momentum": 0.5},
-    "hierarchical_w4_rand_om5": {"workers": 4, "sync": "hierarchical:2@2,all@8", "sync_warmup_epochs": 1.0,
-                                 "partition": "random", "sync_outer_momentum": 0.5},
+    "hierarchical_w4_rand_g4_om5": _hier_w4_rand("hierarchical:2@grad,all@4", sync_outer_momentum=0.5),
+    "hierarchical_w4_rand_om5": _hier_w4_rand("hierarchical:2@2,all@8", sync_outer_momentum=0.5),
     # SGD at lr 0.1 barely trains with the sampled-softmax loss (loss 7.0 -> 6.8 in 3 epochs, Adam 4.9): a 10x lr
     "sgd_lr1": {"optimizer": "sgd", "lr": 1.0},
     "dgc_lr1": {"compression": "dgc", "lr": 1.0},

@@ -27,7 +27,9 @@ verifies it from per-step weight digests; each run partitions with its seed firs
 whatever partition of the right size it finds, and rows made before 2026-11-26 03:40 UTC could inherit another
 seed's), so per-seed differences are paired; quality is pooled over the valid and
 test splits; ``paired_gaps`` gives each mode's mean relative gap to its reference with its standard error and 95 %
-t-interval. ``--refold`` recomputes means and gaps from the stored rows.
+t-interval. ``--refold`` recomputes means and gaps from the stored rows, and ``projection_groups``: the 10-epoch
+block's 4-worker averaging modes projected to 8-64 workers in nodes of 2, group levels inside a node at
+``--intra-gbit`` and the rest across the network (gnn/comm/projection.py ``group_bandwidth``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from distributed import Client, LocalCluster  # noqa: E402
 
 from gnn.comm import SyncLevel  # noqa: E402
 from gnn.comm.config import parse_sync  # noqa: E402
-from gnn.comm.projection import StepTraffic, gbit, projected_step_seconds  # noqa: E402
+from gnn.comm.projection import StepTraffic, communication_seconds, gbit, projected_step_seconds  # noqa: E402
 from pipeline.partition import PartitionConfig, run_partition  # noqa: E402
 from pipeline.rundir import write_json_atomic  # noqa: E402
 from pipeline.train import TrainStageConfig, train  # noqa: E402
@@ -271,6 +273,57 @@ def project(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+GROUP_PROJECTION_BLOCK = "epochs=10,steps_per_epoch=0,dgc_stage_steps=2"
+GROUP_PROJECTION_MODES = ("none_w4_rand", "hierarchical_w4_rand", "hierarchical_w4_rand_g2",
+                          "hierarchical_w4_rand_g4", "hierarchical_w4_rand_g8")
+
+
+def project_groups(out: dict[str, Any], intra_gbit: float) -> dict[str, Any]:
+    """Communication seconds per step of the 4-worker averaging modes of the 10-epoch quality block, projected to
+    8-64 workers in nodes of 2 (the modes' group size): group levels inside a node at ``intra_gbit``, the rest
+    across the network at 1/10/100 Gbit/s, and, for comparison, everything at the network's speed. Steady state
+    after the dense warm-up epoch (which costs what dense all-reduce costs); the quality gap beside each mode is
+    the measured one (4 workers, paired seeds). Compute time is left out: 4 workers on 2 cores measure none."""
+    block = out.get("quality_softmax", {}).get(GROUP_PROJECTION_BLOCK)
+    if not block:
+        return {}
+    means, gaps_ = block["means"], block.get("paired_gaps", {})
+    result: dict[str, Any] = {
+        "about": "communication per step of the 4-worker averaging modes projected to 8-64 workers in nodes of 2: "
+                 "two_tier = group levels inside a node at intra_node_gbit, the rest across the network; one_link = "
+                 "every level at the network's speed; steady state after the dense warm-up epoch; hit@10_gap / "
+                 "mrr_gap = the measured paired gaps to 4-worker all-reduce (same block)",
+        "block": GROUP_PROJECTION_BLOCK, "intra_node_gbit": intra_gbit, "workers_per_node": 2,
+        "model": "gnn/comm/projection.py communication_seconds(..., group_bandwidth=intra): ring all-reduce per "
+                 "worker link, no overlap, no latency; milliseconds per step"}
+    dense_ms: dict[str, dict[str, float]] = {}
+    for mode in GROUP_PROJECTION_MODES:
+        if mode not in means:
+            continue
+        m = means[mode]
+        sync = m["settings"].get("sync")
+        traffic = StepTraffic(model_bytes=m["dense_bytes_per_step"], levels=parse_sync(sync)[1]) if sync \
+            else StepTraffic(allreduce_bytes=m["dense_bytes_per_step"])
+        entry: dict[str, Any] = {"sync": sync or "allreduce", "model_bytes": m["dense_bytes_per_step"]}
+        if mode in gaps_:
+            g = gaps_[mode]
+            entry["hit@10_gap"] = {"mean": g["hit@10"]["mean"], "ci95": g["hit@10"]["ci95"], "seeds": g["seeds"]}
+            entry["mrr_gap"] = g["mrr"]["mean"]
+        for tier, group_bw in (("two_tier", gbit(intra_gbit)), ("one_link", None)):
+            entry[tier] = {f"{bw}Gbit": {str(n): round(1000 * communication_seconds(
+                traffic, n, bandwidth=gbit(bw), group_bandwidth=group_bw), 3) for n in (8, 16, 32, 64)}
+                for bw in (1, 10, 100)}
+        if not sync:
+            dense_ms = entry["one_link"]
+        elif dense_ms:
+            entry["speedup_vs_allreduce"] = {tier: {bw: {n: round(dense_ms[bw][n] / max(t, 1e-12), 2)
+                                                         for n, t in by_n.items()}
+                                                    for bw, by_n in entry[tier].items()}
+                                             for tier in ("two_tier", "one_link")}
+        result[mode] = entry
+    return result
+
+
 # (mode, its reference): DGC against dense SGD with momentum (same optimizer), the rest against Adam all-reduce
 REFERENCES = {"dgc": "sgd", "fp16": "none", "powersgd": "none", "local": "none", "hierarchical": "none"}
 QUALITY_KEYS = ("hit@10", "mrr", "f1@10")
@@ -446,8 +499,14 @@ def main() -> int:
     parser.add_argument("--check-steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dsync.json")
     parser.add_argument("--refold", action="store_true",
-                        help="train nothing: recompute the multi_epoch means and gaps from the stored per-seed rows")
+                        help="train nothing: recompute the multi_epoch means and gaps from the stored per-seed rows, "
+                             "and the two-tier projection (projection_groups)")
+    parser.add_argument("--intra-gbit", type=float, default=400.0,
+                        help="projection_groups: bandwidth inside a node, Gbit/s per worker (400: PCIe 5 x16 class; "
+                             "NVLink is faster)")
     args = parser.parse_args()
+    if args.intra_gbit <= 0:
+        parser.error(f"--intra-gbit {args.intra_gbit}: must be > 0 (Gbit/s per worker inside a node)")
     if args.refold:
         out = json.loads(args.out.read_text())
         for block in out.get("multi_epoch", {}).values():
@@ -457,6 +516,7 @@ def main() -> int:
             if key != "pairing_check":
                 block["means"] = {m: mean_row(v) for m, v in block["per_seed"].items()}
                 block["paired_gaps"] = paired_gaps(block["per_seed"])
+        out["projection_groups"] = project_groups(out, args.intra_gbit)
         write_json_atomic(args.out, out, sort_keys=False)
         return 0
     modes = [m for m in args.modes.split(",") if m]
@@ -537,6 +597,7 @@ def main() -> int:
             block["per_seed"].setdefault(r["mode"], {})[str(r["seed"])] = {**r, **stamp}
         block["means"] = {m: mean_row(v) for m, v in block["per_seed"].items()}
         block["paired_gaps"] = paired_gaps(block["per_seed"])
+        out["projection_groups"] = project_groups(out, args.intra_gbit)
     out["machine"] = {"nproc": os.cpu_count(), "platform": platform.platform()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, out, sort_keys=False)

@@ -8,6 +8,12 @@ Model, per step and per worker, link bandwidth ``b`` bytes/s (full duplex), late
   local:H / hierarchical:                        model all-reduce in the level's group, times the level's frequency
                                                  (a G@grad level: a gradient all-reduce in groups of G every step)
   step time = compute + codec overhead + communication (no compute/communication overlap: an upper bound).
+
+Two tiers: a level whose groups are smaller than the cluster (G < N) can run inside a node, over links of
+``group_bandwidth`` (NVLink, PCIe, shared memory) while everything that spans the cluster (dense all-reduce, DGC's
+all-gather, a level over all workers) crosses the slower network at ``bandwidth``. A group is consecutive ranks and
+ranks follow the sorted worker addresses (pipeline/launch.py), so with the same number of workers on every host and G
+dividing it, each group lies inside one node. Without ``group_bandwidth`` every link is equal.
 """
 
 from __future__ import annotations
@@ -64,8 +70,12 @@ class StepTraffic:
     codec_seconds: float = 0.0
 
 
-def communication_seconds(traffic: StepTraffic, workers: int, *, bandwidth: float, latency: float = 0.0) -> float:
-    """Projected communication time per step of ``traffic`` on ``workers`` workers."""
+def communication_seconds(traffic: StepTraffic, workers: int, *, bandwidth: float, latency: float = 0.0,
+                          group_bandwidth: float | None = None) -> float:
+    """Projected communication time per step of ``traffic`` on ``workers`` workers; the all-reduces of a level whose
+    groups are smaller than ``workers`` run at ``group_bandwidth`` (inside a node; default ``bandwidth``)."""
+    if group_bandwidth is not None and group_bandwidth <= 0:
+        raise ValueError(f"group_bandwidth={group_bandwidth} must be > 0 (bytes/s), or None for one link speed")
     seconds = ring_allreduce_seconds(traffic.allreduce_bytes, workers, bandwidth=bandwidth, latency=latency) \
         if traffic.allreduce_bytes else 0.0
     if traffic.allgather_bytes:
@@ -73,16 +83,16 @@ def communication_seconds(traffic: StepTraffic, workers: int, *, bandwidth: floa
     if traffic.levels:
         for level, share in zip(traffic.levels, level_frequencies(traffic.levels), strict=True):
             group = workers if level.group_size is None else min(level.group_size, workers)
-            seconds += share * ring_allreduce_seconds(traffic.model_bytes, group, bandwidth=bandwidth,
-                                                      latency=latency)
+            link = group_bandwidth if group_bandwidth is not None and group < workers else bandwidth
+            seconds += share * ring_allreduce_seconds(traffic.model_bytes, group, bandwidth=link, latency=latency)
     return seconds
 
 
 def projected_step_seconds(traffic: StepTraffic, workers: int, *, compute_seconds: float, bandwidth: float,
-                           latency: float = 0.0) -> float:
+                           latency: float = 0.0, group_bandwidth: float | None = None) -> float:
     """Compute + codec overhead + projected communication, per step (no overlap)."""
     return compute_seconds + traffic.codec_seconds + communication_seconds(
-        traffic, workers, bandwidth=bandwidth, latency=latency)
+        traffic, workers, bandwidth=bandwidth, latency=latency, group_bandwidth=group_bandwidth)
 
 
 def gbit(gbit_per_s: float) -> float:

@@ -164,6 +164,18 @@ def test_projection_formulas() -> None:
     pairs = StepTraffic(model_bytes=1e9, levels=grads)
     expected = 1.0 * 2 * 1 / 2 + 1 / 4 * 2 * 7 / 8
     assert abs(communication_seconds(pairs, 8, bandwidth=bw) - expected) < 1e-12
+    # two tiers: the pairs' all-reduce inside a node at 10x the network's bandwidth, the global round across it
+    expected = 1.0 * 2 * 1 / 2 / 10 + 1 / 4 * 2 * 7 / 8
+    assert abs(communication_seconds(pairs, 8, bandwidth=bw, group_bandwidth=10 * bw) - expected) < 1e-12
+    # a level over every worker, and plain all-reduce, stay on the network whatever the group bandwidth
+    assert communication_seconds(local, 2, bandwidth=bw, group_bandwidth=10 * bw) == 1.0 / 10
+    dense = StepTraffic(allreduce_bytes=1e9)
+    assert communication_seconds(dense, 8, bandwidth=bw, group_bandwidth=10 * bw) == 2 * 7 / 8
+    # a group as large as the cluster is the cluster: no faster link
+    assert communication_seconds(pairs, 2, bandwidth=bw, group_bandwidth=10 * bw) == \
+        communication_seconds(pairs, 2, bandwidth=bw)
+    with pytest.raises(ValueError, match="group_bandwidth"):
+        communication_seconds(pairs, 8, bandwidth=bw, group_bandwidth=0.0)
 
 
 def test_dgc_state_round_trips_residuals_by_name() -> None:

@@ -161,6 +161,13 @@ MODES: dict[str, dict[str, Any]] = {
     # 100x fewer bytes than dense here (about 115x)
     "dgc_adamc_s996": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", "dgc_sparsity": 0.996,
                        "dgc_warmup": "0.75,0.9375,0.984375"},
+    # where DGC's loss comes from: the item-id table (90 % of the weights) all-reduced densely and the rest
+    # compressed as dgc_adamc (a diagnostic: about 1.1x fewer bytes), and the table selected by whole rows instead
+    # of entries (twice the values per byte; each item's vector moves as one)
+    "dgc_adamc_iddense": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam",
+                          "dgc_dense": "input.item_id.weight"},
+    "dgc_adamc_idrows": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam",
+                         "dgc_rows": "input.item_id.weight"},
 }
 
 
@@ -363,7 +370,8 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # the quality section's references: each mode against the dense mode with the same optimizer and worker count
 PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "dgc_adam": "none",
                      "dgc_adam_s99": "none", "dgc_adamc": "none", "dgc_adamc_s99": "none",
-                     "dgc_adamc_s996": "none", "fp16": "none",
+                     "dgc_adamc_s996": "none", "dgc_adamc_iddense": "none", "dgc_adamc_idrows": "none",
+                     "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local2_wu1_touched": "none",
                      "local2_wu1_gneg": "none_gneg", "local2_wu1_ostate": "none",

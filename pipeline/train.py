@@ -142,6 +142,11 @@ class TrainStageConfig:
         default="momentum", metadata={"help": "DGC accumulates the SGD velocity (momentum; with Adam: the raw "
                                               "gradient, error feedback) or, with adam (needs --optimizer adam), "
                                               "each rank's own Adam step, applied by plain SGD"})
+    dgc_dense: str = field(default="", metadata={"help": "DGC: comma-separated parameter names or fnmatch patterns "
+                                                          "all-reduced densely, not compressed"})
+    dgc_rows: str = field(default="", metadata={"help": "DGC: comma-separated 2-D parameter names or patterns "
+                                                         "selected by whole rows (embedding tables, e.g. "
+                                                         "input.item_id.weight)"})
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
@@ -203,13 +208,14 @@ class TrainStageConfig:
 
     def comm_config(self) -> Any:
         from gnn.comm import DGCConfig, parse_comm
-        from gnn.comm.config import parse_sparsities
+        from gnn.comm.config import parse_patterns, parse_sparsities
 
         # Adam applies the momentum (beta1) itself: the hook is then error-feedback top-k with momentum 0
         hook_momentum = 0.0 if self.optimizer_kind == "adam" else self.momentum
         dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum, correction=self.dgc_correction,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
-                        warmup_stage_length=self.dgc_warmup_stage_length)
+                        warmup_stage_length=self.dgc_warmup_stage_length,
+                        dense_tensors=parse_patterns(self.dgc_dense), row_tensors=parse_patterns(self.dgc_rows))
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)

@@ -74,6 +74,12 @@ class DGCConfig:
         threshold_slack: the sampled threshold aims at ``slack``·k entries; the selection is trimmed to exactly k
             by top-k over those candidates, or falls back to exact top-k when it found fewer than k (default 1.3).
         seed: seed of the sampling generator (default 0).
+        dense_tensors: ``fnmatch`` patterns of parameter names (``input.item_id.weight``, ``convs.*``) that are
+            all-reduced densely like the dim ≤ 1 tensors, not compressed (default none).
+        row_tensors: patterns of 2-D parameters whose selection takes whole rows: the rows with the largest
+            accumulated L2 norm, as many as fit the bytes the entry-wise selection would send (a row costs its values
+            and one index, an entry a value and an index, so about twice the values per byte). Meant for embedding
+            tables, whose rows are updated one item at a time (default none).
     """
 
     sparsity: float = 0.999
@@ -91,6 +97,8 @@ class DGCConfig:
     min_sample: int = 1024
     threshold_slack: float = 1.3
     seed: int = 0
+    dense_tensors: tuple[str, ...] = ()
+    row_tensors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         named = [("sparsity", self.sparsity)]
@@ -122,6 +130,13 @@ class DGCConfig:
             raise ValueError(f"DGCConfig.min_sample={self.min_sample} must be >= 1")
         if self.threshold_slack < 1.0:
             raise ValueError(f"DGCConfig.threshold_slack={self.threshold_slack} must be >= 1")
+        both = sorted(set(self.dense_tensors) & set(self.row_tensors))
+        if both:
+            raise ValueError(f"DGCConfig: {both[0]!r} is in both dense_tensors and row_tensors; a tensor is sent "
+                             "densely or by rows, not both")
+        if any(not pattern.strip() for pattern in (*self.dense_tensors, *self.row_tensors)):
+            raise ValueError("DGCConfig.dense_tensors / row_tensors: empty pattern; give parameter names or fnmatch "
+                             "patterns such as input.item_id.weight")
 
     def sparsity_at(self, stage_clock: int) -> float:
         """Sparsity at epoch (or step) ``stage_clock`` (0-based) under the warm-up schedule."""
@@ -230,7 +245,7 @@ class CommConfig:
         data = dict(data)
         data.pop("sync_spec", None)
         dgc = dict(data.pop("dgc", {}))
-        for key in ("warmup_sparsities", "adam_betas"):
+        for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors"):
             if key in dgc:
                 dgc[key] = tuple(dgc[key])
         levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
@@ -330,6 +345,10 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-clip-norm", type=float, default=None)
     group.add_argument("--dgc-correction", default=dg.correction, choices=DGC_CORRECTIONS,
                        help="accumulate the SGD velocity (momentum) or each rank's Adam step (adam; optimizer SGD)")
+    group.add_argument("--dgc-dense", default="",
+                       help="comma-separated parameter names or fnmatch patterns all-reduced densely, not compressed")
+    group.add_argument("--dgc-rows", default="",
+                       help="comma-separated 2-D parameter names or patterns selected by whole rows (embedding tables)")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -338,7 +357,8 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
     dgc = DGCConfig(sparsity=args.dgc_sparsity, warmup_sparsities=parse_sparsities(args.dgc_warmup),
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
                     momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm,
-                    correction=args.dgc_correction)
+                    correction=args.dgc_correction, dense_tensors=parse_patterns(args.dgc_dense),
+                    row_tensors=parse_patterns(args.dgc_rows))
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,
@@ -355,3 +375,16 @@ def parse_comm(compression: str = "none", sync: str = "allreduce", **settings: A
 def dgc_k(numel: int, sparsity: float) -> int:
     """Entries sent for a tensor of ``numel`` entries at ``sparsity``: ``max(1, ceil(numel·(1 - sparsity)))``."""
     return min(numel, max(1, math.ceil(numel * (1.0 - sparsity) - 1e-9)))
+
+
+def dgc_row_k(rows: int, cols: int, sparsity: float, *, value_bytes: int, index_bytes: int) -> int:
+    """Rows sent for a ``rows`` × ``cols`` tensor selected by rows: as many as fit the bytes of the entry-wise
+    selection (``dgc_k`` entries of a value and an index each), a row costing ``cols`` values and one index; at least
+    one, at most ``rows``."""
+    budget = dgc_k(rows * cols, sparsity) * (value_bytes + index_bytes)
+    return min(rows, max(1, budget // (cols * value_bytes + index_bytes)))
+
+
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """``"input.item_id.weight, convs.*"`` → ``("input.item_id.weight", "convs.*")``; an empty string → ``()``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())

@@ -23,6 +23,7 @@ averaged sparse gradient goes to an optimizer that applies momentum once itself 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from gnn.comm._annotations import ddp_hook
 from gnn.comm.accounting import TrafficAccount
-from gnn.comm.config import DGCConfig, dgc_k
+from gnn.comm.config import DGCConfig, dgc_k, dgc_row_k
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class DGCState:
     last_audit: dict[str, StepAudit] = field(default_factory=dict)
     last_k: dict[str, int] = field(default_factory=dict)
     names: dict[torch.Tensor, str] = field(default_factory=dict)
+    layouts: dict[torch.Tensor, str] = field(default_factory=dict)
     ever_sent: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator = field(default_factory=torch.Generator)
 
@@ -126,8 +128,29 @@ class DGCState:
         self.epoch = epoch
 
     def name_parameters(self, module: torch.nn.Module) -> None:
-        """Label parameters by their module names (for audits and per-tensor counters)."""
+        """Label parameters by their module names (audits, per-tensor counters, and the ``dense_tensors`` /
+        ``row_tensors`` patterns, each of which must match a parameter)."""
         self.names = {p: n for n, p in module.named_parameters()}
+        self.layouts = {}
+        for pattern in (*self.config.dense_tensors, *self.config.row_tensors):
+            if not any(_matches(n, (pattern,)) for n in self.names.values()):
+                shown = ", ".join(sorted(self.names.values())[:8])
+                raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows) matches no parameter of the "
+                                 f"model; its parameters are: {shown}, ...")
+
+    def layout(self, param: torch.Tensor) -> str:
+        """How ``param`` travels: ``"dense"`` (dim ≤ 1 or a ``dense_tensors`` pattern: all-reduced), ``"rows"``
+        (a ``row_tensors`` pattern: whole rows selected) or ``"entries"`` (top-k entries)."""
+        kind = self.layouts.get(param)
+        if kind is None:
+            name = self.names.get(param)
+            if name is None and (self.config.dense_tensors or self.config.row_tensors):
+                raise ValueError("DGC dense_tensors / row_tensors need parameter names; call "
+                                 "DGCState.name_parameters(module) before training")
+            kind = ("dense" if param.dim() <= 1 or _matches(name, self.config.dense_tensors)
+                    else "rows" if _matches(name, self.config.row_tensors) else "entries")
+            self.layouts[param] = kind
+        return kind
 
     def state_dict(self) -> dict[str, object]:
         """Residual velocities and momenta by parameter name (call :meth:`name_parameters` first), for checkpoints."""
@@ -188,9 +211,14 @@ class DGCState:
                 f"fallbacks={self.fallbacks}/{self.selections}, {self.traffic!r})")
 
 
+def _matches(name: str | None, patterns: tuple[str, ...]) -> bool:
+    return name is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int,
                     sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices)."""
+    """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices): k
+    entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and their row indices."""
     cfg = state.config
     g = grad.detach().reshape(-1).clone()  # (n,)
     if cfg.weight_decay:
@@ -213,11 +241,22 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     else:
         momentum.mul_(cfg.momentum).add_(g)  # u ← m·u + g
         velocity.add_(momentum)  # v ← v + u (momentum correction: accumulate velocity)
-    k = dgc_k(g.numel(), sparsity)
     accumulated = velocity.clone() if state.audit else None
-    indices, fell_back = select_topk(velocity.abs(), k, sample_fraction=cfg.sample_fraction,
-                                     min_sample=cfg.min_sample, slack=cfg.threshold_slack,
-                                     generator=state.generator)
+    if state.layout(param) == "rows":  # whole rows by L2 norm, as many as the entry-wise bytes allow
+        rows = param.shape[0]
+        cols = g.numel() // rows
+        selected, fell_back = select_topk(velocity.view(rows, cols).pow(2).sum(dim=1),
+                                          dgc_row_k(rows, cols, sparsity, value_bytes=g.element_size(),
+                                                    index_bytes=INDEX_BYTES),
+                                          sample_fraction=cfg.sample_fraction, min_sample=cfg.min_sample,
+                                          slack=cfg.threshold_slack, generator=state.generator)  # (r,) rows
+        indices = (selected.unsqueeze(1) * cols + torch.arange(cols, device=g.device)).view(-1)  # (r·cols,)
+    else:
+        selected, fell_back = select_topk(velocity.abs(), dgc_k(g.numel(), sparsity),
+                                          sample_fraction=cfg.sample_fraction, min_sample=cfg.min_sample,
+                                          slack=cfg.threshold_slack, generator=state.generator)  # (k,) entries
+        indices = selected
+    k = indices.numel()
     state.selections += 1
     state.fallbacks += int(fell_back)
     values = velocity[indices].clone()  # (k,)
@@ -236,7 +275,7 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
         state.last_audit[name] = StepAudit(gradient=g, accumulated=accumulated, sent=sent,
                                            residual=velocity.clone(), k=k,
                                            indices=indices.clone())
-    return values, indices.to(torch.int32)
+    return values, selected.to(torch.int32)
 
 
 def _adam_step(state: DGCState, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -284,19 +323,19 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     sparse_slots, dense_slots = [], []
     values, indices = [], []
     for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
-        if param.dim() > 1:
+        if state.layout(param) == "dense":
+            dense_slots.append(slot)
+        else:
             v, i = _compress_local(state, param, grad, world, sparsity)
             values.append(v)
             indices.append(i)
             sparse_slots.append(slot)
-        else:
-            dense_slots.append(slot)
     elem = buffer.element_size()
     sent_values = torch.cat(values) if values else buffer.new_zeros(0)  # (K,)
-    sent_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int32)  # (K,)
+    sent_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int32)  # (I,): I = K, or rows
     dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
     state.traffic.record(dense_bytes=buffer.numel() * elem,
-                         sent_bytes=sent_values.numel() * (elem + INDEX_BYTES) + dense.numel() * elem)
+                         sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES)
     # Synchronisation point: every rank sends exactly K values and K indices, so gloo's equal-size gather works.
     gathered_values = [torch.empty_like(sent_values) for _ in range(world)]
     gathered_indices = [torch.empty_like(sent_indices) for _ in range(world)]
@@ -308,15 +347,18 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         state.traffic.end_step()
 
     def decompress(_: torch.futures.Future[list[torch.futures.Future[object]]]) -> torch.Tensor:
-        offset = 0
-        for slot, local_values in zip(sparse_slots, values, strict=True):
-            out = grads[slot].view(-1)
+        at_value = at_index = 0
+        for slot, local_values, local_indices in zip(sparse_slots, values, indices, strict=True):
+            n_values, n_indices = local_values.numel(), local_indices.numel()
+            # entries: (n,) with one index per value; rows: (rows, cols) with one index per row
+            out = grads[slot].view(-1) if n_values == n_indices else grads[slot].view(grads[slot].shape[0], -1)
             out.zero_()
-            k = local_values.numel()
             for rank_values, rank_indices in zip(gathered_values, gathered_indices, strict=True):
-                out.index_add_(0, rank_indices[offset:offset + k].long(), rank_values[offset:offset + k])
+                out.index_add_(0, rank_indices[at_index:at_index + n_indices].long(),
+                               rank_values[at_value:at_value + n_values].view(n_indices, -1).squeeze(1))
             out.div_(world)
-            offset += k
+            at_value += n_values
+            at_index += n_indices
         start = 0
         for slot in dense_slots:
             n = grads[slot].numel()

@@ -234,6 +234,29 @@ def test_dgc_adam_correction_config() -> None:
     assert comm_config_from_args(args).dgc.correction == "adam"
 
 
+def test_dgc_dense_and_row_tensor_patterns_config() -> None:
+    import json
+
+    from gnn.comm.config import dgc_row_k, parse_patterns
+
+    assert parse_patterns(" input.item_id.weight, convs.* ,") == ("input.item_id.weight", "convs.*")
+    assert parse_patterns("") == ()
+    with pytest.raises(ValueError, match=r"'a\.w' is in both dense_tensors and row_tensors"):
+        DGCConfig(dense_tensors=("a.w",), row_tensors=("a.w",))
+    with pytest.raises(ValueError, match="empty pattern"):
+        DGCConfig(row_tensors=(" ",))
+    cfg = parse_comm("dgc", dgc=DGCConfig(dense_tensors=("g1.*",), row_tensors=("input.item_id.weight",)))
+    assert CommConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # through a JSON checkpoint
+    parser = argparse.ArgumentParser()
+    add_comm_arguments(parser)
+    args = parser.parse_args(["--compression", "dgc", "--dgc-rows", "input.item_id.weight", "--dgc-dense", "g1.*"])
+    assert comm_config_from_args(args).dgc == DGCConfig(dense_tensors=("g1.*",), row_tensors=("input.item_id.weight",))
+    # rows within the entry-wise bytes: 16559 × 64 at 99.9 %: 1060 entries × 8 bytes buy 32 rows of 64 values + index
+    assert dgc_row_k(16559, 64, 0.999, value_bytes=4, index_bytes=4) == 1060 * 8 // 260 == 32
+    assert dgc_row_k(10, 1000, 0.999, value_bytes=4, index_bytes=4) == 1  # at least one row
+    assert dgc_row_k(10, 2, 0.0, value_bytes=4, index_bytes=4) == 10  # at most every row
+
+
 def test_dgc_momentum_zero_keeps_every_gradient_entry() -> None:
     from gnn.comm.dgc import DGCState, _compress_local
 

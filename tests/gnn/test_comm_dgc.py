@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gnn.comm import DGCConfig, TrafficAccount, parse_comm, setup_communication
 from gnn.comm._annotations import ddp_hook
 from gnn.comm.config import dgc_k
+from gnn.comm.dgc import DGCState
 from gnn.comm.hooks import _HookState, powersgd_counting_hook
 from gnn.comm.launch import run_gloo
 
@@ -109,9 +110,41 @@ def adam_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def layout_worker(rank: int, world: int) -> dict[str, Any]:
+    """The embedding table (``0.weight``, 50 × 8) sent densely, then by whole rows, at 90 % sparsity (SGD, momentum
+    0: the gradient the optimizer gets is the ranks' average of what they sent)."""
+    out: dict[str, Any] = {}
+    for label, extra in (("dense", {"dense_tensors": ("0.weight",)}), ("rows", {"row_tensors": ("0.*",)})):
+        cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, min_sample=16,
+                                              sample_fraction=0.2, **extra))
+        model = DDP(tiny_model())
+        session = setup_communication(model, cfg, audit=True)
+        dgc = session.dgc
+        assert dgc is not None
+        table = model.module[0].weight
+        steps: list[dict[str, Any]] = []
+
+        def on_step(step: int, steps: list[dict[str, Any]] = steps, table: torch.Tensor = table,
+                    dgc: DGCState = dgc, traffic: TrafficAccount = session.traffic) -> None:
+            audit = dgc.last_audit.get("0.weight")
+            steps.append({"audited": audit is not None, "sent_bytes": traffic.last_step_sent_bytes,
+                          "applied": table.grad.detach().reshape(-1).clone(),  # type: ignore[union-attr]
+                          **({} if audit is None else {"sent": audit.sent, "accumulated": audit.accumulated,
+                                                        "residual": audit.residual, "k": audit.k})})
+
+        train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 4, on_step)
+        out[label] = {"steps": steps, "layout": dgc.layout(table), "params": params_of(model.module)}
+    try:
+        setup_communication(DDP(tiny_model()), parse_comm("dgc", dgc=DGCConfig(row_tensors=("item_id.*",))))
+    except ValueError as error:
+        out["unmatched_error"] = str(error)
+    return out
+
+
 def all_workers(rank: int, world: int) -> dict[str, Any]:
     return {"equivalence": equivalence_worker(rank, world), "audit": audit_worker(rank, world),
-            "builtin": builtin_worker(rank, world), "adam": adam_worker(rank, world)}
+            "builtin": builtin_worker(rank, world), "adam": adam_worker(rank, world),
+            "layout": layout_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +331,45 @@ def test_dgc_adam_correction_runs_adam_in_the_hook(gloo_pair: list[dict[str, Any
         for name, value in r["corrected"]["reference"].items():
             torch.testing.assert_close(r["corrected"]["dgc"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert "DGCConfig.correction='adam': momentum would be applied twice" in r["corrected_error"]
+
+
+@pytest.mark.timeout(180)
+def test_dgc_sends_named_tensors_densely_or_by_whole_rows(gloo_pair: list[dict[str, Any]]) -> None:
+    from gnn.comm.config import dgc_row_k
+    from gnn.comm.dgc import INDEX_BYTES
+
+    ranks = [r["layout"] for r in gloo_pair]
+    # the two linear layers' entries (12×16, 3×12) and the three biases + dense parts, at 90 %, fp32
+    linear_bytes = (dgc_k(192, 0.9) + dgc_k(36, 0.9)) * (4 + INDEX_BYTES)
+    biases = (12 + 3) * 4
+    dense = [r["dense"] for r in ranks]
+    assert [d["layout"] for d in dense] == ["dense", "dense"]
+    for step in range(4):
+        assert not dense[0]["steps"][step]["audited"]
+        assert dense[0]["steps"][step]["sent_bytes"] == 50 * 8 * 4 + biases + linear_bytes
+    for name, value in dense[0]["params"].items():
+        torch.testing.assert_close(dense[1]["params"][name], value, rtol=0, atol=0)
+    rows = [r["rows"] for r in ranks]
+    assert [r["layout"] for r in rows] == ["rows", "rows"]
+    r = dgc_row_k(50, 8, 0.9, value_bytes=4, index_bytes=INDEX_BYTES)
+    assert r == (40 * 8) // (8 * 4 + 4) == 8  # 40 entries' bytes buy 8 whole rows (64 values)
+    for step in range(4):
+        per_rank = [x["steps"][step] for x in rows]
+        for entry in per_rank:
+            sent = entry["sent"].view(50, 8)
+            chosen = sent.abs().sum(dim=1) > 0
+            assert int(chosen.sum()) == r and entry["k"] == r * 8
+            # whole rows: a chosen row is sent as it was accumulated, and nothing of it stays behind
+            acc, res = entry["accumulated"].view(50, 8), entry["residual"].view(50, 8)
+            torch.testing.assert_close(sent[chosen], acc[chosen], rtol=0, atol=0)
+            assert not res[chosen].any()
+            torch.testing.assert_close(sent + res, acc, rtol=0, atol=0)  # nothing lost
+            norms = acc.norm(dim=1)
+            assert float(norms[chosen].min()) >= float(norms[~chosen].max())  # the largest rows
+            assert entry["sent_bytes"] == r * (8 * 4 + INDEX_BYTES) + biases + linear_bytes
+        average = (per_rank[0]["sent"] + per_rank[1]["sent"]) / 2
+        for entry in per_rank:
+            torch.testing.assert_close(entry["applied"], average, rtol=1e-6, atol=1e-7)
+    for name, value in rows[0]["params"].items():
+        torch.testing.assert_close(rows[1]["params"][name], value, rtol=0, atol=0)
+    assert "'item_id.*'" in ranks[0]["unmatched_error"] and "matches no parameter" in ranks[0]["unmatched_error"]

@@ -203,17 +203,17 @@ def test_rerun_is_a_noop_and_a_killed_run_resumes(small_run: Path, dask_client: 
     assert not ckpt.parent.exists()
 
 
-@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction", "ostate"), [
-    ("dgc", "allreduce", "auto", "momentum", False), ("dgc", "allreduce", "adam", "momentum", False),
-    ("dgc", "allreduce", "adam", "adam", False), ("none", "local:2", "auto", "momentum", False),
-    ("none", "local:2", "auto", "momentum", True)])
+@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction", "ostate", "rows"), [
+    ("dgc", "allreduce", "auto", "momentum", False, ""), ("dgc", "allreduce", "adam", "momentum", False, ""),
+    ("dgc", "allreduce", "adam", "adam", False, ""), ("dgc", "allreduce", "adam", "adam", False, "input.item_id.*"),
+    ("none", "local:2", "auto", "momentum", False, ""), ("none", "local:2", "auto", "momentum", True, "")])
 def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Client, compression: str,
-                                             sync: str, optimizer: str, correction: str, ostate: bool,
+                                             sync: str, optimizer: str, correction: str, ostate: bool, rows: str,
                                              trained: Trained) -> None:
     dense = trained[2]["grad_bytes_total"]
     sgd = compression == "dgc" and optimizer == "auto"
     cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression=compression, sync=sync,  # type: ignore[arg-type]
-                           optimizer=optimizer, dgc_correction=correction,  # type: ignore[arg-type]
+                           optimizer=optimizer, dgc_correction=correction, dgc_rows=rows,  # type: ignore[arg-type]
                            sync_optimizer_state=ostate, lr=0.05 if sgd else 3e-3, **SMALL)  # type: ignore[arg-type]
     out = train(small_run, cfg, dask_client)
     rep = _report(out)
@@ -226,6 +226,7 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert extra["optimizer"] == rep["optimizer"]
     assert extra["comm"]["dgc"]["momentum"] == comm["config"]["dgc"]["momentum"] == (0.9 if sgd else 0.0)
     assert extra["comm"]["dgc"]["correction"] == correction
+    assert list(extra["comm"]["dgc"]["row_tensors"]) == ([rows] if rows else [])  # the id table by whole rows
     assert extra["comm"]["sync_optimizer_state"] is comm["config"]["sync_optimizer_state"] is ostate
     assert rep["replicas_identical"] is True  # local: after the final average
     # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the
@@ -329,6 +330,11 @@ def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"train\.dgc_correction='adam'.*--optimizer adam"):
         TrainStageConfig(compression="dgc", dgc_correction="adam")
     assert TrainStageConfig(compression="dgc", optimizer="sgd", momentum=0.8).comm_config().dgc.momentum == 0.8
+    rows = TrainStageConfig(compression="dgc", dgc_rows="input.item_id.weight", dgc_dense="g1.*, g2.*")
+    assert rows.comm_config().dgc.row_tensors == ("input.item_id.weight",)
+    assert rows.comm_config().dgc.dense_tensors == ("g1.*", "g2.*")
+    with pytest.raises(ValueError, match=r"train: DGCConfig: 'g1\.\*' is in both"):
+        TrainStageConfig(compression="dgc", dgc_rows="g1.*", dgc_dense="g1.*")
     with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):

@@ -168,6 +168,9 @@ MODES: dict[str, dict[str, Any]] = {
                           "dgc_dense": "input.item_id.weight"},
     "dgc_adamc_idrows": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam",
                          "dgc_rows": "input.item_id.weight"},
+    # the paper's PinSage: no id table, an item is its features and its walk neighbourhood (dense and DGC)
+    "none_noid": {"item_ids": False},
+    "dgc_adamc_noid": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", "item_ids": False},
 }
 
 
@@ -371,6 +374,7 @@ def mean_row(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001", "dgc_adam": "none",
                      "dgc_adam_s99": "none", "dgc_adamc": "none", "dgc_adamc_s99": "none",
                      "dgc_adamc_s996": "none", "dgc_adamc_iddense": "none", "dgc_adamc_idrows": "none",
+                     "dgc_adamc_noid": "none_noid", "none_noid": "none",
                      "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local2_wu1_touched": "none",

@@ -103,6 +103,9 @@ class TrainStageConfig:
     id_buckets: int = field(default=0, metadata={"help": "rows of the hashed item-id embedding; 0 = one row per item "
                                                          f"(no collisions) up to {MAX_AUTO_ID_BUCKETS}, hashed "
                                                          "into that many beyond"})
+    item_ids: bool = field(default=True, metadata={"help": "learn an embedding row per item (false: an item is known "
+                                                           "by its features and walk neighbourhood only, as in the "
+                                                           "PinSage paper)"})
     cache: Literal["importance", "lru", "random", "none"] = field(
         default="importance", metadata={"help": "remote-row cache policy"})
     cache_fraction: float = field(default=0.1, metadata={"help": "cache capacity, share of the remote vertices"})
@@ -172,6 +175,8 @@ class TrainStageConfig:
         check(self.temperature > 0, "train.temperature", self.temperature, "must be positive (try 0.1)")
         check(self.hard_cap >= 0, "train.hard_cap", self.hard_cap, "must be >= 0")
         check(self.id_buckets >= 0, "train.id_buckets", self.id_buckets, "must be >= 0 (0 = one row per item)")
+        check(self.item_ids or not self.id_buckets, "train.id_buckets", self.id_buckets,
+              "sizes the id table that --item-ids false drops: leave it at 0")
         check(self.cpus_per_rank >= 0, "train.cpus_per_rank", self.cpus_per_rank, "must be >= 0 (0 = no pinning)")
         check(self.steps_per_epoch >= 0, "train.steps_per_epoch", self.steps_per_epoch, "must be >= 0 (0 = all)")
         check(self.lr > 0, "train.lr", self.lr, "must be positive (Adam: 3e-3, SGD: about 0.05)")
@@ -420,7 +425,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     nb = load_neighborhoods(job.walks_path)
     local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
     mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
-                     id_buckets=id_buckets_for(store.n_items, cfg.id_buckets),
+                     id_buckets=id_buckets_for(store.n_items, cfg.id_buckets) if cfg.item_ids else 0,
                      embed_dim=cfg.embed_dim, n_categories=store.n_categories,
                      content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
     pairs = TrainingPairs.from_arrays(job.query, job.positive, job.weight)

@@ -203,18 +203,22 @@ def test_rerun_is_a_noop_and_a_killed_run_resumes(small_run: Path, dask_client: 
     assert not ckpt.parent.exists()
 
 
-@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction", "ostate", "rows"), [
-    ("dgc", "allreduce", "auto", "momentum", False, ""), ("dgc", "allreduce", "adam", "momentum", False, ""),
-    ("dgc", "allreduce", "adam", "adam", False, ""), ("dgc", "allreduce", "adam", "adam", False, "input.item_id.*"),
-    ("none", "local:2", "auto", "momentum", False, ""), ("none", "local:2", "auto", "momentum", True, "")])
+@pytest.mark.parametrize(("compression", "sync", "optimizer", "correction", "ostate", "rows", "ids"), [
+    ("dgc", "allreduce", "auto", "momentum", False, "", True),
+    ("dgc", "allreduce", "adam", "momentum", False, "", True),
+    ("dgc", "allreduce", "adam", "adam", False, "", True),
+    ("dgc", "allreduce", "adam", "adam", False, "input.item_id.*", True),
+    ("dgc", "allreduce", "adam", "adam", False, "", False),  # no id table: the GNN layers only
+    ("none", "local:2", "auto", "momentum", False, "", True), ("none", "local:2", "auto", "momentum", True, "", True)])
 def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Client, compression: str,
                                              sync: str, optimizer: str, correction: str, ostate: bool, rows: str,
-                                             trained: Trained) -> None:
+                                             ids: bool, trained: Trained) -> None:
     dense = trained[2]["grad_bytes_total"]
     sgd = compression == "dgc" and optimizer == "auto"
     cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression=compression, sync=sync,  # type: ignore[arg-type]
                            optimizer=optimizer, dgc_correction=correction, dgc_rows=rows,  # type: ignore[arg-type]
-                           sync_optimizer_state=ostate, lr=0.05 if sgd else 3e-3, **SMALL)  # type: ignore[arg-type]
+                           item_ids=ids, sync_optimizer_state=ostate, lr=0.05 if sgd else 3e-3,
+                           **SMALL)  # type: ignore[arg-type]
     out = train(small_run, cfg, dask_client)
     rep = _report(out)
     comm = rep["per_worker"][0]["comm"]
@@ -227,6 +231,9 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert extra["comm"]["dgc"]["momentum"] == comm["config"]["dgc"]["momentum"] == (0.9 if sgd else 0.0)
     assert extra["comm"]["dgc"]["correction"] == correction
     assert list(extra["comm"]["dgc"]["row_tensors"]) == ([rows] if rows else [])  # the id table by whole rows
+    checkpoint = load_checkpoint(out.path / "checkpoint.pt")
+    assert (checkpoint.model_config.id_buckets > 0) is ids
+    assert any(k.startswith("input.item_id") for k in checkpoint.model_state) is ids
     assert extra["comm"]["sync_optimizer_state"] is comm["config"]["sync_optimizer_state"] is ostate
     assert rep["replicas_identical"] is True  # local: after the final average
     # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the

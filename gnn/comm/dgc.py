@@ -336,7 +336,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
     state.traffic.record(dense_bytes=buffer.numel() * elem,
                          sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES)
-    # Synchronisation point: every rank sends exactly K values and K indices, so gloo's equal-size gather works.
+    # Synchronisation point: every rank sends exactly K values and I indices, so gloo's equal-size gather works.
     gathered_values = [torch.empty_like(sent_values) for _ in range(world)]
     gathered_indices = [torch.empty_like(sent_indices) for _ in range(world)]
     futures = [dist.all_gather(gathered_values, sent_values, group=group, async_op=True).get_future(),

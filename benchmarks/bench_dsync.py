@@ -74,6 +74,7 @@ MODES: dict[str, dict[str, Any]] = {
     # (sync_warmup_epochs: that mode's post-local SGD warm-up, overriding --sync-warmup-epochs)
     "local4": {"sync": "local:4"},
     "local4_wu1": {"sync": "local:4", "sync_warmup_epochs": 1.0},
+    "local4_wu1_rand": {"sync": "local:4", "sync_warmup_epochs": 1.0, "partition": "random"},
     "local2_wu1": {"sync": "local:2", "sync_warmup_epochs": 1.0},
     # the same pair on hash-partitioned shards: each rank's training pairs are then a uniform sample of all of
     # them (METIS shards are communities, so local steps drift towards their own shard's items)
@@ -377,7 +378,8 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "dgc_adamc_noid": "none_noid", "none_noid": "none",
                      "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
-                     "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local2_wu1_touched": "none",
+                     "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local4_wu1_rand": "none_rand",
+                     "local2_wu1_touched": "none",
                      "local2_wu1_gneg": "none_gneg", "local2_wu1_ostate": "none",
                      "local2_wu1_gneg_ostate": "none_gneg",
                      "local4_wu1_touched": "none", "hierarchical_w4_touched": "none_w4",

@@ -41,6 +41,7 @@ from gnn.graphstore import GraphStore
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
+from pipeline.config import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate_tables, format_table
 from pipeline.generate import GenerateConfig, generate, items_path
 from pipeline.rundir import write_json_atomic
@@ -52,19 +53,29 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0
+def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over: dict[str, Any] | None = None
          ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Split tables of a dataset and facts about it. ``content_dim`` > 0 (generated data only) also generates a
     dense content vector per item (its community's centre plus item-specific noise, ``pinsage generate
     --content-dim``), returned as ``info["item_content"]`` (n_items, D) float32 in the tables' item order; pop it
-    before writing ``info`` anywhere."""
+    before writing ``info`` anywhere. ``gen_over``: GenerateConfig fields set on top of the defaults here
+    (generated data only; the data is generated afresh on every call, nothing is cached)."""
     if content_dim and dataset != "generated":
         raise SystemExit(f"--gen-content-dim {content_dim}: content features exist for --dataset generated only")
+    if gen_over and dataset != "generated":
+        raise SystemExit(f"--gen-set {', '.join(gen_over)}: generator settings apply to --dataset generated only")
+    own = sorted({"rows", "content_dim"} & set(gen_over or {}))
+    if own:
+        raise SystemExit(f"--gen-set {own[0]}=...: set it with --gen-{own[0].replace('_', '-')} instead")
     if dataset == "amazon":
         return split_last_n(read_amazon(data / "amazon-videogames" / "Video.txt")), {"split": "leave-last-out"}
     if dataset == "taobao":
         return split_last_days(read_taobao(data / "taobao" / "UserBehavior-head.csv")), {"split": "last day"}
-    cfg = GenerateConfig(rows=gen_rows, seed=0, communities=50, content_dim=content_dim)
+    try:
+        cfg = GenerateConfig(**{"rows": gen_rows, "seed": 0, "communities": 50, "content_dim": content_dim,
+                                **(gen_over or {})})
+    except ConfigError as e:
+        raise SystemExit(f"--gen-set: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         info = generate(Path(tmp) / "gen.csv", cfg)
         df = read_taobao(Path(tmp) / "gen.csv")
@@ -132,16 +143,18 @@ def parse(value: str) -> Any:
         return value
 
 
-def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainConfig)) -> list[dict[str, Any]]:
+def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainConfig), option: str = "--set"
+              ) -> list[dict[str, Any]]:
     """``field=value`` strings split by the config dataclass that has the field (one dict per class of
-    ``configs``, in order); a field none of them has is an error, rather than silently ignored."""
+    ``configs``, in order); a field none of them has is an error naming ``option``, rather than silently
+    ignored."""
     out: list[dict[str, Any]] = [{} for _ in configs]
     for kv in pairs:
         key, sep, value = kv.partition("=")
         owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
         if not sep or not owners:
             names = "/".join(c.__name__ for c in configs)
-            raise SystemExit(f"--set {kv!r}: expected field=value with a field of {names}")
+            raise SystemExit(f"{option} {kv!r}: expected field=value with a field of {names}")
         for i in owners:
             out[i][key] = parse(value)
     return out
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model_over, train_over = overrides(args.set)
-    walk_over = overrides(args.walk_set, (WalkConfig,))[0]
+    walk_over = overrides(args.walk_set, (WalkConfig,), "--walk-set")[0]
     if args.seed is not None:
         train_over["seed"] = args.seed
     walks = walk_config(walk_over, int(model_over.get("n_neighbors", ModelConfig.n_neighbors)), args.seed)

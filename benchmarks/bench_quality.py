@@ -53,13 +53,14 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over: dict[str, Any] | None = None
-         ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over: dict[str, Any] | None = None,
+         with_community: bool = False) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Split tables of a dataset and facts about it. ``content_dim`` > 0 (generated data only) also generates a
     dense content vector per item (its community's centre plus item-specific noise, ``pinsage generate
     --content-dim``), returned as ``info["item_content"]`` (n_items, D) float32 in the tables' item order; pop it
     before writing ``info`` anywhere. ``gen_over``: GenerateConfig fields set on top of the defaults here
-    (generated data only; the data is generated afresh on every call, nothing is cached)."""
+    (generated data only; the data is generated afresh on every call, nothing is cached). ``with_community``
+    (generated data): also ``info["item_community"]`` (n_items,) int64, each item's planted community."""
     if content_dim and dataset != "generated":
         raise SystemExit(f"--gen-content-dim {content_dim}: content features exist for --dataset generated only")
     if gen_over and dataset != "generated":
@@ -77,26 +78,30 @@ def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over
     except ConfigError as e:
         raise SystemExit(f"--gen-set: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        info = generate(Path(tmp) / "gen.csv", cfg)
-        df = read_taobao(Path(tmp) / "gen.csv")
-        content = _item_content(Path(tmp) / "gen.csv", df) if content_dim else None
+        csv = Path(tmp) / "gen.csv"
+        info = generate(csv, cfg)
+        df = read_taobao(csv)
+        content = np.stack(_item_side(csv, df, "content")).astype(np.float32) if content_dim else None  # (n, D)
+        community = _item_side(csv, df, "community").astype(np.int64) if with_community else None
     out: dict[str, Any] = {"split": "last day", "generate": dataclasses.asdict(cfg), "users": info["users"],
                            "items": info["items"]}
     if content is not None:
         out["item_content"] = content
+    if community is not None:
+        out["item_community"] = community
     return split_last_days(df), out
 
 
-def _item_content(csv: Path, df: pd.DataFrame) -> np.ndarray:
-    """Content rows of the generated items in ``read_taobao``'s item order (its ids factorise the sorted raw ids
-    of the rows it keeps)."""
+def _item_side(csv: Path, df: pd.DataFrame, column: str) -> np.ndarray:
+    """``column`` of the generated items' side file (``content``, ``community``, ...) in ``read_taobao``'s item
+    order (its ids factorise the sorted raw ids of the rows it keeps)."""
     raw = pd.read_csv(csv, header=None, usecols=[1], names=["i"], dtype={"i": np.int64})["i"].to_numpy()
     kept = np.unique(raw[df["line"].to_numpy() - 1])  # sorted raw ids: position = item index
     side = pq.read_table(items_path(csv)).to_pandas()
     where = pd.Index(side["raw_item"].to_numpy()).get_indexer(kept)
     if (where < 0).any():
-        raise ValueError(f"{items_path(csv)}: no content row for raw item {int(kept[where < 0][0])}")
-    return np.stack(side["content"].to_numpy()[where]).astype(np.float32)  # (n_items, D)
+        raise ValueError(f"{items_path(csv)}: no row for raw item {int(kept[where < 0][0])}")
+    return side[column].to_numpy()[where]
 
 
 def training_inputs(tables: dict[str, pd.DataFrame], content: np.ndarray | None = None

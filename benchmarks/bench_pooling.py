@@ -18,7 +18,11 @@ GraphSAGE-mean by far, but those id-free models stay far below item-CF (hit@10 0
 importance pooling matters, not a setting that beats the baselines. Two middle settings (seed 0 each) did not
 change that: id dropout 0.5 (``--set id_dropout=0.5``) costs every model ~0.09 hit@10 and leaves mean pooling
 level with importance; a 32-wide content vector and no id rows (``--gen-content-dim 32 --set id_buckets=0``) lifts
-the id-free models to 0.31-0.33 hit@10, still below item-CF, with the two poolings tied.
+the id-free models to 0.31-0.33 hit@10, still below item-CF, with the two poolings tied. Noisier generated data
+(``--gen-set community_strength=0.5``, runs ``cs05_*``, baselines on the same split with ``--baselines``) does
+not put PinSage ahead either: PinSage - GraphSAGE stays within noise, importance trails mean pooling slightly, and
+every GNN falls further below item-CF (benchmarks/probe_community_purity.py says why: the top-T walk neighbours
+are then hardly purer than GraphSAGE's draws).
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

@@ -19,10 +19,11 @@ importance pooling matters, not a setting that beats the baselines. Two middle s
 change that: id dropout 0.5 (``--set id_dropout=0.5``) costs every model ~0.09 hit@10 and leaves mean pooling
 level with importance; a 32-wide content vector and no id rows (``--gen-content-dim 32 --set id_buckets=0``) lifts
 the id-free models to 0.31-0.33 hit@10, still below item-CF, with the two poolings tied. Noisier generated data
-(``--gen-set community_strength=0.5``, runs ``cs05_*``, baselines on the same split with ``--baselines``) does
-not put PinSage ahead either: PinSage - GraphSAGE stays within noise, importance trails mean pooling slightly, and
-every GNN falls further below item-CF (benchmarks/probe_community_purity.py says why: the top-T walk neighbours
-are then hardly purer than GraphSAGE's draws).
+(``--gen-set community_strength=0.5``, runs ``cs05_*``, baselines on the same split with ``--baselines``, 7 seeds
+paired in ``cs05_all_seeds``) puts the walk neighbourhood ahead of GraphSAGE-mean (PinSage-mean - GraphSAGE MRR
++0.022 on 7/7 seeds, hit@10 +0.019) but not importance pooling (importance - mean MRR -0.006, 1/7), and every GNN
+falls further below item-CF (hit@10 0.31-0.33 vs 0.37); benchmarks/probe_community_purity.py measures how little
+purer than GraphSAGE's draws the top-T neighbours are on such data.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

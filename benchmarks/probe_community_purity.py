@@ -10,11 +10,12 @@ neighbour slots taken by the 1 % most popular training items.
 
 Findings (results/community_purity.json, 100k rows, T=10, default walks): with the default generator the walk
 neighbours are purer than the co-interaction draws (0.72 / 0.77 visit-weighted vs 0.63); with
-``community_strength=0.5`` the gap almost closes (0.31 / 0.35 vs 0.28): the off-community draws come from global
+``community_strength=0.5`` the gap nearly closes (0.31 / 0.35 vs 0.28): the off-community draws come from global
 popularity, and ranking by raw visit count favours exactly those hubs (the 1 % most popular items fill 29 % of
 the top-10 slots, 16 % of the GraphSAGE draws; 16 % vs 13 % with the default generator), so the top-T filter
-keeps the noise instead of removing it — which is why PinSage did not pull ahead there
-(results/quality_pooling.json ``cs05_*`` runs).
+keeps most of the noise. The premise holds only weakly; in training (results/quality_pooling.json
+``cs05_all_seeds``) the walk neighbourhood leads GraphSAGE-mean by ~0.02 hit@10 / MRR there, and importance
+weighting, although its weighted neighbours are a little purer, does not beat mean pooling.
 
 Run: ``PYTHONPATH=$PWD nice -n 19 python benchmarks/probe_community_purity.py --gen-set community_strength=0.5
 --name cs05`` (one ``--name`` key per generator setting, merged into ``--out``).

@@ -41,6 +41,7 @@ from gnn.graphstore import GraphStore
 from gnn.models import ModelConfig
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
+from pipeline.config import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate_tables, format_table
 from pipeline.generate import GenerateConfig, generate, items_path
 from pipeline.rundir import write_json_atomic
@@ -52,40 +53,55 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0
-         ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over: dict[str, Any] | None = None,
+         with_community: bool = False) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Split tables of a dataset and facts about it. ``content_dim`` > 0 (generated data only) also generates a
     dense content vector per item (its community's centre plus item-specific noise, ``pinsage generate
     --content-dim``), returned as ``info["item_content"]`` (n_items, D) float32 in the tables' item order; pop it
-    before writing ``info`` anywhere."""
+    before writing ``info`` anywhere. ``gen_over``: GenerateConfig fields set on top of the defaults here
+    (generated data only; the data is generated afresh on every call, nothing is cached). ``with_community``
+    (generated data): also ``info["item_community"]`` (n_items,) int64, each item's planted community."""
     if content_dim and dataset != "generated":
         raise SystemExit(f"--gen-content-dim {content_dim}: content features exist for --dataset generated only")
+    if gen_over and dataset != "generated":
+        raise SystemExit(f"--gen-set {', '.join(gen_over)}: generator settings apply to --dataset generated only")
+    own = sorted({"rows", "content_dim"} & set(gen_over or {}))
+    if own:
+        raise SystemExit(f"--gen-set {own[0]}=...: set it with --gen-{own[0].replace('_', '-')} instead")
     if dataset == "amazon":
         return split_last_n(read_amazon(data / "amazon-videogames" / "Video.txt")), {"split": "leave-last-out"}
     if dataset == "taobao":
         return split_last_days(read_taobao(data / "taobao" / "UserBehavior-head.csv")), {"split": "last day"}
-    cfg = GenerateConfig(rows=gen_rows, seed=0, communities=50, content_dim=content_dim)
+    try:
+        cfg = GenerateConfig(**{"rows": gen_rows, "seed": 0, "communities": 50, "content_dim": content_dim,
+                                **(gen_over or {})})
+    except ConfigError as e:
+        raise SystemExit(f"--gen-set: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        info = generate(Path(tmp) / "gen.csv", cfg)
-        df = read_taobao(Path(tmp) / "gen.csv")
-        content = _item_content(Path(tmp) / "gen.csv", df) if content_dim else None
+        csv = Path(tmp) / "gen.csv"
+        info = generate(csv, cfg)
+        df = read_taobao(csv)
+        content = np.stack(_item_side(csv, df, "content")).astype(np.float32) if content_dim else None  # (n, D)
+        community = _item_side(csv, df, "community").astype(np.int64) if with_community else None
     out: dict[str, Any] = {"split": "last day", "generate": dataclasses.asdict(cfg), "users": info["users"],
                            "items": info["items"]}
     if content is not None:
         out["item_content"] = content
+    if community is not None:
+        out["item_community"] = community
     return split_last_days(df), out
 
 
-def _item_content(csv: Path, df: pd.DataFrame) -> np.ndarray:
-    """Content rows of the generated items in ``read_taobao``'s item order (its ids factorise the sorted raw ids
-    of the rows it keeps)."""
+def _item_side(csv: Path, df: pd.DataFrame, column: str) -> np.ndarray:
+    """``column`` of the generated items' side file (``content``, ``community``, ...) in ``read_taobao``'s item
+    order (its ids factorise the sorted raw ids of the rows it keeps)."""
     raw = pd.read_csv(csv, header=None, usecols=[1], names=["i"], dtype={"i": np.int64})["i"].to_numpy()
     kept = np.unique(raw[df["line"].to_numpy() - 1])  # sorted raw ids: position = item index
     side = pq.read_table(items_path(csv)).to_pandas()
     where = pd.Index(side["raw_item"].to_numpy()).get_indexer(kept)
     if (where < 0).any():
-        raise ValueError(f"{items_path(csv)}: no content row for raw item {int(kept[where < 0][0])}")
-    return np.stack(side["content"].to_numpy()[where]).astype(np.float32)  # (n_items, D)
+        raise ValueError(f"{items_path(csv)}: no row for raw item {int(kept[where < 0][0])}")
+    return side[column].to_numpy()[where]
 
 
 def training_inputs(tables: dict[str, pd.DataFrame], content: np.ndarray | None = None
@@ -132,16 +148,18 @@ def parse(value: str) -> Any:
         return value
 
 
-def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainConfig)) -> list[dict[str, Any]]:
+def overrides(pairs: list[str], configs: tuple[type, ...] = (ModelConfig, TrainConfig), option: str = "--set"
+              ) -> list[dict[str, Any]]:
     """``field=value`` strings split by the config dataclass that has the field (one dict per class of
-    ``configs``, in order); a field none of them has is an error, rather than silently ignored."""
+    ``configs``, in order); a field none of them has is an error naming ``option``, rather than silently
+    ignored."""
     out: list[dict[str, Any]] = [{} for _ in configs]
     for kv in pairs:
         key, sep, value = kv.partition("=")
         owners = [i for i, c in enumerate(configs) if key in {f.name for f in dataclasses.fields(c)}]
         if not sep or not owners:
             names = "/".join(c.__name__ for c in configs)
-            raise SystemExit(f"--set {kv!r}: expected field=value with a field of {names}")
+            raise SystemExit(f"{option} {kv!r}: expected field=value with a field of {names}")
         for i in owners:
             out[i][key] = parse(value)
     return out
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model_over, train_over = overrides(args.set)
-    walk_over = overrides(args.walk_set, (WalkConfig,))[0]
+    walk_over = overrides(args.walk_set, (WalkConfig,), "--walk-set")[0]
     if args.seed is not None:
         train_over["seed"] = args.seed
     walks = walk_config(walk_over, int(model_over.get("n_neighbors", ModelConfig.n_neighbors)), args.seed)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.bench_pooling import paired, save, walk_config, weight_profile
+from benchmarks.bench_pooling import main, paired, save, walk_config, weight_profile
 from benchmarks.bench_quality import load, overrides, training_inputs
 from benchmarks.quality_lib import train_gnn
 from gnn.models import ModelConfig
@@ -107,3 +108,20 @@ def test_generated_content_rows_follow_the_tables_item_order() -> None:
         load("amazon", Path("unused"), 0, content_dim=16)
     with pytest.raises(ValueError, match="rows for"):
         training_inputs(tables, content[:-1])
+
+
+def test_gen_set_reaches_the_generator_and_refuses_bad_fields_and_values(tmp_path: Path) -> None:
+    default, _ = load("generated", Path("unused"), 6000)
+    noisy, info = load("generated", Path("unused"), 6000, gen_over={"community_strength": 0.5})
+    assert info["generate"]["community_strength"] == 0.5 and info["generate"]["rows"] == 6000
+    assert not np.array_equal(default["train"]["item"].to_numpy()[:500], noisy["train"]["item"].to_numpy()[:500])
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit, match=re.escape("--gen-set 'strength=0.5': expected field=value")):
+        main(["--dataset", "generated", "--gen-set", "strength=0.5", "--out", str(out)])
+    with pytest.raises(SystemExit, match=re.escape("--gen-set: generate.community_strength=1.5: must be")):
+        load("generated", Path("unused"), 6000, gen_over={"community_strength": 1.5})
+    with pytest.raises(SystemExit, match="--gen-rows instead"):
+        load("generated", Path("unused"), 6000, gen_over={"rows": 10})
+    with pytest.raises(SystemExit, match="generated only"):
+        load("amazon", Path("unused"), 0, gen_over={"community_strength": 0.5})
+    assert not out.exists()

@@ -287,6 +287,9 @@ class StartRows:
 def walk_starts(store: GraphStore, cfg: WalkConfig, starts: np.ndarray) -> StartRows:
     """Neighbourhood rows and walk traces of ``starts`` (sorted item ids) — the same rows ``compute_neighborhoods``
     gives these items (same kernels, same counter-based randomness)."""
+    if cfg.neighbor_score != "visits":  # a lift row depends on every neighbour's degree, not only on its walks
+        raise ValueError(f"walks.neighbor_score={cfg.neighbor_score!r}: evolving graphs rank by visits only; "
+                         "use neighbor_score='visits'")
     g = WalkGraph.build(store, weighted=cfg.bias == "weight")
     iu, ui = store.item_users, store.user_items
     n, t, n_neg, per = starts.shape[0], cfg.top_t, cfg.n_hard_negatives, cfg.n_walks * cfg.hops

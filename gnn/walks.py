@@ -70,6 +70,14 @@ class WalkConfig:
       half-open, self excluded) of its visit ranking; ranks below ``top_t`` are never used. When an item's walks
       reach fewer items than the window starts at, the least-visited half of its items beyond the top-T is used
       instead; rows are padded with -1.
+    * ``neighbor_score`` (``"visits"``): how the top-T neighbours are ranked and weighted. ``"visits"``: by the
+      visit count (weights: raw counts). ``"lift"``: by ``visits(i→j) / degree(j)**lift_alpha`` (``lift_alpha``
+      1.0), ``degree(j)`` = j's number of interactions in the graph store, so that globally popular items, which
+      every walk reaches, do not fill the top-T; weights: these scores normalised to sum 1 over the kept
+      neighbours; the hard-negative window is taken from the same lift ranking. The degree, not the total visit
+      count, because it is known before any walk (a chunk ranks its rows without the other chunks' counts) and a
+      uniform walk's stationary visit share is proportional to it. CPU kernel only (the GPU backend and
+      gnn/evolving.py refuse it).
     * ``seed`` (0); ``chunk_items`` (16384): start items per task / thread chunk (never changes the result).
     """
 
@@ -87,6 +95,9 @@ class WalkConfig:
     hard_negative_ranks: tuple[int, ...] = field(
         default=(50, 500), metadata={"help": "visit-rank window lo,hi of the hard negatives"})
     seed: int = field(default=0, metadata={"help": "random seed (results do not depend on chunks or workers)"})
+    neighbor_score: Literal["visits", "lift"] = field(
+        default="visits", metadata={"help": "rank/weight neighbours by visits, or lift: visits / degree**lift_alpha"})
+    lift_alpha: float = field(default=1.0, metadata={"help": "neighbor_score lift: exponent of the degree discount"})
     chunk_items: int = field(default=16384, metadata={"help": "start items per Dask task / thread chunk"})
 
     def __post_init__(self) -> None:
@@ -98,6 +109,11 @@ class WalkConfig:
             raise ValueError(f"walks.n_hard_negatives={self.n_hard_negatives!r}: must be 0 or more")
         if self.mode not in ("stop", "restart"):
             raise ValueError(f"walks.mode={self.mode!r}: must be 'stop' or 'restart'")
+        if self.neighbor_score not in ("visits", "lift"):
+            raise ValueError(f"walks.neighbor_score={self.neighbor_score!r}: must be 'visits' or 'lift'")
+        if isinstance(self.lift_alpha, bool) or not isinstance(self.lift_alpha, int | float) \
+                or not 0.0 <= self.lift_alpha < float("inf"):
+            raise ValueError(f"walks.lift_alpha={self.lift_alpha!r}: must be a finite number >= 0, e.g. 1.0")
         if self.bias not in ("uniform", "weight"):
             raise ValueError(f"walks.bias={self.bias!r}: must be 'uniform' or 'weight'")
         if not 0.0 <= self.stop_prob <= 1.0:
@@ -125,7 +141,8 @@ class Neighborhoods:
     """Top-T random-walk neighbourhoods of every item, vertex importance and hard negatives.
 
     Shapes: ``indptr`` (n_items+1,) int64; ``indices`` (nnz,) int64 neighbour items of each item by visit count
-    desc, ties by smaller id; ``weights`` (nnz,) float32 raw visit counts; ``item_importance`` (n_items,) and
+    desc, ties by smaller id (``neighbor_score="lift"``: by lift); ``weights`` (nnz,) float32 raw visit counts
+    (lift: the lift scores normalised to sum 1 per row); ``item_importance`` (n_items,) and
     ``user_importance`` (n_users,) float32 total visit counts normalised to sum 1 (all zeros when no walk moved);
     ``hard_negatives`` (n_items, H) int64, -1 padded. An item without interactions has an empty row.
     """
@@ -372,6 +389,27 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
                 row_len, top_idx, top_cnt, negs):
     """Per start: count the items its walks reached (dense ``scratch``, reset afterwards), rank them by count
     desc then id, keep the top-T and sample hard negatives from the rank window. Outputs are per start row."""
+    _rank_scored(starts, n_walks, trace, scratch, item_visits, top_t, include_self, neg_lo, neg_hi, seed,
+                 row_len, top_idx, top_cnt, negs, np.empty(0, np.float64), np.empty((0, 0), np.float64))
+
+
+@numba.njit(inline="always", cache=True)
+def _lift_order(keys, nk, per, pop_scale):  # type: ignore[no-untyped-def]
+    """Reorder ``keys[:nk]`` (packed count, id) by lift ``count * pop_scale[id]`` desc, then smaller id."""
+    sub = keys[:nk].copy()
+    sub = sub[np.argsort(sub & 0xFFFFFFFF)]  # ids ascending (distinct): the stable sort below keeps that on ties
+    neg_score = np.empty(nk, np.float64)
+    for k in range(nk):
+        neg_score[k] = -np.float64(per - (sub[k] >> 32)) * pop_scale[sub[k] & 0xFFFFFFFF]
+    keys[:nk] = sub[np.argsort(neg_score, kind="mergesort")]
+
+
+@numba.njit(nogil=True, cache=True)
+def _rank_scored(starts, n_walks, trace, scratch, item_visits, top_t, include_self, neg_lo, neg_hi, seed,  # type: ignore[no-untyped-def]
+                 row_len, top_idx, top_cnt, negs, pop_scale, top_score):
+    """:func:`_rank_batch`, and with a non-empty ``pop_scale`` (n_items,) ``degree**-alpha`` the lift ranking:
+    count * pop_scale desc, then id; ``top_score`` (B, T) then gets the kept scores normalised to sum 1 per row."""
+    lift = pop_scale.shape[0] > 0
     per = n_walks * trace.shape[1]
     touched = np.empty(per, np.int64)
     keys = np.empty(per, np.int64)  # reused for every start: no allocation per start
@@ -398,7 +436,9 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
                 keys[nk] = (np.int64(per - c) << 32) | it  # count desc, then smaller id (ids < 2**32)
                 nk += 1
             scratch[it] = 0
-        if nk <= 48:  # few distinct items (DGL's settings): insertion sort beats a library sort call
+        if lift:
+            _lift_order(keys, nk, per, pop_scale)
+        elif nk <= 48:  # few distinct items (DGL's settings): insertion sort beats a library sort call
             for k in range(1, nk):
                 x = keys[k]
                 j = k - 1
@@ -410,9 +450,16 @@ def _rank_batch(starts, n_walks, trace, scratch, item_visits, top_t, include_sel
             keys[:nk].sort()
         m = min(top_t, nk)
         row_len[b] = m
+        total = 0.0
         for k in range(m):
             top_idx[b, k] = keys[k] & 0xFFFFFFFF
             top_cnt[b, k] = per - (keys[k] >> 32)
+            if lift:
+                top_score[b, k] = np.float64(top_cnt[b, k]) * pop_scale[top_idx[b, k]]
+                total += top_score[b, k]
+        if lift and total > 0.0:
+            for k in range(m):
+                top_score[b, k] /= total
         if n_neg == 0 or nk <= top_t:
             continue
         lo = max(neg_lo, top_t)
@@ -505,6 +552,9 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
     top_idx = np.zeros((n, t), np.int64)
     top_cnt = np.zeros((n, t), np.int64)
     negs = np.full((n, n_neg), -1, np.int64)
+    lift = cfg.neighbor_score == "lift"
+    pop_scale = degree_discount(st, cfg.lift_alpha) if lift else np.empty(0, np.float64)
+    top_score = np.zeros((n, t) if lift else (0, 0), np.float64)
     if n * cfg.n_walks * cfg.hops >= 2**31:
         raise ValueError(f"walks.chunk_items={cfg.chunk_items}: chunk_items*n_walks*hops must stay below 2**31 "
                          "(per-chunk visit counts are int32, which keeps them in the L2 cache); lower it")
@@ -524,11 +574,21 @@ def walk_chunk(graph: WalkGraph | GraphStore, cfg: WalkConfig, lo: int, hi: int)
                              cfg.n_walks, cfg.hops, cfg.mode == "restart", float(cfg.walk_prob), cfg.seed, tr,
                              user_visits, True, no_user_trace(cfg.hops))
         r0, r1 = b0 - lo, b1 - lo
-        _rank_batch(starts, cfg.n_walks, tr, scratch, item_visits, t, cfg.include_self, neg_lo, neg_hi, cfg.seed,
-                    row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1])
+        _rank_scored(starts, cfg.n_walks, tr, scratch, item_visits, t, cfg.include_self, neg_lo, neg_hi, cfg.seed,
+                     row_len[r0:r1], top_idx[r0:r1], top_cnt[r0:r1], negs[r0:r1], pop_scale,
+                     top_score[r0:r1] if lift else top_score)
     mask = np.arange(t)[None, :] < row_len[:, None]  # (n, T)
-    return NeighborhoodChunk(lo, hi, row_len, top_idx[mask], top_cnt[mask].astype(np.float32), negs,
-                             item_visits, user_visits, int(steps))
+    weights = (top_score if lift else top_cnt)[mask].astype(np.float32)
+    return NeighborhoodChunk(lo, hi, row_len, top_idx[mask], weights, negs, item_visits, user_visits, int(steps))
+
+
+def degree_discount(store: GraphStore, alpha: float) -> np.ndarray:
+    """``degree(j) ** -alpha`` of every item (degree: interactions in the store; 0 for an item without any, which
+    no walk reaches). Shapes: (n_items,) float64."""
+    deg = np.diff(np.asarray(store.item_users.indptr)).astype(np.float64)
+    out = np.zeros(deg.shape, np.float64)
+    np.power(deg, -float(alpha), out=out, where=deg > 0)
+    return out
 
 
 def walk_visits(graph: WalkGraph | GraphStore, starts: np.ndarray, cfg: WalkConfig, *,

@@ -27,6 +27,13 @@ from gnn.walks import Neighborhoods, WalkConfig, normalise
 log = logging.getLogger(__name__)
 
 
+def refuse_lift(cfg: WalkConfig) -> None:
+    """The GPU backend ranks by visit count only: refuse ``neighbor_score="lift"`` rather than ignore it."""
+    if cfg.neighbor_score != "visits":
+        raise ValueError(f"walks.neighbor_score={cfg.neighbor_score!r} is implemented on the CPU kernel only: "
+                         "use backend='cpu' (or neighbor_score='visits' on the GPU)")
+
+
 def cut_paths(item_paths: np.ndarray, cfg: WalkConfig, rng: np.random.Generator) -> np.ndarray:
     """Apply mode ``"stop"`` to full-length paths: after each traversal but the last, stop with
     ``cfg.stop_prob``; positions after the stop become -1.
@@ -49,6 +56,7 @@ def rank_paths(xdf: ModuleType, starts: Any, item_paths: Any, cfg: WalkConfig, *
     (W, hops) items reached (-1 padded). Returns ``(indptr (n_items+1,), indices, weights float32,
     hard_negatives (n_items, H), item_visits (n_items,) int64)``.
     """
+    refuse_lift(cfg)
     hops = item_paths.shape[1]
     df = xdf.DataFrame({"start": np.repeat(np.asarray(starts), hops), "item": np.asarray(item_paths).ravel()})
     df = df[df["item"] >= 0]
@@ -94,6 +102,7 @@ def _cugraph_graph(store: GraphStore, weighted: bool) -> Any:  # pragma: no cove
 
 def gpu_neighborhoods(store: GraphStore, cfg: WalkConfig) -> Neighborhoods:  # pragma: no cover - needs a GPU
     """:class:`Neighborhoods` on one GPU (see the module docstring for how the modes map to cuGraph)."""
+    refuse_lift(cfg)
     import cudf
     import cugraph
 

@@ -13,9 +13,11 @@ from gnn.walks import (
     Neighborhoods,
     WalkConfig,
     WalkGraph,
+    _rank_scored,
     _walk_batch,
     cached_walk_graph,
     compute_neighborhoods,
+    degree_discount,
     load_neighborhoods,
     no_user_trace,
     save_neighborhoods,
@@ -190,9 +192,11 @@ def random_store(n_users: int, n_items: int, n_edges: int, seed: int) -> GraphSt
                       item_category=np.zeros(n_items, np.int64), item_counts=np.zeros((n_items, 4), np.int64))
 
 
-def test_hard_negatives_outside_top_t() -> None:
+@pytest.mark.parametrize("score", ["visits", "lift"])
+def test_hard_negatives_outside_top_t(score: str) -> None:
     store = random_store(40, 120, 500, seed=1)
-    cfg = WalkConfig(n_walks=60, hops=3, top_t=5, n_hard_negatives=6, hard_negative_ranks=(10, 60))
+    cfg = WalkConfig(n_walks=60, hops=3, top_t=5, n_hard_negatives=6, hard_negative_ranks=(10, 60),
+                     neighbor_score=score)  # type: ignore[arg-type]
     nb = compute_neighborhoods(store, cfg)
     filled = 0
     for s in range(store.n_items):
@@ -216,7 +220,9 @@ def test_isolated_item_and_short_rows() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("n_walks", 0), ("hops", -1), ("top_t", 0), ("chunk_items", 0),
                                               ("stop_prob", 1.5), ("restart_prob", 1.0), ("n_hard_negatives", -2),
-                                              ("hard_negative_ranks", (5, 5)), ("mode", "bfs")])
+                                              ("hard_negative_ranks", (5, 5)), ("mode", "bfs"),
+                                              ("neighbor_score", "pop"), ("lift_alpha", -1.0),
+                                              ("lift_alpha", float("nan")), ("lift_alpha", "1")])
 def test_bad_parameters(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"walks.{field}"):
         WalkConfig(**{field: value})  # type: ignore[arg-type]
@@ -267,6 +273,83 @@ def test_gpu_ranking_logic_on_pandas() -> None:
     assert np.all((cut[:, 1] >= 0) | (cut[:, 2] < 0))  # once stopped, stays stopped
     assert abs((cut[:, 1] >= 0).mean() - 0.5) < 0.06 and cut[:, 0].min() == 1
     assert visits.sum() == (trace >= 0).sum()
+
+
+# Lift ranking. Users 0..5, items 0..5; item 5 is a hub every user bought, items 1 and 2 were bought only with
+# item 0 (by users 0 and 1). Degrees: item 0: 2, 1: 1, 2: 1, 3: 3, 4: 3, hub 5: 6. One traversal from item 0
+# (user 0 or 1, then one of that user's 3 items) reaches 1 and 2 with probability 1/6 each, the hub with 1/3.
+HUB_EDGES = [(0, 0, 1.0), (0, 1, 1.0), (0, 5, 1.0), (1, 0, 1.0), (1, 2, 1.0), (1, 5, 1.0), (2, 3, 1.0), (2, 5, 1.0),
+             (3, 4, 1.0), (3, 5, 1.0), (4, 3, 1.0), (4, 4, 1.0), (4, 5, 1.0), (5, 3, 1.0), (5, 4, 1.0), (5, 5, 1.0)]
+HUB_STORE = make_store(HUB_EDGES, n_users=6, n_items=6)
+
+
+def rank_trace(trace: list[int], alpha: float | None) -> tuple[list[int], list[float]]:
+    """Rank the one-traversal walks ``trace`` from item 0 with the kernel: by visits (``alpha`` None) or lift."""
+    tr = np.array(trace, np.int64)[:, None]  # (n_walks, hops=1)
+    pop = np.empty(0, np.float64) if alpha is None else degree_discount(HUB_STORE, alpha)
+    row_len, top_idx, top_cnt = np.zeros(1, np.int64), np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64)
+    score = np.zeros((1, 3) if alpha is not None else (0, 0), np.float64)
+    _rank_scored(np.array([0]), len(trace), tr, np.zeros(6, np.int32), np.zeros(6, np.int32), 3, False, 50, 500, 0,
+                 row_len, top_idx, top_cnt, np.zeros((1, 0), np.int64), pop, score)
+    m = int(row_len[0])
+    w = top_cnt[0, :m] if alpha is None else score[0, :m]
+    return top_idx[0, :m].tolist(), [float(x) for x in w]
+
+
+def test_lift_puts_related_items_before_the_hub() -> None:
+    # six walks from item 0 (each valid on HUB_STORE): 0→u0→1, 0→u1→2, 0→u0→5, 0→u1→5, 0→u0→0, 0→u1→5
+    trace = [1, 2, 5, 5, 0, 5]
+    assert rank_trace(trace, None) == ([5, 1, 2], [3.0, 1.0, 1.0])  # visits: the hub first
+    # lift, alpha 1: 1/1, 1/1, 3/6 -> sum 2.5 -> 0.4, 0.4, 0.2 (ties by smaller id)
+    idx, w = rank_trace(trace, 1.0)
+    assert idx == [1, 2, 5] and np.allclose(w, [0.4, 0.4, 0.2], rtol=0, atol=1e-12)
+    # alpha 0.5: the hub's 3/sqrt(6) = 1.2247 beats 1/1: a weaker discount keeps it first
+    idx, w = rank_trace(trace, 0.5)
+    total = 2 + 3 / np.sqrt(6)
+    assert idx == [5, 1, 2] and np.allclose(w, [3 / np.sqrt(6) / total, 1 / total, 1 / total], rtol=0, atol=1e-12)
+    # alpha 0: the visit ranking, weights = visit shares
+    idx, w = rank_trace(trace, 0.0)
+    assert idx == [5, 1, 2] and np.allclose(w, [0.6, 0.2, 0.2], rtol=0, atol=1e-12)
+
+
+def test_lift_through_compute_neighborhoods() -> None:
+    # the same walks (same seed) ranked both ways: lift weights are the visit counts over degrees, normalised
+    base = {"n_walks": 3000, "hops": 1, "top_t": 5, "n_hard_negatives": 0}  # T=5 keeps every reachable item
+    vis = compute_neighborhoods(HUB_STORE, WalkConfig(**base))  # type: ignore[arg-type]
+    lift = compute_neighborhoods(HUB_STORE, WalkConfig(**base, neighbor_score="lift"))  # type: ignore[arg-type]
+    assert vis.neighbors(0)[0] == 5 and sorted(vis.neighbors(0).tolist()) == [1, 2, 5]  # the hub most visited
+    assert lift.neighbors(0)[-1] == 5  # ~500/1 for items 1 and 2 against ~1000/6 for the hub
+    deg = np.diff(HUB_STORE.item_users.indptr)
+    for s in range(6):
+        counts = dict(zip(vis.neighbors(s).tolist(), vis.neighbor_weights(s).tolist(), strict=True))
+        score = {j: counts[j] / deg[j] for j in counts}
+        total = sum(score.values())
+        order = sorted(score, key=lambda j: (-score[j], j))
+        assert lift.neighbors(s).tolist() == order
+        assert np.allclose(lift.neighbor_weights(s), [score[j] / total for j in order], rtol=1e-6, atol=0)
+    # everything else of the result does not depend on the ranking
+    for name in ("indptr", "item_importance", "user_importance"):
+        assert np.array_equal(getattr(vis, name), getattr(lift, name)), name
+    other = compute_neighborhoods(HUB_STORE, WalkConfig(**base, neighbor_score="lift", chunk_items=2), n_threads=2)  # type: ignore[arg-type]
+    assert_same(lift, other)
+
+
+def test_default_ranks_by_visits() -> None:
+    assert WalkConfig().neighbor_score == "visits"
+    cfg = WalkConfig(n_walks=30, hops=3, top_t=2, n_hard_negatives=2, hard_negative_ranks=(2, 5))
+    assert_same(compute_neighborhoods(STORE, cfg), compute_neighborhoods(STORE, WalkConfig(**{
+        **cfg.__dict__, "neighbor_score": "visits", "lift_alpha": 0.25})))  # alpha unused by visits
+
+
+def test_lift_refused_where_not_implemented() -> None:
+    from gnn.evolving import walk_starts
+
+    cfg = WalkConfig(n_walks=2, hops=1, neighbor_score="lift")
+    trace = np.zeros((12, 1), np.int64)
+    with pytest.raises(ValueError, match=r"walks\.neighbor_score=.lift. is implemented on the CPU kernel only"):
+        rank_paths(pd, np.repeat(np.arange(6), 2), trace, cfg, n_items=6)
+    with pytest.raises(ValueError, match=r"walks\.neighbor_score=.lift.: evolving graphs rank by visits only"):
+        walk_starts(STORE, cfg, np.arange(2, dtype=np.int64))
 
 
 @pytest.mark.gpu

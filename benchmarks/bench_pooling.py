@@ -23,7 +23,10 @@ the id-free models to 0.31-0.33 hit@10, still below item-CF, with the two poolin
 paired in ``cs05_all_seeds``) puts the walk neighbourhood ahead of GraphSAGE-mean (PinSage-mean - GraphSAGE MRR
 +0.022 on 7/7 seeds, hit@10 +0.019) but not importance pooling (importance - mean MRR -0.006, 1/7), and every GNN
 falls further below item-CF (hit@10 0.31-0.33 vs 0.37); benchmarks/probe_community_purity.py measures how little
-purer than GraphSAGE's draws the top-T neighbours are on such data.
+purer than GraphSAGE's draws the top-T neighbours are on such data. Ranking and weighting the walk neighbours
+by lift instead (``--walk-set neighbor_score=lift``: visits / degree, run ``cs05_lift_t10_3models``, 3 seeds)
+puts importance ahead of mean pooling on every seed (test hit@10 +0.029) only because mean pooling over those
+rarer neighbours loses 0.047; PinSage itself gains nothing over the visit ranking and item-CF stays ahead.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

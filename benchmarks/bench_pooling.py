@@ -26,7 +26,8 @@ falls further below item-CF (hit@10 0.31-0.33 vs 0.37); benchmarks/probe_communi
 purer than GraphSAGE's draws the top-T neighbours are on such data. Ranking and weighting the walk neighbours
 by lift instead (``--walk-set neighbor_score=lift``: visits / degree, run ``cs05_lift_t10_3models``, 3 seeds)
 puts importance ahead of mean pooling on every seed (test hit@10 +0.029) only because mean pooling over those
-rarer neighbours loses 0.047; PinSage itself gains nothing over the visit ranking and item-CF stays ahead.
+rarer neighbours loses 0.047; PinSage itself gains nothing over the visit ranking and item-CF stays ahead. A
+milder discount (``lift_alpha=0.25``, ``cs05_lift_a025_t10_3models``: the purest top-10 of the probe) is no better.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

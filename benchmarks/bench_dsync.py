@@ -61,6 +61,11 @@ def _hier_w4_rand(sync: str, **extra: Any) -> dict[str, Any]:
     return {"workers": 4, "sync": sync, "sync_warmup_epochs": 1.0, "partition": "random", **extra}
 
 
+def _dgc_adamc(**extra: Any) -> dict[str, Any]:
+    """DGC with the Adam correction (each rank accumulates its own Adam step; plain SGD applies the average)."""
+    return {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", **extra}
+
+
 MODES: dict[str, dict[str, Any]] = {
     "none": {},
     "fp16": {"compression": "fp16"},
@@ -155,23 +160,19 @@ MODES: dict[str, dict[str, Any]] = {
                      "dgc_warmup": "0.75,0.9375,0.984375"},
     # the Adam analogue of DGC's momentum correction: each rank accumulates its own Adam step (not the raw gradient),
     # sends the top 0.1 %, and plain SGD at lr 3e-3 applies the average; same warm-up as dgc_adam
-    "dgc_adamc": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam"},
-    "dgc_adamc_s99": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", "dgc_sparsity": 0.99,
-                      "dgc_warmup": "0.75,0.9375,0.984375"},
+    "dgc_adamc": _dgc_adamc(),
+    "dgc_adamc_s99": _dgc_adamc(dgc_sparsity=0.99, dgc_warmup="0.75,0.9375,0.984375"),
     # 99.6 % (the paper's last warm-up stage) as the final sparsity: the lowest that keeps the steady state above
     # 100x fewer bytes than dense here (about 115x)
-    "dgc_adamc_s996": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", "dgc_sparsity": 0.996,
-                       "dgc_warmup": "0.75,0.9375,0.984375"},
+    "dgc_adamc_s996": _dgc_adamc(dgc_sparsity=0.996, dgc_warmup="0.75,0.9375,0.984375"),
     # where DGC's loss comes from: the item-id table (90 % of the weights) all-reduced densely and the rest
     # compressed as dgc_adamc (a diagnostic: about 1.1x fewer bytes), and the table selected by whole rows instead
     # of entries (twice the values per byte; each item's vector moves as one)
-    "dgc_adamc_iddense": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam",
-                          "dgc_dense": "input.item_id.weight"},
-    "dgc_adamc_idrows": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam",
-                         "dgc_rows": "input.item_id.weight"},
+    "dgc_adamc_iddense": _dgc_adamc(dgc_dense="input.item_id.weight"),
+    "dgc_adamc_idrows": _dgc_adamc(dgc_rows="input.item_id.weight"),
     # the paper's PinSage: no id table, an item is its features and its walk neighbourhood (dense and DGC)
     "none_noid": {"item_ids": False},
-    "dgc_adamc_noid": {"compression": "dgc", "optimizer": "adam", "dgc_correction": "adam", "item_ids": False},
+    "dgc_adamc_noid": _dgc_adamc(item_ids=False),
 }
 
 

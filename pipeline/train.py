@@ -150,6 +150,21 @@ class TrainStageConfig:
     dgc_rows: str = field(default="", metadata={"help": "DGC: comma-separated 2-D parameter names or patterns "
                                                          "selected by whole rows (embedding tables, e.g. "
                                                          "input.item_id.weight)"})
+    dgc_average: Literal["world", "senders"] = field(
+        default="world", metadata={"help": "DGC: divide an entry's sum by every rank (world) or by the ranks that "
+                                           "sent it (senders)"})
+    dgc_adam_masking: bool = field(default=False, metadata={"help": "DGC with --dgc-correction adam: zero Adam's "
+                                                                    "first moment of the entries just sent"})
+    dgc_flush: bool = field(default=False, metadata={"help": "DGC: at the end of training, average the ranks' "
+                                                              "residuals and apply them as one more update"})
+    dgc_local: str = field(default="", metadata={"help": "DGC: comma-separated parameter names or patterns that send "
+                                                          "no gradient; each rank steps them and the ranks merge the "
+                                                          "rows they changed every --dgc-local-period steps"})
+    dgc_local_period: int = field(default=100, metadata={"help": "DGC: steps between merges of the --dgc-local "
+                                                                 "tensors"})
+    dgc_local_merge: Literal["sum", "mean", "touches"] = field(
+        default="sum", metadata={"help": "DGC: a merged row gets every rank's change (sum), their mean (mean) or "
+                                         "their mean weighted by the steps each rank touched it (touches)"})
     partition: Literal["metis", "random"] = field(default="metis", metadata={"help": "shard partitioner"})
     window_s: int = field(default=1800, metadata={"help": "training pairs: largest gap between query and positive"})
     producer_threads: int = field(default=2, metadata={"help": "batch-building threads per rank"})
@@ -199,6 +214,11 @@ class TrainStageConfig:
         check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be positive")
         check(self.dgc_correction == "momentum" or self.optimizer_kind == "adam", "train.dgc_correction",
               self.dgc_correction, "needs --optimizer adam (it runs Adam inside the DGC hook)")
+        check(not self.dgc_flush or self.compression == "dgc", "train.dgc_flush", self.dgc_flush,
+              "applies the DGC residuals: add --compression dgc, or drop it")
+        for name in ("dgc_dense", "dgc_rows", "dgc_local"):
+            check(not getattr(self, name) or self.compression == "dgc", f"train.{name}", getattr(self, name),
+                  "names tensors for the DGC hook: add --compression dgc, or leave it empty")
         try:
             self.cache_config()
             self.comm_config()
@@ -220,7 +240,10 @@ class TrainStageConfig:
         dgc = DGCConfig(sparsity=self.dgc_sparsity, momentum=hook_momentum, correction=self.dgc_correction,
                         warmup_sparsities=parse_sparsities(self.dgc_warmup), warmup_unit=self.dgc_warmup_unit,
                         warmup_stage_length=self.dgc_warmup_stage_length,
-                        dense_tensors=parse_patterns(self.dgc_dense), row_tensors=parse_patterns(self.dgc_rows))
+                        dense_tensors=parse_patterns(self.dgc_dense), row_tensors=parse_patterns(self.dgc_rows),
+                        local_tensors=parse_patterns(self.dgc_local), local_period=self.dgc_local_period,
+                        local_merge=self.dgc_local_merge, flush_at_end=self.dgc_flush,
+                        average=self.dgc_average, adam_masking=self.dgc_adam_masking)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)
@@ -514,12 +537,15 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             if cfg.epoch_embeddings:
                 before = cache.transport_stats.bytes
                 snapshots[trainer.epoch] = _epoch_snapshot(model, sampler, local.items, cfg.seed, mc.query_head,
-                                                           world, not comm.uses_ddp_allreduce)
+                                                           world, not comm.uses_ddp_allreduce, session)
                 snapshot_bytes += cache.transport_stats.bytes - before
         train_stats = cache.stats.to_dict()
         transport = cache.transport_stats.to_dict()
         if world > 1 and not comm.uses_ddp_allreduce:
             _average_parameters(model, world)  # local/hierarchical: one final global average before embedding
+        elif session is not None:
+            # DGC: the local tensors' last round of changed rows, and with --dgc-flush the residuals applied
+            session.finish(lr=float(optimizer.param_groups[0]["lr"]))
         if rank == 0:
             save_checkpoint(Path(job.out_dir) / "checkpoint.pt", trainer, mc, extra=extra)
         embed_started = time.perf_counter()
@@ -583,12 +609,16 @@ def _embed_local(model: Any, sampler: Any, items: np.ndarray, seed: int, with_qu
 
 
 def _epoch_snapshot(model: Any, sampler: Any, items: np.ndarray, seed: int, with_query: bool, world: int,
-                    average: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                    average: bool, session: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`_embed_local` between epochs without touching the training state: under local / hierarchical
     averaging (``average``) the replicas differ, so a copy of the weights is averaged (a collective: every rank
-    calls this) and embedded, as the final embedding does with the weights themselves."""
+    calls this) and embedded, as the final embedding does with the weights themselves; with DGC local tensors, a
+    copy with their changed rows merged (``session.merged_copy``)."""
     import copy
 
+    merged = None if session is None else session.merged_copy(getattr(model, "module", model))
+    if merged is not None:
+        return _embed_local(merged, sampler, items, seed, with_query)
     if average and world > 1:
         model = copy.deepcopy(getattr(model, "module", model))
         _average_parameters(model, world)

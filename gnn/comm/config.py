@@ -23,6 +23,8 @@ SYNC_KINDS = ("allreduce", "local", "hierarchical")
 SYNC_WEIGHTINGS = ("uniform", "touched")  # how an averaging round weighs the replicas (gnn/comm/averaging.py)
 DGC_CORRECTIONS = ("momentum", "adam")  # what the DGC hook accumulates
 DGC_WARMUP_DEFAULT = (0.75, 0.9375, 0.984375, 0.996)  # Lin et al. 2018, then `sparsity` (0.999)
+DGC_LOCAL_MERGES = ("sum", "mean", "touches")  # how a round combines the ranks' changes to a local tensor's row
+DGC_AVERAGES = ("world", "senders")  # what divides the sum of the values sent for an entry
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,28 @@ class DGCConfig:
             accumulated L2 norm, as many as fit the bytes the entry-wise selection would send (a row costs its values
             and one index, an entry a value and an index, so about twice the values per byte). Meant for embedding
             tables, whose rows are updated one item at a time (default none).
+        local_tensors: patterns of parameters that send no gradient at all: each rank applies its own update
+            (the same correction as the rest: its own Adam step, or momentum) and every ``local_period`` optimizer
+            steps the ranks exchange the rows (first dimension) that changed since the last round, as (index, delta)
+            pairs, and merge them (``local_merge``); meant for an item-id table, whose gradient touches thousands of
+            rows a step, which top-k of the gradient starves (default none).
+        local_period: optimizer steps between two rounds of the local tensors (default 100).
+        local_merge: ``"sum"`` (a changed row becomes its value at the last round plus every rank's change: a row one
+            rank trains keeps that rank's whole update), ``"mean"`` (plus the mean change over the ranks that changed
+            it) or ``"touches"`` (the mean weighted by the steps in which each rank's gradient touched the row)
+            (default ``"sum"``).
+        adam_masking: with ``correction="adam"``, zero Adam's first moment of the entries just sent (momentum factor
+            masking for Adam: an entry sent keeps no momentum from the gradients its delivered value already holds)
+            (default False).
+        average: what divides the sum of the values the ranks sent for an entry: ``"world"`` (every rank, as the
+            paper's all-gather and average) or ``"senders"`` (the ranks that sent that entry, or row). With the Adam
+            correction a rank's value is a sum of whole Adam steps, so an entry only one rank trains (an item-id row
+            of that rank's shard) moves by half a step under ``"world"`` on 2 ranks, where Adam on the all-reduced
+            gradient moves it by a whole one (default ``"world"``).
+        flush_at_end: when training ends (:meth:`gnn.comm.hooks.CommSession.finish`), apply what every rank still
+            holds back: the ranks' residuals are averaged (one dense all-reduce of the compressed tensors) and stepped
+            as one more update, so the trained model carries every accumulated update. Needs an update direction in
+            the residual: ``correction="adam"`` or ``momentum > 0`` (default False).
     """
 
     sparsity: float = 0.999
@@ -99,6 +123,12 @@ class DGCConfig:
     seed: int = 0
     dense_tensors: tuple[str, ...] = ()
     row_tensors: tuple[str, ...] = ()
+    local_tensors: tuple[str, ...] = ()
+    local_period: int = 100
+    local_merge: str = "sum"
+    flush_at_end: bool = False
+    average: str = "world"
+    adam_masking: bool = False
 
     def __post_init__(self) -> None:
         named = [("sparsity", self.sparsity)]
@@ -130,13 +160,26 @@ class DGCConfig:
             raise ValueError(f"DGCConfig.min_sample={self.min_sample} must be >= 1")
         if self.threshold_slack < 1.0:
             raise ValueError(f"DGCConfig.threshold_slack={self.threshold_slack} must be >= 1")
-        both = sorted(set(self.dense_tensors) & set(self.row_tensors))
-        if both:
-            raise ValueError(f"DGCConfig: {both[0]!r} is in both dense_tensors and row_tensors; a tensor is sent "
-                             "densely or by rows, not both")
-        if any(not pattern.strip() for pattern in (*self.dense_tensors, *self.row_tensors)):
-            raise ValueError("DGCConfig.dense_tensors / row_tensors: empty pattern; give parameter names or fnmatch "
-                             "patterns such as input.item_id.weight")
+        for a, b in itertools.combinations(("dense_tensors", "row_tensors", "local_tensors"), 2):
+            both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            if both:
+                raise ValueError(f"DGCConfig: {both[0]!r} is in both {a} and {b}; a tensor travels one way only")
+        if any(not pattern.strip() for pattern in (*self.dense_tensors, *self.row_tensors, *self.local_tensors)):
+            raise ValueError("DGCConfig.dense_tensors / row_tensors / local_tensors: empty pattern; give parameter "
+                             "names or fnmatch patterns such as input.item_id.weight")
+        if self.local_period < 1:
+            raise ValueError(f"DGCConfig.local_period={self.local_period} (--dgc-local-period) must be >= 1 step")
+        if self.flush_at_end and self.correction == "momentum" and not self.momentum:
+            raise ValueError("DGCConfig.flush_at_end (--dgc-flush) with momentum 0: the residual then holds raw "
+                             "gradients for the optimizer's own momentum; use --dgc-correction adam or a momentum")
+        if self.adam_masking and self.correction != "adam":
+            raise ValueError("DGCConfig.adam_masking (--dgc-adam-masking) masks Adam's moment: it needs "
+                             "--dgc-correction adam (momentum_masking covers the SGD velocity)")
+        if self.average not in DGC_AVERAGES:
+            raise ValueError(f"DGCConfig.average={self.average!r} (--dgc-average): use 'world' or 'senders'")
+        if self.local_merge not in DGC_LOCAL_MERGES:
+            raise ValueError(f"DGCConfig.local_merge={self.local_merge!r} (--dgc-local-merge): use 'sum', 'mean' or "
+                             "'touches'")
 
     def sparsity_at(self, stage_clock: int) -> float:
         """Sparsity at epoch (or step) ``stage_clock`` (0-based) under the warm-up schedule."""
@@ -245,7 +288,7 @@ class CommConfig:
         data = dict(data)
         data.pop("sync_spec", None)
         dgc = dict(data.pop("dgc", {}))
-        for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors"):
+        for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors", "local_tensors"):
             if key in dgc:
                 dgc[key] = tuple(dgc[key])
         levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
@@ -349,6 +392,20 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated parameter names or fnmatch patterns all-reduced densely, not compressed")
     group.add_argument("--dgc-rows", default="",
                        help="comma-separated 2-D parameter names or patterns selected by whole rows (embedding tables)")
+    group.add_argument("--dgc-average", default=dg.average, choices=DGC_AVERAGES,
+                       help="divide an entry's sum by every rank (world) or by the ranks that sent it (senders)")
+    group.add_argument("--dgc-adam-masking", action="store_true",
+                       help="with --dgc-correction adam, zero Adam's first moment of the entries just sent")
+    group.add_argument("--dgc-flush", action="store_true",
+                       help="at the end of training, average the ranks' residuals and apply them as one more update")
+    group.add_argument("--dgc-local", default="",
+                       help="comma-separated parameter names or patterns that send no gradient: each rank steps them "
+                       "itself and the ranks merge their changed rows every --dgc-local-period steps")
+    group.add_argument("--dgc-local-period", type=int, default=dg.local_period,
+                       help="steps between two merges of the --dgc-local tensors")
+    group.add_argument("--dgc-local-merge", default=dg.local_merge, choices=DGC_LOCAL_MERGES,
+                       help="a merged row gets every rank's change (sum), their mean over the ranks that changed it "
+                       "(mean), or their mean weighted by the steps each rank's gradient touched it (touches)")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -358,7 +415,9 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     warmup_unit=args.dgc_warmup_unit, warmup_stage_length=args.dgc_warmup_stage_length,
                     momentum=args.dgc_momentum, weight_decay=args.dgc_weight_decay, clip_norm=args.dgc_clip_norm,
                     correction=args.dgc_correction, dense_tensors=parse_patterns(args.dgc_dense),
-                    row_tensors=parse_patterns(args.dgc_rows))
+                    row_tensors=parse_patterns(args.dgc_rows), local_tensors=parse_patterns(args.dgc_local),
+                    local_period=args.dgc_local_period, local_merge=args.dgc_local_merge,
+                    flush_at_end=args.dgc_flush, average=args.dgc_average, adam_masking=args.dgc_adam_masking)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,

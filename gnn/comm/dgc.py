@@ -15,6 +15,12 @@ With ``DGCConfig.momentum = 0`` the hook is error-feedback top-k: the local accu
 not yet sent (no momentum buffer, so masking has nothing to clear), the dense tensors are plainly averaged, and the
 averaged sparse gradient goes to an optimizer that applies momentum once itself (Adam; or SGD with momentum).
 
+With ``DGCConfig.local_tensors`` (an item-id table, say) the named tensors send no gradient: each rank steps them with
+its own update (the same correction as the rest) and every ``local_period`` steps the ranks merge the rows that changed
+since the last round (:func:`merge_changed_rows`, called from :meth:`DGCState.after_step`, which
+:class:`gnn.comm.hooks.CommSession` runs after each optimizer step). Top-k of a 0.1 % share starves such a table: its
+gradient touches thousands of rows a step, and a row waits hundreds of steps for its turn.
+
     state = DGCState(config.dgc)
     ddp_model.register_comm_hook(state, dgc_hook)
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=lr)  # no momentum, no weight decay: the hook does both
@@ -115,6 +121,10 @@ class DGCState:
     names: dict[torch.Tensor, str] = field(default_factory=dict)
     layouts: dict[torch.Tensor, str] = field(default_factory=dict)
     ever_sent: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    local_snapshots: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    local_touches: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    local_steps: int = 0
+    local_rounds: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def __post_init__(self) -> None:
@@ -132,25 +142,93 @@ class DGCState:
         ``row_tensors`` patterns, each of which must match a parameter)."""
         self.names = {p: n for n, p in module.named_parameters()}
         self.layouts = {}
-        for pattern in (*self.config.dense_tensors, *self.config.row_tensors):
+        for pattern in (*self.config.dense_tensors, *self.config.row_tensors, *self.config.local_tensors):
             if not any(_matches(n, (pattern,)) for n in self.names.values()):
                 shown = ", ".join(sorted(self.names.values())[:8])
-                raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows) matches no parameter of the "
-                                 f"model; its parameters are: {shown}, ...")
+                raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows / --dgc-local) matches no "
+                                 f"parameter of the model; its parameters are: {shown}, ...")
 
     def layout(self, param: torch.Tensor) -> str:
-        """How ``param`` travels: ``"dense"`` (dim ≤ 1 or a ``dense_tensors`` pattern: all-reduced), ``"rows"``
+        """How ``param`` travels: ``"local"`` (a ``local_tensors`` pattern: no gradient sent, changed rows merged
+        every ``local_period`` steps), ``"dense"`` (dim ≤ 1 or a ``dense_tensors`` pattern: all-reduced), ``"rows"``
         (a ``row_tensors`` pattern: whole rows selected) or ``"entries"`` (top-k entries)."""
         kind = self.layouts.get(param)
         if kind is None:
             name = self.names.get(param)
-            if name is None and (self.config.dense_tensors or self.config.row_tensors):
-                raise ValueError("DGC dense_tensors / row_tensors need parameter names; call "
+            cfg = self.config
+            if name is None and (cfg.dense_tensors or cfg.row_tensors or cfg.local_tensors):
+                raise ValueError("DGC dense_tensors / row_tensors / local_tensors need parameter names; call "
                                  "DGCState.name_parameters(module) before training")
-            kind = ("dense" if param.dim() <= 1 or _matches(name, self.config.dense_tensors)
-                    else "rows" if _matches(name, self.config.row_tensors) else "entries")
+            kind = ("local" if _matches(name, cfg.local_tensors)
+                    else "dense" if param.dim() <= 1 or _matches(name, cfg.dense_tensors)
+                    else "rows" if _matches(name, cfg.row_tensors) else "entries")
             self.layouts[param] = kind
         return kind
+
+    def after_step(self, module: torch.nn.Module) -> bool:
+        """Count one optimizer step; every ``local_period`` steps merge the local tensors (:meth:`merge_local`).
+        Returns whether a round ran. A no-op without ``local_tensors``."""
+        if not self.config.local_tensors:
+            return False
+        self.local_steps += 1
+        if self.local_steps % self.config.local_period:
+            return False
+        self.merge_local(module)
+        return True
+
+    def merge_local(self, module: torch.nn.Module, *, into: torch.nn.Module | None = None) -> int:
+        """One round of the local tensors now (a collective: every rank calls it): each rank sends the rows that
+        changed since the last round as (index, change) pairs and every rank applies the merged changes
+        (``local_merge``), so the tensors are bit-identical on every rank afterwards. With ``into`` (a copy of
+        ``module``, e.g. for an evaluation between epochs) the merge is written there and the training state,
+        snapshots included, is left as it was. Returns the bytes this rank sent (also counted in :attr:`traffic`
+        as level ``local_rows``, unless ``into`` is given)."""
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if group is None:
+            raise RuntimeError("DGC local tensors need an initialised process group (dist.init_process_group)")
+        target = dict((into if into is not None else module).named_parameters())
+        sent = 0
+        for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):  # same order on every rank
+            if self.layout(param) != "local":
+                continue
+            snapshot = self.local_snapshots.get(param)
+            if snapshot is None:  # no backward yet: nothing changed
+                snapshot = self.local_snapshots[param] = param.detach().clone()
+            out = target[name].detach()
+            touches = self.local_touches.get(param)
+            sent += merge_changed_rows(param.detach(), snapshot, out, group, merge=self.config.local_merge,
+                                       update_snapshot=into is None,
+                                       touches=touches if self.config.local_merge == "touches" else None)
+            if into is None and touches is not None:
+                touches.zero_()
+        if into is None:
+            self.local_rounds += 1
+            self.traffic.record_sync(level="local_rows", payload_bytes=sent)
+        return sent
+
+    def flush(self, module: torch.nn.Module, lr: float) -> int:
+        """Apply what the ranks still hold back (a collective): the residual of every compressed tensor is averaged
+        over the ranks (a dense all-reduce) and stepped as ``param -= lr · mean residual``, the residuals cleared.
+        Residuals hold update directions (Adam steps, or velocities), which the outer plain SGD scales by ``lr``.
+        Returns the bytes this rank sent (counted in :attr:`traffic` as level ``flush``)."""
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if group is None:
+            raise RuntimeError("DGCState.flush needs an initialised process group (dist.init_process_group)")
+        world = dist.get_world_size(group)
+        sent = 0
+        for _, param in sorted(module.named_parameters(), key=lambda item: item[0]):  # same order on every rank
+            velocity = self.velocities.get(param)
+            if velocity is None or self.layout(param) in ("dense", "local"):
+                continue
+            mean = velocity.clone()
+            dist.all_reduce(mean, group=group)
+            mean.div_(world)
+            with torch.no_grad():
+                param.view(-1).sub_(mean, alpha=lr)
+            velocity.zero_()
+            sent += mean.numel() * mean.element_size()
+        self.traffic.record_sync(level="flush", payload_bytes=sent)
+        return sent
 
     def state_dict(self) -> dict[str, object]:
         """Residual velocities and momenta by parameter name (call :meth:`name_parameters` first), for checkpoints."""
@@ -202,9 +280,12 @@ class DGCState:
 
     def stats(self) -> dict[str, object]:
         """The hook's own counters, plain JSON (the bytes are in :attr:`traffic`, which the session reports)."""
-        return {"sparsity": self.sparsity, "fallbacks": self.fallbacks, "selections": self.selections,
-                "residual_norm": self.residual_norm, "coverage": self.coverage,
-                "coverage_by_tensor": self.coverage_by_tensor()}
+        out: dict[str, object] = {"sparsity": self.sparsity, "fallbacks": self.fallbacks,
+                                  "selections": self.selections, "residual_norm": self.residual_norm,
+                                  "coverage": self.coverage, "coverage_by_tensor": self.coverage_by_tensor()}
+        if self.config.local_tensors:
+            out["local_rounds"] = self.local_rounds
+        return out
 
     def __repr__(self) -> str:
         return (f"DGCState(sparsity={self.sparsity}, epoch={self.epoch}, tensors={len(self.velocities)}, "
@@ -213,6 +294,80 @@ class DGCState:
 
 def _matches(name: str | None, patterns: tuple[str, ...]) -> bool:
     return name is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def merge_changed_rows(param: torch.Tensor, snapshot: torch.Tensor, out: torch.Tensor, group: dist.ProcessGroup,
+                       *, merge: str = "sum", update_snapshot: bool = True,
+                       touches: torch.Tensor | None = None) -> int:
+    """Merge the rows of ``param`` that the ranks of ``group`` changed since ``snapshot`` (the value every rank
+    agreed on at the last round) and write the result to ``out`` (``param`` itself, or a copy of it).
+
+    Each rank sends the indices (int32) and changes (``param - snapshot``) of its changed rows, padded to the
+    largest count of the group (gloo's all-gather needs equal sizes; padding rows carry index -1). A row changed by
+    some ranks becomes ``snapshot + Σ changes`` (``merge="sum"``) or ``snapshot + mean of the changes`` over those
+    ranks (``"mean"``), or ``"touches"``: the mean weighted by ``touches``, the steps in which each rank's gradient
+    touched the row (sent as one float32 per changed row), so that a row one rank trains takes that rank's change
+    and a few steps of another rank's momentum drift barely move it (a row no rank touched: the plain mean). Every
+    rank adds the changes in rank order, so the result is bit-identical everywhere. A row nobody changed keeps its
+    value (already the same on every rank). With ``update_snapshot`` the snapshot moves to the merged rows. Returns
+    the bytes this rank sent (the count, then its padded indices, changes and, with ``touches``, weights).
+
+    Shapes: ``param``, ``snapshot``, ``out`` (rows, ...) alike, rows along the first dimension; ``touches`` (rows,).
+    """
+    if merge == "touches" and touches is None:
+        raise ValueError("merge_changed_rows(merge='touches') needs the touch counts (touches=)")
+    rows = param.shape[0]
+    current, base, target = param.reshape(rows, -1), snapshot.view(rows, -1), out.view(rows, -1)  # (rows, cols)
+    world = dist.get_world_size(group)
+    changed = torch.nonzero((current != base).any(dim=1)).view(-1)  # (c,)
+    count = torch.tensor([changed.numel()], dtype=torch.int64)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    width = max(int(c) for c in counts)
+    sent = count.numel() * count.element_size()
+    if width == 0:
+        return sent
+    indices = torch.full((width,), -1, dtype=torch.int32)
+    indices[:changed.numel()] = changed.to(torch.int32)
+    deltas = current.new_zeros(width, current.shape[1])  # (width, cols)
+    deltas[:changed.numel()] = current[changed] - base[changed]
+    all_indices = [torch.empty_like(indices) for _ in range(world)]
+    all_deltas = [torch.empty_like(deltas) for _ in range(world)]
+    dist.all_gather(all_indices, indices, group=group)
+    dist.all_gather(all_deltas, deltas, group=group)
+    sent += indices.numel() * INDEX_BYTES + deltas.numel() * deltas.element_size()
+    all_weights: list[torch.Tensor] = []
+    if merge == "touches" and touches is not None:
+        weights = current.new_zeros(width)  # (width,)
+        weights[:changed.numel()] = touches[changed].to(current.dtype)
+        all_weights = [torch.empty_like(weights) for _ in range(world)]
+        dist.all_gather(all_weights, weights, group=group)
+        sent += weights.numel() * weights.element_size()
+    total = torch.zeros_like(current)  # (rows, cols)
+    weighted = torch.zeros_like(current) if all_weights else None  # (rows, cols)
+    hits = torch.zeros(rows, dtype=current.dtype)  # (rows,)
+    mass = torch.zeros(rows, dtype=current.dtype)  # (rows,) the touch counts of the ranks that changed a row
+    for r, (n, rank_indices, rank_deltas) in enumerate(zip(counts, all_indices, all_deltas, strict=True)):
+        at = rank_indices[:int(n)].long()
+        total.index_add_(0, at, rank_deltas[:int(n)])
+        hits.index_add_(0, at, torch.ones(at.numel(), dtype=current.dtype))
+        if weighted is not None:
+            w = all_weights[r][:int(n)]
+            weighted.index_add_(0, at, rank_deltas[:int(n)] * w.unsqueeze(1))
+            mass.index_add_(0, at, w)
+    touched = hits > 0
+    change = total[touched]
+    if merge in ("mean", "touches"):
+        change /= hits[touched].unsqueeze(1)
+    if weighted is not None:  # rows some rank's gradient touched: the touch-weighted mean
+        by_touch = mass[touched] > 0
+        change[by_touch] = weighted[touched][by_touch] / mass[touched][by_touch].unsqueeze(1)
+    merged = base[touched] + change
+    with torch.no_grad():
+        target[touched] = merged
+        if update_snapshot:
+            base[touched] = merged
+    return sent
 
 
 def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int,
@@ -267,6 +422,8 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     sent_mask[indices] = True
     if momentum is not None and cfg.momentum_masking:
         momentum[indices] = 0.0
+    if cfg.correction == "adam" and cfg.adam_masking:  # the same for Adam's first moment
+        state.momenta[param][indices] = 0.0
     name = state.names.get(param, f"param{id(param)}")
     state.last_k[name] = k
     if accumulated is not None:
@@ -323,7 +480,17 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     sparse_slots, dense_slots = [], []
     values, indices = [], []
     for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
-        if state.layout(param) == "dense":
+        kind = state.layout(param)
+        if kind == "local":  # no exchange: this rank's own update direction, merged by rows every local_period steps
+            if param not in state.local_snapshots:  # before the first step: the value every rank starts from
+                state.local_snapshots[param] = param.detach().clone()
+            if state.config.local_merge == "touches":
+                counts = state.local_touches.get(param)
+                if counts is None:
+                    counts = state.local_touches[param] = torch.zeros(param.shape[0], dtype=torch.int64)
+                counts += grad.reshape(param.shape[0], -1).ne(0).any(dim=1)
+            grad.view(-1).copy_(_dense_momentum(state, param, grad.reshape(-1)))
+        elif kind == "dense":
             dense_slots.append(slot)
         else:
             v, i = _compress_local(state, param, grad, world, sparsity)
@@ -353,10 +520,16 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             # entries: (n,) with one index per value; rows: (rows, cols) with one index per row
             out = grads[slot].view(-1) if n_values == n_indices else grads[slot].view(grads[slot].shape[0], -1)
             out.zero_()
+            senders = torch.zeros(out.shape[0], dtype=out.dtype) if state.config.average == "senders" else None
             for rank_values, rank_indices in zip(gathered_values, gathered_indices, strict=True):
-                out.index_add_(0, rank_indices[at_index:at_index + n_indices].long(),
-                               rank_values[at_value:at_value + n_values].view(n_indices, -1).squeeze(1))
-            out.div_(world)
+                at = rank_indices[at_index:at_index + n_indices].long()
+                out.index_add_(0, at, rank_values[at_value:at_value + n_values].view(n_indices, -1).squeeze(1))
+                if senders is not None:
+                    senders.index_add_(0, at, torch.ones(n_indices, dtype=out.dtype))
+            if senders is None:
+                out.div_(world)
+            else:  # each entry (row) over the ranks that sent it
+                out.div_(senders.clamp(min=1.0).view(-1, *([1] * (out.dim() - 1))))
             at_value += n_values
             at_index += n_indices
         start = 0

@@ -154,7 +154,41 @@ class CommSession:
             if self.model is None:
                 raise ValueError("CommSession.model is unset; create the session with setup_communication")
             return AveragingOptimizer(optimizer, self.averager, self.model, lr_scale=self.config.sync_lr_scale)
+        if self.dgc is not None and self.dgc.config.local_tensors:
+            if self.model is None:
+                raise ValueError("CommSession.model is unset; create the session with setup_communication")
+            return LocalRowsOptimizer(optimizer, self.dgc, _module_of(self.model))
         return optimizer
+
+    @property
+    def replicas_diverge(self) -> bool:
+        """True when the replicas' weights may differ between steps (local / hierarchical averaging, DGC local
+        tensors between their rounds): call :meth:`finish` before reading the trained model."""
+        return self.averager is not None or (self.dgc is not None and bool(self.dgc.config.local_tensors))
+
+    def finish(self, lr: float | None = None) -> None:
+        """Settle the training before the trained model is read (a collective: every rank calls it): the DGC local
+        tensors' last round, and with ``DGCConfig.flush_at_end`` the averaged residuals applied at ``lr`` (the
+        outer SGD's current learning rate) (local / hierarchical averaging keep their own final average)."""
+        if self.dgc is None or self.model is None:
+            return
+        if self.dgc.config.flush_at_end:
+            if lr is None:
+                raise ValueError("CommSession.finish: DGCConfig.flush_at_end needs the learning rate (lr=)")
+            self.dgc.flush(_module_of(self.model), lr)
+        if self.dgc.config.local_tensors:
+            self.dgc.merge_local(_module_of(self.model))
+
+    def merged_copy(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """A copy of ``module`` with the DGC local tensors merged as a round would, the training state untouched (a
+        collective); None when this session has no local tensors."""
+        if self.dgc is None or not self.dgc.config.local_tensors or self.model is None:
+            return None
+        import copy
+
+        copied = copy.deepcopy(module)
+        self.dgc.merge_local(_module_of(self.model), into=copied)
+        return copied
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the hook (DGC sparsity warm-up); harmless for the other modes."""
@@ -169,6 +203,41 @@ class CommSession:
         if self.averager is not None:
             out["averager"] = {"step": self.averager.step_count, "warmup_steps": self.averager.warmup_steps}
         return out
+
+
+class LocalRowsOptimizer(torch.optim.Optimizer):
+    """Wrap an optimizer so that each ``step()`` is followed by :meth:`DGCState.after_step` (the DGC local tensors'
+    rounds, every ``local_period`` steps). The wrapped optimizer's state and checkpoints are passed through."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, dgc: DGCState, module: torch.nn.Module) -> None:
+        self.optimizer = optimizer
+        self.dgc = dgc
+        self.module = module
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+        self.state = optimizer.state
+
+    def step(self, closure: Any = None) -> Any:
+        loss = self.optimizer.step(closure)
+        self.dgc.after_step(self.module)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return (f"LocalRowsOptimizer({self.optimizer.__class__.__name__}, every {self.dgc.config.local_period} "
+                "steps)")
+
+
+def _module_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) -> None:

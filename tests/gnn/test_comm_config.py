@@ -251,6 +251,31 @@ def test_dgc_dense_and_row_tensor_patterns_config() -> None:
     add_comm_arguments(parser)
     args = parser.parse_args(["--compression", "dgc", "--dgc-rows", "input.item_id.weight", "--dgc-dense", "g1.*"])
     assert comm_config_from_args(args).dgc == DGCConfig(dense_tensors=("g1.*",), row_tensors=("input.item_id.weight",))
+    local = DGCConfig(local_tensors=("input.item_id.weight",), local_period=7, local_merge="mean")
+    assert CommConfig.from_dict(json.loads(json.dumps(parse_comm("dgc", dgc=local).to_dict()))).dgc == local
+    args = parser.parse_args(["--compression", "dgc", "--dgc-local", "input.item_id.weight", "--dgc-local-period",
+                              "7", "--dgc-local-merge", "mean"])
+    assert comm_config_from_args(args).dgc == local
+    with pytest.raises(ValueError, match=r"'a\.w' is in both row_tensors and local_tensors"):
+        DGCConfig(row_tensors=("a.w",), local_tensors=("a.w",))
+    with pytest.raises(ValueError, match=r"local_period=0 \(--dgc-local-period\) must be >= 1"):
+        DGCConfig(local_tensors=("a.w",), local_period=0)
+    with pytest.raises(ValueError, match=r"local_merge='max' \(--dgc-local-merge\)"):
+        DGCConfig(local_merge="max")
+    with pytest.raises(ValueError, match=r"flush_at_end \(--dgc-flush\) with momentum 0"):
+        DGCConfig(flush_at_end=True, momentum=0.0)
+    flush = DGCConfig(flush_at_end=True, momentum=0.0, correction="adam")
+    args = parser.parse_args(["--compression", "dgc", "--dgc-flush", "--dgc-momentum", "0", "--dgc-correction",
+                              "adam"])
+    assert comm_config_from_args(args).dgc == flush
+    with pytest.raises(ValueError, match=r"adam_masking \(--dgc-adam-masking\).*needs --dgc-correction adam"):
+        DGCConfig(adam_masking=True)
+    with pytest.raises(ValueError, match=r"average='all' \(--dgc-average\)"):
+        DGCConfig(average="all")
+    args = parser.parse_args(["--compression", "dgc", "--dgc-momentum", "0", "--dgc-correction", "adam",
+                              "--dgc-adam-masking", "--dgc-average", "senders"])
+    assert comm_config_from_args(args).dgc == DGCConfig(momentum=0.0, correction="adam", adam_masking=True,
+                                                        average="senders")
     # rows within the entry-wise bytes: 16559 × 64 at 99.9 %: 1060 entries × 8 bytes buy 32 rows of 64 values + index
     assert dgc_row_k(16559, 64, 0.999, value_bytes=4, index_bytes=4) == 1060 * 8 // 260 == 32
     assert dgc_row_k(10, 1000, 0.999, value_bytes=4, index_bytes=4) == 1  # at least one row

@@ -114,7 +114,9 @@ def layout_worker(rank: int, world: int) -> dict[str, Any]:
     """The embedding table (``0.weight``, 50 × 8) sent densely, then by whole rows, at 90 % sparsity (SGD, momentum
     0: the gradient the optimizer gets is the ranks' average of what they sent)."""
     out: dict[str, Any] = {}
-    for label, extra in (("dense", {"dense_tensors": ("0.weight",)}), ("rows", {"row_tensors": ("0.*",)})):
+    for label, extra in (("dense", {"dense_tensors": ("0.weight",)}), ("rows", {"row_tensors": ("0.*",)}),
+                         ("local", {"local_tensors": ("0.weight",), "local_period": 2}),
+                         ("senders", {"average": "senders"})):
         cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, min_sample=16,
                                               sample_fraction=0.2, **extra))
         model = DDP(tiny_model())
@@ -130,10 +132,12 @@ def layout_worker(rank: int, world: int) -> dict[str, Any]:
             steps.append({"audited": audit is not None, "sent_bytes": traffic.last_step_sent_bytes,
                           "applied": table.grad.detach().reshape(-1).clone(),  # type: ignore[union-attr]
                           **({} if audit is None else {"sent": audit.sent, "accumulated": audit.accumulated,
-                                                        "residual": audit.residual, "k": audit.k})})
+                                                        "residual": audit.residual, "k": audit.k,
+                                                        "indices": audit.indices})})
 
         train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 4, on_step)
-        out[label] = {"steps": steps, "layout": dgc.layout(table), "params": params_of(model.module)}
+        out[label] = {"steps": steps, "layout": dgc.layout(table), "params": params_of(model.module),
+                      "traffic": session.traffic.as_dict()}
     try:
         setup_communication(DDP(tiny_model()), parse_comm("dgc", dgc=DGCConfig(row_tensors=("item_id.*",))))
     except ValueError as error:
@@ -141,10 +145,84 @@ def layout_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def merge_worker(rank: int, world: int) -> dict[str, Any]:
+    """merge_changed_rows on a hand-made 6 × 2 table: rank 0 changed rows 1 and 3, rank 1 rows 3 and 4."""
+    from gnn.comm.dgc import merge_changed_rows
+
+    base = torch.arange(12, dtype=torch.float32).view(6, 2)
+    changes = {0: {1: [10.0, 20.0], 3: [1.0, 2.0]}, 1: {3: [100.0, 200.0], 4: [-1.0, -3.0]}}[rank]
+    out: dict[str, Any] = {}
+    for merge in ("sum", "mean"):
+        param, snapshot = base.clone(), base.clone()
+        for row, delta in changes.items():
+            param[row] += torch.tensor(delta)
+        copy = param.clone()
+        sent = merge_changed_rows(param, snapshot, copy, dist.group.WORLD, merge=merge, update_snapshot=False)
+        out[merge] = {"copy": copy, "snapshot_untouched": bool(torch.equal(snapshot, base))}
+        sent_in_place = merge_changed_rows(param, snapshot, param, dist.group.WORLD, merge=merge)
+        out[merge].update(param=param, snapshot=snapshot, sent=sent, sent_in_place=sent_in_place)
+    # touch-weighted: rank 0's gradient touched row 1 in 2 steps and row 3 in 3; rank 1's row 3 in 1 and row 4 in
+    # none (row 4 moved by momentum drift only)
+    touches = {0: torch.tensor([0, 2, 0, 3, 0, 0]), 1: torch.tensor([0, 0, 0, 1, 0, 0])}[rank]
+    param, snapshot = base.clone(), base.clone()
+    for row, delta in changes.items():
+        param[row] += torch.tensor(delta)
+    sent = merge_changed_rows(param, snapshot, param, dist.group.WORLD, merge="touches", touches=touches)
+    out["touches"] = {"param": param, "sent": sent}
+    unchanged = base.clone()
+    out["nothing_changed_sent"] = merge_changed_rows(unchanged, base.clone(), unchanged, dist.group.WORLD)
+    out["base"] = base
+    return out
+
+
+def flush_worker(rank: int, world: int) -> dict[str, Any]:
+    """DGC at 90 % with momentum correction for 3 steps, then finish() with --dgc-flush: the residuals applied."""
+    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.9, min_sample=16,
+                                          sample_fraction=0.2, flush_at_end=True))
+    model = DDP(tiny_model())
+    session = setup_communication(model, cfg, audit=True)
+    dgc = session.dgc
+    assert dgc is not None
+    names = [n for n, p in model.module.named_parameters() if p.dim() > 1]
+    added = {n: torch.zeros(p.numel()) for n, p in model.module.named_parameters() if p.dim() > 1}
+    previous = {n: torch.zeros(p.numel()) for n, p in model.module.named_parameters() if p.dim() > 1}
+
+    def on_step(step: int) -> None:  # what each step added to the velocity: accumulated minus the residual before
+        for n in names:
+            audit = dgc.last_audit[n]
+            added[n] += audit.accumulated - previous[n]
+            previous[n] = audit.residual.clone()
+
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_step)
+    before = dgc.residual_norm
+    session.finish(lr=LR)
+    return {"added": added, "params": params_of(model.module), "residual_before": before,
+            "residual_after": dgc.residual_norm, "traffic": session.traffic.as_dict()}
+
+
+def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
+    """The Adam correction at 90 % with --dgc-adam-masking: Adam's first moment of the entries just sent, per step."""
+    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, correction="adam",
+                                          adam_masking=True, min_sample=16, sample_fraction=0.2))
+    model = DDP(tiny_model())
+    session = setup_communication(model, cfg, audit=True)
+    dgc = session.dgc
+    assert dgc is not None
+    table = model.module[0].weight
+    steps: list[dict[str, torch.Tensor]] = []
+
+    def on_step(step: int) -> None:
+        steps.append({"indices": dgc.last_audit["0.weight"].indices.clone(), "moment": dgc.momenta[table].clone()})
+
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_step)
+    return {"steps": steps}
+
+
 def all_workers(rank: int, world: int) -> dict[str, Any]:
     return {"equivalence": equivalence_worker(rank, world), "audit": audit_worker(rank, world),
             "builtin": builtin_worker(rank, world), "adam": adam_worker(rank, world),
-            "layout": layout_worker(rank, world)}
+            "layout": layout_worker(rank, world), "merge": merge_worker(rank, world),
+            "flush": flush_worker(rank, world), "adam_masking": adam_masking_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +451,99 @@ def test_dgc_sends_named_tensors_densely_or_by_whole_rows(gloo_pair: list[dict[s
     for name, value in rows[0]["params"].items():
         torch.testing.assert_close(rows[1]["params"][name], value, rtol=0, atol=0)
     assert "'item_id.*'" in ranks[0]["unmatched_error"] and "matches no parameter" in ranks[0]["unmatched_error"]
+
+
+@pytest.mark.timeout(180)
+def test_merge_changed_rows_sends_only_changed_rows_and_sums_or_averages_them(
+        gloo_pair: list[dict[str, Any]]) -> None:
+    from gnn.comm.dgc import INDEX_BYTES
+
+    base = gloo_pair[0]["merge"]["base"]
+    expected = {"sum": base.clone(), "mean": base.clone()}
+    for table in expected.values():
+        table[1] += torch.tensor([10.0, 20.0])
+        table[4] += torch.tensor([-1.0, -3.0])
+    expected["sum"][3] += torch.tensor([101.0, 202.0])  # both ranks' changes
+    expected["mean"][3] += torch.tensor([50.5, 101.0])  # their mean over the 2 ranks that changed it
+    for rank in gloo_pair:
+        merged = rank["merge"]
+        for merge in ("sum", "mean"):
+            m = merged[merge]
+            torch.testing.assert_close(m["copy"], expected[merge], rtol=0, atol=0)  # into a copy ...
+            assert m["snapshot_untouched"]  # ... leaves the snapshot as it was
+            torch.testing.assert_close(m["param"], expected[merge], rtol=0, atol=0)  # in place ...
+            torch.testing.assert_close(m["snapshot"], expected[merge], rtol=0, atol=0)  # ... moves the snapshot
+            # the count (int64), then 2 changed rows of 2 float32 values and an int32 index each
+            assert m["sent"] == m["sent_in_place"] == 8 + 2 * (2 * 4 + INDEX_BYTES)
+        assert merged["nothing_changed_sent"] == 8  # only the count travels when no row changed
+        touch = base.clone()
+        touch[1] += torch.tensor([10.0, 20.0])  # one rank changed it: its change
+        touch[3] += (3 * torch.tensor([1.0, 2.0]) + 1 * torch.tensor([100.0, 200.0])) / 4  # weighted 3 : 1
+        touch[4] += torch.tensor([-1.0, -3.0])  # changed, touched by nobody: the plain mean of the changes
+        torch.testing.assert_close(merged["touches"]["param"], touch, rtol=1e-6, atol=1e-6)
+        assert merged["touches"]["sent"] == 8 + 2 * (2 * 4 + INDEX_BYTES) + 2 * 4  # and a float32 weight a row
+
+
+@pytest.mark.timeout(180)
+def test_dgc_local_tensor_sends_no_gradient_and_its_rounds_lose_nothing(gloo_pair: list[dict[str, Any]]) -> None:
+    local = [r["layout"]["local"] for r in gloo_pair]
+    assert [x["layout"] for x in local] == ["local", "local"]
+    linear_bytes = (dgc_k(192, 0.9) + dgc_k(36, 0.9)) * (4 + 4)
+    biases = (12 + 3) * 4
+    for x in local:
+        # the table sends no gradient: a step carries the linear layers' top-k and the biases only
+        assert [step["sent_bytes"] for step in x["steps"]] == [biases + linear_bytes] * 4
+        assert x["traffic"]["sync_rounds"] == {"local_rows": 2}  # 4 steps, a round every 2
+        assert 0 < x["traffic"]["sync_bytes"]["local_rows"] <= 2 * (8 + 50 * (8 * 4 + 4))
+    # each rank applied its own table gradient (the ranks' batches differ) ...
+    assert not torch.equal(local[0]["steps"][0]["applied"], local[1]["steps"][0]["applied"])
+    # ... and after the last round the replicas agree, holding every rank's every step (sum merge, SGD momentum 0)
+    start = tiny_model()[0].weight.detach().reshape(-1)
+    applied = sum(step["applied"] for x in local for step in x["steps"])
+    for x in local:
+        torch.testing.assert_close(x["params"]["0.weight"].reshape(-1), start - LR * applied, rtol=1e-5, atol=1e-6)
+    for name, value in local[0]["params"].items():
+        torch.testing.assert_close(local[1]["params"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_flush_applies_every_accumulated_update(gloo_pair: list[dict[str, Any]]) -> None:
+    flushed = [r["flush"] for r in gloo_pair]
+    start = params_of(tiny_model())
+    for x in flushed:
+        assert x["residual_before"] > 0 and x["residual_after"] == 0
+        assert x["traffic"]["sync_rounds"] == {"flush": 1}
+        assert x["traffic"]["sync_bytes"]["flush"] == (50 * 8 + 12 * 16 + 3 * 12) * 4  # the compressed tensors, dense
+        # sent, then flushed: each compressed tensor moved by lr times the ranks' mean of every velocity added
+        for name in x["added"]:
+            mean = (flushed[0]["added"][name] + flushed[1]["added"][name]) / 2
+            torch.testing.assert_close(x["params"][name].reshape(-1), start[name].reshape(-1) - LR * mean,
+                                       rtol=1e-5, atol=1e-6)
+    for name, value in flushed[0]["params"].items():
+        torch.testing.assert_close(flushed[1]["params"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_senders_average_divides_each_entry_by_the_ranks_that_sent_it(gloo_pair: list[dict[str, Any]]) -> None:
+    per_rank = [r["layout"]["senders"] for r in gloo_pair]
+    shared = 0
+    for step in range(4):
+        entries = [x["steps"][step] for x in per_rank]
+        senders = torch.zeros(50 * 8)
+        for entry in entries:
+            senders[entry["indices"]] += 1
+        shared += int((senders == 2).sum())
+        expected = (entries[0]["sent"] + entries[1]["sent"]) / senders.clamp(min=1)
+        for entry in entries:
+            torch.testing.assert_close(entry["applied"], expected, rtol=1e-6, atol=1e-7)
+    assert 0 < shared < 4 * 40  # some entries came from both ranks (halved), the rest from one (kept whole)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_adam_masking_restarts_the_moment_of_entries_sent(gloo_pair: list[dict[str, Any]]) -> None:
+    for rank in gloo_pair:
+        for step in rank["adam_masking"]["steps"]:
+            sent = torch.zeros(50 * 8, dtype=torch.bool)
+            sent[step["indices"]] = True
+            assert not step["moment"][sent].any()  # the entries just sent keep no first moment
+            assert step["moment"][~sent].any()  # the others keep theirs

@@ -330,6 +330,25 @@ def test_auto_id_table_gives_each_item_its_own_row() -> None:
         assert torch.unique(hash_ids(torch.arange(n), n)).numel() == n
 
 
+def test_dgc_local_table_is_merged_by_rows_end_to_end(small_run: Path, dask_client: Client,
+                                                      trained: Trained) -> None:
+    """The id table sends no gradient (--dgc-local): rounds every 3 steps and one after the last step leave the
+    replicas identical, the rounds' bytes are counted, and the choice is in the checkpoint."""
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, compression="dgc", optimizer="adam",
+                           dgc_correction="adam", dgc_local="input.item_id.weight", dgc_local_period=3,
+                           **SMALL)  # type: ignore[arg-type]
+    out = train(small_run, cfg, dask_client)
+    rep = _report(out)
+    comm = rep["per_worker"][0]["comm"]
+    assert comm["sync_rounds"] == {"local_rows": 2} and comm["dgc"]["local_rounds"] == 2  # after step 3, and the end
+    assert comm["sync_bytes"]["local_rows"] > 0
+    assert comm["total_bytes"] == comm["total_sent_bytes"] + comm["sync_bytes"]["local_rows"]
+    assert rep["replicas_identical"] is True
+    extra = load_checkpoint(out.path / "checkpoint.pt").extra
+    assert list(extra["comm"]["dgc"]["local_tensors"]) == ["input.item_id.weight"]
+    assert extra["comm"]["dgc"]["local_period"] == 3
+
+
 def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"train\.workers=0"):
         TrainStageConfig(workers=0)
@@ -342,6 +361,13 @@ def test_config_errors_name_the_setting() -> None:
     assert rows.comm_config().dgc.dense_tensors == ("g1.*", "g2.*")
     with pytest.raises(ValueError, match=r"train: DGCConfig: 'g1\.\*' is in both"):
         TrainStageConfig(compression="dgc", dgc_rows="g1.*", dgc_dense="g1.*")
+    local = TrainStageConfig(compression="dgc", dgc_local="input.item_id.weight", dgc_local_period=50,
+                             dgc_local_merge="mean").comm_config().dgc
+    assert (local.local_tensors, local.local_period, local.local_merge) == (("input.item_id.weight",), 50, "mean")
+    with pytest.raises(ConfigError, match=r"train\.dgc_local='input\.item_id\.weight'.*--compression dgc"):
+        TrainStageConfig(dgc_local="input.item_id.weight")
+    with pytest.raises(ValueError, match=r"train: DGCConfig\.local_period=0 \(--dgc-local-period\)"):
+        TrainStageConfig(compression="dgc", dgc_local="x", dgc_local_period=0)
     with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):

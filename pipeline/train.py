@@ -155,6 +155,9 @@ class TrainStageConfig:
                                            "sent it (senders)"})
     dgc_adam_masking: bool = field(default=False, metadata={"help": "DGC with --dgc-correction adam: zero Adam's "
                                                                     "first moment of the entries just sent"})
+    dgc_select: Literal["value", "gradient"] = field(
+        default="value", metadata={"help": "DGC with --dgc-correction adam: rank entries by the accumulated steps "
+                                           "(value) or by them times Adam's gradient scale (gradient)"})
     dgc_flush: bool = field(default=False, metadata={"help": "DGC: at the end of training, average the ranks' "
                                                               "residuals and apply them as one more update"})
     dgc_local: str = field(default="", metadata={"help": "DGC: comma-separated parameter names or patterns that send "
@@ -243,7 +246,7 @@ class TrainStageConfig:
                         dense_tensors=parse_patterns(self.dgc_dense), row_tensors=parse_patterns(self.dgc_rows),
                         local_tensors=parse_patterns(self.dgc_local), local_period=self.dgc_local_period,
                         local_merge=self.dgc_local_merge, flush_at_end=self.dgc_flush,
-                        average=self.dgc_average, adam_masking=self.dgc_adam_masking)
+                        average=self.dgc_average, adam_masking=self.dgc_adam_masking, select=self.dgc_select)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)

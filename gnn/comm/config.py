@@ -95,6 +95,10 @@ class DGCConfig:
         adam_masking: with ``correction="adam"``, zero Adam's first moment of the entries just sent (momentum factor
             masking for Adam: an entry sent keeps no momentum from the gradients its delivered value already holds)
             (default False).
+        select: with ``correction="adam"``, what the entry-wise top-k ranks: ``"value"`` (the accumulated Adam steps,
+            which Adam's normalisation makes about one per step for every entry with a steady sign) or ``"gradient"``
+            (those steps times the entry's √v, Adam's gradient scale: entries with large gradients first, as top-k of
+            the velocity does under SGD); the values sent are the accumulated steps either way (default ``"value"``).
         average: what divides the sum of the values the ranks sent for an entry: ``"world"`` (every rank, as the
             paper's all-gather and average) or ``"senders"`` (the ranks that sent that entry, or row). With the Adam
             correction a rank's value is a sum of whole Adam steps, so an entry only one rank trains (an item-id row
@@ -129,6 +133,7 @@ class DGCConfig:
     flush_at_end: bool = False
     average: str = "world"
     adam_masking: bool = False
+    select: str = "value"
 
     def __post_init__(self) -> None:
         named = [("sparsity", self.sparsity)]
@@ -175,6 +180,11 @@ class DGCConfig:
         if self.adam_masking and self.correction != "adam":
             raise ValueError("DGCConfig.adam_masking (--dgc-adam-masking) masks Adam's moment: it needs "
                              "--dgc-correction adam (momentum_masking covers the SGD velocity)")
+        if self.select not in ("value", "gradient"):
+            raise ValueError(f"DGCConfig.select={self.select!r} (--dgc-select): use 'value' or 'gradient'")
+        if self.select != "value" and self.correction != "adam":
+            raise ValueError("DGCConfig.select='gradient' (--dgc-select) ranks Adam steps by Adam's gradient scale: "
+                             "it needs --dgc-correction adam")
         if self.average not in DGC_AVERAGES:
             raise ValueError(f"DGCConfig.average={self.average!r} (--dgc-average): use 'world' or 'senders'")
         if self.local_merge not in DGC_LOCAL_MERGES:
@@ -396,6 +406,9 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="divide an entry's sum by every rank (world) or by the ranks that sent it (senders)")
     group.add_argument("--dgc-adam-masking", action="store_true",
                        help="with --dgc-correction adam, zero Adam's first moment of the entries just sent")
+    group.add_argument("--dgc-select", default=dg.select, choices=("value", "gradient"),
+                       help="with --dgc-correction adam, rank entries by the accumulated steps (value) or by them "
+                       "times Adam's gradient scale sqrt(v) (gradient)")
     group.add_argument("--dgc-flush", action="store_true",
                        help="at the end of training, average the ranks' residuals and apply them as one more update")
     group.add_argument("--dgc-local", default="",
@@ -417,7 +430,8 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     correction=args.dgc_correction, dense_tensors=parse_patterns(args.dgc_dense),
                     row_tensors=parse_patterns(args.dgc_rows), local_tensors=parse_patterns(args.dgc_local),
                     local_period=args.dgc_local_period, local_merge=args.dgc_local_merge,
-                    flush_at_end=args.dgc_flush, average=args.dgc_average, adam_masking=args.dgc_adam_masking)
+                    flush_at_end=args.dgc_flush, average=args.dgc_average, adam_masking=args.dgc_adam_masking,
+                    select=args.dgc_select)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,

@@ -407,7 +407,10 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
                                           slack=cfg.threshold_slack, generator=state.generator)  # (r,) rows
         indices = (selected.unsqueeze(1) * cols + torch.arange(cols, device=g.device)).view(-1)  # (r·cols,)
     else:
-        selected, fell_back = select_topk(velocity.abs(), dgc_k(g.numel(), sparsity),
+        magnitude = velocity.abs()
+        if cfg.correction == "adam" and cfg.select == "gradient":  # Adam steps back in gradient units: × √v
+            magnitude.mul_(state.second_moments[param].sqrt())
+        selected, fell_back = select_topk(magnitude, dgc_k(g.numel(), sparsity),
                                           sample_fraction=cfg.sample_fraction, min_sample=cfg.min_sample,
                                           slack=cfg.threshold_slack, generator=state.generator)  # (k,) entries
         indices = selected

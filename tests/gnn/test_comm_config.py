@@ -270,6 +270,8 @@ def test_dgc_dense_and_row_tensor_patterns_config() -> None:
     assert comm_config_from_args(args).dgc == flush
     with pytest.raises(ValueError, match=r"adam_masking \(--dgc-adam-masking\).*needs --dgc-correction adam"):
         DGCConfig(adam_masking=True)
+    with pytest.raises(ValueError, match=r"select='gradient' \(--dgc-select\).*needs --dgc-correction adam"):
+        DGCConfig(select="gradient")
     with pytest.raises(ValueError, match=r"average='all' \(--dgc-average\)"):
         DGCConfig(average="all")
     args = parser.parse_args(["--compression", "dgc", "--dgc-momentum", "0", "--dgc-correction", "adam",

@@ -215,7 +215,23 @@ def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
         steps.append({"indices": dgc.last_audit["0.weight"].indices.clone(), "moment": dgc.momenta[table].clone()})
 
     train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_step)
-    return {"steps": steps}
+    # --dgc-select gradient: the top-k ranks the accumulated steps times sqrt(v)
+    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, correction="adam",
+                                          select="gradient", min_sample=16, sample_fraction=0.2))
+    model = DDP(tiny_model())
+    session = setup_communication(model, cfg, audit=True)
+    chosen = session.dgc
+    assert chosen is not None
+    table = model.module[0].weight
+    selections: list[dict[str, torch.Tensor]] = []
+
+    def on_select(step: int) -> None:
+        audit = chosen.last_audit["0.weight"]
+        selections.append({"indices": audit.indices.clone(), "accumulated": audit.accumulated,
+                           "v": chosen.second_moments[table].clone()})
+
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_select)
+    return {"steps": steps, "gradient_select": selections}
 
 
 def all_workers(rank: int, world: int) -> dict[str, Any]:
@@ -547,3 +563,20 @@ def test_dgc_adam_masking_restarts_the_moment_of_entries_sent(gloo_pair: list[di
             sent[step["indices"]] = True
             assert not step["moment"][sent].any()  # the entries just sent keep no first moment
             assert step["moment"][~sent].any()  # the others keep theirs
+
+
+@pytest.mark.timeout(180)
+def test_dgc_gradient_select_ranks_adam_steps_by_gradient_scale(gloo_pair: list[dict[str, Any]]) -> None:
+    differs = 0
+    for rank in gloo_pair:
+        for step in rank["adam_masking"]["gradient_select"]:
+            magnitude = step["accumulated"].abs() * step["v"].sqrt()
+            k = step["indices"].numel()
+            assert k == dgc_k(50 * 8, 0.9)
+            chosen = magnitude[step["indices"]]
+            others = torch.ones(50 * 8, dtype=torch.bool)
+            others[step["indices"]] = False
+            assert float(chosen.min()) >= float(magnitude[others].max())  # the top k by step times sqrt(v)
+            by_value = set(torch.topk(step["accumulated"].abs(), k).indices.tolist())
+            differs += by_value != set(step["indices"].tolist())
+    assert differs  # and not the entries that ranking the steps alone would pick

@@ -520,9 +520,12 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
         trainer = Trainer(model, stepped, config=tc, optimizer=optimizer,  # type: ignore[arg-type]
                           on_step=progress.on_step, loss=make_loss(tc, stepped, gather=gather))  # type: ignore[arg-type]
         resumed_from = 0
+        comm_state = Path(job.resume_path).with_name(f"comm-rank{rank}.pt")  # this rank's DGC residuals
+        comm_restored = False
         if Path(job.resume_path).is_file():
             restore_checkpoint(job.resume_path, trainer)
             resumed_from = trainer.epoch
+            comm_restored = session is not None and session.restore_state(comm_state, epoch=trainer.epoch)
         extra = {"stage": STAGE, "stage_config": to_dict(cfg), "optimizer": cfg.optimizer_kind,
                  "comm": comm.to_dict(), "key": job.key, "world_size": world, "lr": cfg.lr_info(world)}
         epochs = []
@@ -535,6 +538,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
             epochs.append(dataclasses.asdict(rep))
             progress.emit("epoch", epoch=epoch, step=rep.steps, mean_loss=rep.mean_loss,
                           epoch_pairs_per_s=rep.pairs_per_s, seconds=rep.seconds)
+            if session is not None:  # before the checkpoint: a kill in between leaves a state the resume ignores
+                session.save_state(comm_state, epoch=trainer.epoch)
             if rank == 0:
                 save_checkpoint(job.resume_path, trainer, mc, extra=extra)
             if cfg.epoch_embeddings:
@@ -556,6 +561,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                                       mc.query_head and cfg.embed)
         embed_bytes = cache.transport_stats.bytes - transport["total"]["bytes"]  # remote rows of the inference
         return {"rank": rank, "worker": info.worker, "epochs": epochs, "resumed_from_epoch": resumed_from,
+                "comm_state_restored": comm_restored,
                 "steps": trainer.step, "n_items": int(local.items.shape[0]), "n_pairs": int(job.query.shape[0]),
                 "cache": train_stats, "transport": transport, "cache_fill_s": round(fill_s, 3),
                 "presample_s": round(presample_s, 3),
@@ -843,7 +849,7 @@ def _report(cfg: TrainStageConfig, results: list[dict[str, Any]], served: list[d
         "per_worker": [{k: r[k] for k in ("rank", "worker", "steps", "n_items", "n_pairs", "cache", "transport",
                                           "cache_fill_s", "presample_s", "gathered_candidates", "comm", "embed_s",
                                           "embed_remote_bytes", "snapshot_remote_bytes", "resumed_from_epoch",
-                                          "cpus", "torch_threads")}
+                                          "comm_state_restored", "cpus", "torch_threads")}
                        for r in results],
         "cache_total": total.to_dict(), "served": served, "grad_bytes_per_worker": grad,
         "grad_bytes_total": int(sum(grad)),

@@ -231,7 +231,8 @@ class DGCState:
         return sent
 
     def state_dict(self) -> dict[str, object]:
-        """Residual velocities and momenta by parameter name (call :meth:`name_parameters` first), for checkpoints."""
+        """Residual velocities, momenta, Adam moments, the sampler's generator and the counters, by parameter name
+        (call :meth:`name_parameters` first), for checkpoints: a rank restored from it continues bit for bit."""
         missing = [p for p in self.velocities if p not in self.names]
         if missing:
             raise ValueError(f"{len(missing)} parameters have no name; call DGCState.name_parameters(module) first")
@@ -239,7 +240,10 @@ class DGCState:
                 "velocities": {self.names[p]: v.clone() for p, v in self.velocities.items()},
                 "momenta": {self.names[p]: u.clone() for p, u in self.momenta.items()},
                 "second_moments": {self.names[p]: w.clone() for p, w in self.second_moments.items()},
-                "adam_steps": {self.names[p]: t for p, t in self.adam_steps.items()}}
+                "adam_steps": {self.names[p]: t for p, t in self.adam_steps.items()},
+                "ever_sent": {self.names[p]: m.clone() for p, m in self.ever_sent.items()},
+                "generator": self.generator.get_state(), "fallbacks": self.fallbacks, "selections": self.selections,
+                "local_steps": self.local_steps, "local_rounds": self.local_rounds}
 
     def load_state_dict(self, state: dict[str, Any], module: torch.nn.Module) -> None:
         """Restore :meth:`state_dict` onto ``module``'s parameters (matched by name)."""
@@ -254,6 +258,14 @@ class DGCState:
         self.momenta = {by_name[n]: u.clone() for n, u in state["momenta"].items()}
         self.second_moments = {by_name[n]: w.clone() for n, w in state.get("second_moments", {}).items()}
         self.adam_steps = {by_name[n]: int(t) for n, t in state.get("adam_steps", {}).items()}
+        self.ever_sent = {by_name[n]: m.clone() for n, m in state.get("ever_sent", {}).items()}
+        if "generator" in state:  # the threshold sampler continues where it stopped
+            self.generator.set_state(state["generator"])
+        self.fallbacks, self.selections = int(state.get("fallbacks", 0)), int(state.get("selections", 0))
+        # the local tensors' round clock; their snapshots are retaken at the next backward (every rank resumes from
+        # the same weights, so changes a rank made after the last round are not in them)
+        self.local_steps, self.local_rounds = int(state.get("local_steps", 0)), int(state.get("local_rounds", 0))
+        self.local_snapshots, self.local_touches = {}, {}
 
     @property
     def sparsity(self) -> float:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,6 +180,31 @@ class CommSession:
             self.dgc.flush(_module_of(self.model), lr)
         if self.dgc.config.local_tensors:
             self.dgc.merge_local(_module_of(self.model))
+
+    def save_state(self, path: str | Path, *, epoch: int) -> Path | None:
+        """Write this rank's DGC state (residuals, momenta, Adam moments, sampler) after ``epoch`` epochs to ``path``
+        atomically (temporary file, then rename); each rank writes its own. None (nothing written) without DGC."""
+        if self.dgc is None:
+            return None
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        torch.save({"epoch": int(epoch), "dgc": self.dgc.state_dict()}, tmp)
+        os.replace(tmp, out)
+        return out
+
+    def restore_state(self, path: str | Path, *, epoch: int) -> bool:
+        """Load :meth:`save_state`'s file if it holds the state after ``epoch`` epochs (the checkpoint's); returns
+        whether it did. A file from another epoch (a run killed between the checkpoint and this rank's file) is
+        ignored with a warning: the residuals then start empty, as on a fresh run."""
+        if self.dgc is None or self.model is None or not Path(path).is_file():
+            return False
+        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+        if int(payload["epoch"]) != epoch:
+            logger.warning("%s holds the DGC state after epoch %s, the checkpoint is after epoch %s: DGC residuals "
+                           "start empty", path, payload["epoch"], epoch)
+            return False
+        self.dgc.load_state_dict(payload["dgc"], _module_of(self.model))
+        return True
 
     def merged_copy(self, module: torch.nn.Module) -> torch.nn.Module | None:
         """A copy of ``module`` with the DGC local tensors merged as a round would, the training state untouched (a

@@ -236,6 +236,7 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert any(k.startswith("input.item_id") for k in checkpoint.model_state) is ids
     assert extra["comm"]["sync_optimizer_state"] is comm["config"]["sync_optimizer_state"] is ostate
     assert rep["replicas_identical"] is True  # local: after the final average
+    assert [w["comm_state_restored"] for w in rep["per_worker"]] == [False, False]  # a fresh run
     # dgc at 75 % sparsity (first warm-up stage) sends 1/4 of the entries at 8 B each; local:2 averages the
     # model (dense-sized) every 2nd step: both about half the dense bytes per step
     per_step = rep["grad_bytes_total"] / 4

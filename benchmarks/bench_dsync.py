@@ -195,6 +195,9 @@ MODES: dict[str, dict[str, Any]] = {
     # momentum factor masking for Adam (--dgc-adam-masking): an entry just sent restarts its first moment, so the
     # accumulator does not go on adding the momentum of gradients already delivered
     "dgc_adamc_amask": _dgc_adamc(dgc_adam_masking=True),
+    # the Adam correction with nothing held back (sparsity 0, no warm-up): what averaging the ranks' own Adam steps
+    # costs against Adam on the averaged gradient, before any compression (2x dense bytes: every value and index)
+    "dgc_adamc_s0": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup=""),
     # with the masking, top-k ranks the accumulated steps times Adam's gradient scale sqrt(v) (--dgc-select gradient):
     # the first-order gain of delivering an entry is its gradient times its step, and Adam's normalisation makes the
     # steps alone about equal for every entry with a steady sign
@@ -411,7 +414,7 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "dgc_adamc_noid": "none_noid", "none_noid": "none", "dgc_adamc_idlocal": "none",
                      "dgc_adamc_idlocal_touch": "none", "dgc_adamc_idlocal1_mean": "none", "dgc_adamc_flush": "none",
                      "dgc_adamc_senders": "none", "dgc_adamc_amask": "none",
-                     "dgc_adamc_amask_gsel": "none",
+                     "dgc_adamc_amask_gsel": "none", "dgc_adamc_s0": "none",
                      "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local4_wu1_rand": "none_rand",

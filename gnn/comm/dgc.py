@@ -217,8 +217,8 @@ class DGCState:
         world = dist.get_world_size(group)
         sent = 0
         for _, param in sorted(module.named_parameters(), key=lambda item: item[0]):  # same order on every rank
-            velocity = self.velocities.get(param)
-            if velocity is None or self.layout(param) in ("dense", "local"):
+            velocity = self.velocities.get(param)  # compressed tensors only: dense and local ones keep none
+            if velocity is None:
                 continue
             mean = velocity.clone()
             dist.all_reduce(mean, group=group)

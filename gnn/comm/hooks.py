@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from gnn.comm._annotations import ddp_hook
 from gnn.comm.accounting import TrafficAccount
-from gnn.comm.averaging import AveragingOptimizer, ModelAverager
+from gnn.comm.averaging import AveragingOptimizer, ModelAverager, _module_of
 from gnn.comm.config import CommConfig
 from gnn.comm.dgc import DGCState, dgc_hook
 
@@ -162,12 +162,6 @@ class CommSession:
             return LocalRowsOptimizer(optimizer, self.dgc, _module_of(self.model))
         return optimizer
 
-    @property
-    def replicas_diverge(self) -> bool:
-        """True when the replicas' weights may differ between steps (local / hierarchical averaging, DGC local
-        tensors between their rounds): call :meth:`finish` before reading the trained model."""
-        return self.averager is not None or (self.dgc is not None and bool(self.dgc.config.local_tensors))
-
     def finish(self, lr: float | None = None) -> None:
         """Settle the training before the trained model is read (a collective: every rank calls it): the DGC local
         tensors' last round, and with ``DGCConfig.flush_at_end`` the averaged residuals applied at ``lr`` (the
@@ -261,10 +255,6 @@ class LocalRowsOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"LocalRowsOptimizer({self.optimizer.__class__.__name__}, every {self.dgc.config.local_period} "
                 "steps)")
-
-
-def _module_of(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _check_dgc_optimizer(optimizer: torch.optim.Optimizer, in_hook: str | None) -> None:

@@ -200,37 +200,31 @@ def flush_worker(rank: int, world: int) -> dict[str, Any]:
             "residual_after": dgc.residual_norm, "traffic": session.traffic.as_dict()}
 
 
-def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
-    """The Adam correction at 90 % with --dgc-adam-masking: Adam's first moment of the entries just sent, per step."""
+def _adam_correction_run(rank: int, record: Any, **extra: Any) -> None:
+    """3 steps of the Adam correction at 90 % with ``extra`` DGC settings and an audit; ``record(dgc, table)`` after
+    each step (``table``: the embedding's weight)."""
     cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, correction="adam",
-                                          adam_masking=True, min_sample=16, sample_fraction=0.2))
+                                          min_sample=16, sample_fraction=0.2, **extra))
     model = DDP(tiny_model())
     session = setup_communication(model, cfg, audit=True)
     dgc = session.dgc
     assert dgc is not None
     table = model.module[0].weight
+    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3,
+          lambda step: record(dgc, table))
+
+
+def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
+    """--dgc-adam-masking: Adam's first moment of the entries just sent, per step; --dgc-select gradient: what the
+    top-k ranked (the accumulated steps and sqrt(v)), per step."""
     steps: list[dict[str, torch.Tensor]] = []
-
-    def on_step(step: int) -> None:
-        steps.append({"indices": dgc.last_audit["0.weight"].indices.clone(), "moment": dgc.momenta[table].clone()})
-
-    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_step)
-    # --dgc-select gradient: the top-k ranks the accumulated steps times sqrt(v)
-    cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.9, warmup_sparsities=(), momentum=0.0, correction="adam",
-                                          select="gradient", min_sample=16, sample_fraction=0.2))
-    model = DDP(tiny_model())
-    session = setup_communication(model, cfg, audit=True)
-    chosen = session.dgc
-    assert chosen is not None
-    table = model.module[0].weight
+    _adam_correction_run(rank, lambda dgc, table: steps.append(
+        {"indices": dgc.last_audit["0.weight"].indices.clone(), "moment": dgc.momenta[table].clone()}),
+        adam_masking=True)
     selections: list[dict[str, torch.Tensor]] = []
-
-    def on_select(step: int) -> None:
-        audit = chosen.last_audit["0.weight"]
-        selections.append({"indices": audit.indices.clone(), "accumulated": audit.accumulated,
-                           "v": chosen.second_moments[table].clone()})
-
-    train(model, session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR)), rank, 3, on_select)
+    _adam_correction_run(rank, lambda dgc, table: selections.append(
+        {"indices": dgc.last_audit["0.weight"].indices.clone(), "accumulated": dgc.last_audit["0.weight"].accumulated,
+         "v": dgc.second_moments[table].clone()}), select="gradient")
     return {"steps": steps, "gradient_select": selections}
 
 

@@ -202,6 +202,11 @@ MODES: dict[str, dict[str, Any]] = {
     # the first-order gain of delivering an entry is its gradient times its step, and Adam's normalisation makes the
     # steps alone about equal for every entry with a steady sign
     "dgc_adamc_amask_gsel": _dgc_adamc(dgc_adam_masking=True, dgc_select="gradient"),
+    # the id table's per-rank Adam step scaled per row by N / the ranks that touched the row (--dgc-owner-scale): a
+    # row one rank trains moves a whole step, as under Adam on the all-reduced gradient; at sparsity 0 (diagnostic)
+    # and with masking at 99.9 %
+    "dgc_adamc_s0_owner": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_owner_scale="input.item_id.weight"),
+    "dgc_adamc_amask_owner": _dgc_adamc(dgc_adam_masking=True, dgc_owner_scale="input.item_id.weight"),
 }
 
 
@@ -414,7 +419,8 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "dgc_adamc_noid": "none_noid", "none_noid": "none", "dgc_adamc_idlocal": "none",
                      "dgc_adamc_idlocal_touch": "none", "dgc_adamc_idlocal1_mean": "none", "dgc_adamc_flush": "none",
                      "dgc_adamc_senders": "none", "dgc_adamc_amask": "none",
-                     "dgc_adamc_amask_gsel": "none", "dgc_adamc_s0": "none",
+                     "dgc_adamc_amask_gsel": "none", "dgc_adamc_s0": "none", "dgc_adamc_s0_owner": "none",
+                     "dgc_adamc_amask_owner": "none",
                      "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local4_wu1_rand": "none_rand",

@@ -158,6 +158,10 @@ class TrainStageConfig:
     dgc_select: Literal["value", "gradient"] = field(
         default="value", metadata={"help": "DGC with --dgc-correction adam: rank entries by the accumulated steps "
                                            "(value) or by them times Adam's gradient scale (gradient)"})
+    dgc_owner_scale: str = field(
+        default="", metadata={"help": "DGC with --dgc-correction adam: comma-separated 2-D parameter names or patterns "
+                                      "(embedding tables, e.g. input.item_id.weight) whose Adam step is scaled per "
+                                      "row by N / the ranks whose gradient touched the row"})
     dgc_flush: bool = field(default=False, metadata={"help": "DGC: at the end of training, average the ranks' "
                                                               "residuals and apply them as one more update"})
     dgc_local: str = field(default="", metadata={"help": "DGC: comma-separated parameter names or patterns that send "
@@ -219,7 +223,7 @@ class TrainStageConfig:
               self.dgc_correction, "needs --optimizer adam (it runs Adam inside the DGC hook)")
         check(not self.dgc_flush or self.compression == "dgc", "train.dgc_flush", self.dgc_flush,
               "applies the DGC residuals: add --compression dgc, or drop it")
-        for name in ("dgc_dense", "dgc_rows", "dgc_local"):
+        for name in ("dgc_dense", "dgc_rows", "dgc_local", "dgc_owner_scale"):
             check(not getattr(self, name) or self.compression == "dgc", f"train.{name}", getattr(self, name),
                   "names tensors for the DGC hook: add --compression dgc, or leave it empty")
         try:
@@ -246,7 +250,8 @@ class TrainStageConfig:
                         dense_tensors=parse_patterns(self.dgc_dense), row_tensors=parse_patterns(self.dgc_rows),
                         local_tensors=parse_patterns(self.dgc_local), local_period=self.dgc_local_period,
                         local_merge=self.dgc_local_merge, flush_at_end=self.dgc_flush,
-                        average=self.dgc_average, adam_masking=self.dgc_adam_masking, select=self.dgc_select)
+                        average=self.dgc_average, adam_masking=self.dgc_adam_masking, select=self.dgc_select,
+                        owner_tensors=parse_patterns(self.dgc_owner_scale))
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)

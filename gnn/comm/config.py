@@ -108,6 +108,12 @@ class DGCConfig:
             holds back: the ranks' residuals are averaged (one dense all-reduce of the compressed tensors) and stepped
             as one more update, so the trained model carries every accumulated update. Needs an update direction in
             the residual: ``correction="adam"`` or ``momentum > 0`` (default False).
+        owner_tensors: with ``correction="adam"``, patterns of compressed 2-D parameters with row-sparse gradients
+            (an item-id table) whose per-rank Adam step is scaled, row by row, by N / the ranks whose gradient touched
+            that row the last time any did. Each step the ranks all-gather a bitmap of the rows their gradient
+            touched (rows/8 bytes each). Averaging N ranks' own Adam steps moves a row one rank trains by 1/N of a
+            step, where Adam on the all-reduced gradient (scale-free) moves it by a whole one; the scale restores
+            that, and leaves a row every rank trains as it was (default none).
     """
 
     sparsity: float = 0.999
@@ -134,6 +140,7 @@ class DGCConfig:
     average: str = "world"
     adam_masking: bool = False
     select: str = "value"
+    owner_tensors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         named = [("sparsity", self.sparsity)]
@@ -185,6 +192,12 @@ class DGCConfig:
         if self.select != "value" and self.correction != "adam":
             raise ValueError("DGCConfig.select='gradient' (--dgc-select) ranks Adam steps by Adam's gradient scale: "
                              "it needs --dgc-correction adam")
+        if self.owner_tensors and self.correction != "adam":
+            raise ValueError("DGCConfig.owner_tensors (--dgc-owner-scale) scales each rank's Adam step: it needs "
+                             "--dgc-correction adam")
+        if any(not pattern.strip() for pattern in self.owner_tensors):
+            raise ValueError("DGCConfig.owner_tensors (--dgc-owner-scale): empty pattern; give parameter names or "
+                             "fnmatch patterns such as input.item_id.weight")
         if self.average not in DGC_AVERAGES:
             raise ValueError(f"DGCConfig.average={self.average!r} (--dgc-average): use 'world' or 'senders'")
         if self.local_merge not in DGC_LOCAL_MERGES:
@@ -298,7 +311,8 @@ class CommConfig:
         data = dict(data)
         data.pop("sync_spec", None)
         dgc = dict(data.pop("dgc", {}))
-        for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors", "local_tensors"):
+        for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors", "local_tensors",
+                    "owner_tensors"):
             if key in dgc:
                 dgc[key] = tuple(dgc[key])
         levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
@@ -419,6 +433,9 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-local-merge", default=dg.local_merge, choices=DGC_LOCAL_MERGES,
                        help="a merged row gets every rank's change (sum), their mean over the ranks that changed it "
                        "(mean), or their mean weighted by the steps each rank's gradient touched it (touches)")
+    group.add_argument("--dgc-owner-scale", default="",
+                       help="with --dgc-correction adam, comma-separated 2-D parameter names or patterns (embedding "
+                       "tables) whose Adam step is scaled per row by N / the ranks that touched the row")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -431,7 +448,7 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     row_tensors=parse_patterns(args.dgc_rows), local_tensors=parse_patterns(args.dgc_local),
                     local_period=args.dgc_local_period, local_merge=args.dgc_local_merge,
                     flush_at_end=args.dgc_flush, average=args.dgc_average, adam_masking=args.dgc_adam_masking,
-                    select=args.dgc_select)
+                    select=args.dgc_select, owner_tensors=parse_patterns(args.dgc_owner_scale))
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,

@@ -125,6 +125,7 @@ class DGCState:
     local_touches: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
     local_steps: int = 0
     local_rounds: int = 0
+    row_owners: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def __post_init__(self) -> None:
@@ -142,11 +143,18 @@ class DGCState:
         ``row_tensors`` patterns, each of which must match a parameter)."""
         self.names = {p: n for n, p in module.named_parameters()}
         self.layouts = {}
-        for pattern in (*self.config.dense_tensors, *self.config.row_tensors, *self.config.local_tensors):
+        cfg = self.config
+        for pattern in (*cfg.dense_tensors, *cfg.row_tensors, *cfg.local_tensors, *cfg.owner_tensors):
             if not any(_matches(n, (pattern,)) for n in self.names.values()):
                 shown = ", ".join(sorted(self.names.values())[:8])
-                raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows / --dgc-local) matches no "
-                                 f"parameter of the model; its parameters are: {shown}, ...")
+                raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows / --dgc-local / "
+                                 f"--dgc-owner-scale) matches no parameter of the model; its parameters are: {shown}, "
+                                 "...")
+        for name, param in module.named_parameters():
+            if _matches(name, cfg.owner_tensors) and (param.dim() != 2 or self.layout(param) in ("dense", "local")):
+                raise ValueError(f"DGC --dgc-owner-scale names {name!r} ({param.dim()}-D, sent as "
+                                 f"{self.layout(param)!r}): it scales the Adam step of compressed 2-D tensors only; "
+                                 "drop it from --dgc-dense / --dgc-local or from --dgc-owner-scale")
 
     def layout(self, param: torch.Tensor) -> str:
         """How ``param`` travels: ``"local"`` (a ``local_tensors`` pattern: no gradient sent, changed rows merged
@@ -242,6 +250,7 @@ class DGCState:
                 "second_moments": {self.names[p]: w.clone() for p, w in self.second_moments.items()},
                 "adam_steps": {self.names[p]: t for p, t in self.adam_steps.items()},
                 "ever_sent": {self.names[p]: m.clone() for p, m in self.ever_sent.items()},
+                "row_owners": {self.names[p]: o.clone() for p, o in self.row_owners.items()},
                 "generator": self.generator.get_state(), "fallbacks": self.fallbacks, "selections": self.selections,
                 "local_steps": self.local_steps, "local_rounds": self.local_rounds}
 
@@ -259,6 +268,7 @@ class DGCState:
         self.second_moments = {by_name[n]: w.clone() for n, w in state.get("second_moments", {}).items()}
         self.adam_steps = {by_name[n]: int(t) for n, t in state.get("adam_steps", {}).items()}
         self.ever_sent = {by_name[n]: m.clone() for n, m in state.get("ever_sent", {}).items()}
+        self.row_owners = {by_name[n]: o.clone() for n, o in state.get("row_owners", {}).items()}
         if "generator" in state:  # the threshold sampler continues where it stopped
             self.generator.set_state(state["generator"])
         self.fallbacks, self.selections = int(state.get("fallbacks", 0)), int(state.get("selections", 0))
@@ -382,10 +392,45 @@ def merge_changed_rows(param: torch.Tensor, snapshot: torch.Tensor, out: torch.T
     return sent
 
 
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """(n,) bool -> (ceil(n/8),) uint8, bit i of byte j = flags[8j + i]."""
+    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8)
+    padded[:flags.numel()] = flags.to(torch.uint8)
+    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (ceil(n/8),) uint8 -> (n,) bool."""
+    return (packed.unsqueeze(1) & _BIT_WEIGHTS).ne(0).view(-1)[:n]
+
+
+def row_owner_scale(state: DGCState, param: torch.Tensor, grad: torch.Tensor, group: dist.ProcessGroup | None,
+                    world: int) -> tuple[torch.Tensor, int]:
+    """Per-row factor N / owners for an ``owner_tensors`` parameter, where owners = the ranks whose gradient touched
+    the row (nonzero gradient) at the latest step any did (N before the first touch). A collective: every rank
+    all-gathers its bitmap of touched rows. Returns the (rows,) factor and the bytes this rank sent.
+
+    Shapes: grad (rows, ...) -> (rows,)."""
+    rows = param.shape[0]
+    packed = pack_bits(grad.detach().reshape(rows, -1).ne(0).any(dim=1))  # (ceil(rows/8),)
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    touched = torch.stack([unpack_bits(p, rows) for p in gathered]).sum(dim=0, dtype=torch.float32)  # (rows,)
+    owners = state.row_owners.get(param)
+    if owners is None:
+        owners = state.row_owners[param] = torch.full((rows,), float(world))
+    owners.copy_(torch.where(touched > 0, touched, owners))
+    return world / owners, packed.numel()
+
+
 def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int,
-                    sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    sparsity: float, owner_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices): k
-    entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and their row indices."""
+    entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and their row indices.
+    ``owner_scale`` (rows,) multiplies each row of this rank's Adam step (``owner_tensors``)."""
     cfg = state.config
     g = grad.detach().reshape(-1).clone()  # (n,)
     if cfg.weight_decay:
@@ -402,7 +447,10 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
             state.momenta[param] = torch.zeros_like(g)
     momentum = state.momenta.get(param) if cfg.correction == "momentum" else None
     if cfg.correction == "adam":  # Adam correction: accumulate this rank's own Adam step on its local gradient
-        velocity.add_(_adam_step(state, param, g))
+        step = _adam_step(state, param, g)
+        if owner_scale is not None:
+            step.view(owner_scale.numel(), -1).mul_(owner_scale.unsqueeze(1))
+        velocity.add_(step)
     elif momentum is None:  # momentum 0: error feedback, v ← v + g (the optimizer applies momentum, if any)
         velocity.add_(g)
     else:
@@ -494,6 +542,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     sparsity = state.sparsity
     sparse_slots, dense_slots = [], []
     values, indices = [], []
+    extra_bytes = 0  # row bitmaps of owner_tensors
     for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
         kind = state.layout(param)
         if kind == "local":  # no exchange: this rank's own update direction, merged by rows every local_period steps
@@ -508,7 +557,11 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         elif kind == "dense":
             dense_slots.append(slot)
         else:
-            v, i = _compress_local(state, param, grad, world, sparsity)
+            scale = None
+            if _matches(state.names.get(param), state.config.owner_tensors):
+                scale, bitmap_bytes = row_owner_scale(state, param, grad, group, world)
+                extra_bytes += bitmap_bytes
+            v, i = _compress_local(state, param, grad, world, sparsity, scale)
             values.append(v)
             indices.append(i)
             sparse_slots.append(slot)
@@ -517,7 +570,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     sent_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int32)  # (I,): I = K, or rows
     dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
     state.traffic.record(dense_bytes=buffer.numel() * elem,
-                         sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES)
+                         sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES
+                         + extra_bytes)
     # Synchronisation point: every rank sends exactly K values and I indices, so gloo's equal-size gather works.
     gathered_values = [torch.empty_like(sent_values) for _ in range(world)]
     gathered_indices = [torch.empty_like(sent_indices) for _ in range(world)]

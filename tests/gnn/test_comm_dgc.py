@@ -228,6 +228,38 @@ def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
     return {"steps": steps, "gradient_select": selections}
 
 
+def owner_worker(rank: int, world: int) -> dict[str, Any]:
+    """--dgc-owner-scale on the table at sparsity 0 (Adam correction), 4 steps where rank 0's ids lie in [0, 30) and
+    rank 1's in [20, 50): per step each rank's local gradient of the table and the update applied to it. Again
+    without the scale, for the bytes."""
+    out: dict[str, Any] = {}
+    for label, owners in (("owner", ("0.weight",)), ("plain", ())):
+        cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.0, warmup_sparsities=(), momentum=0.0, correction="adam",
+                                              owner_tensors=owners))
+        model = DDP(tiny_model())
+        session = setup_communication(model, cfg, audit=True)
+        dgc = session.dgc
+        assert dgc is not None
+        optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=LR))
+        table = model.module[0].weight
+        steps: list[dict[str, Any]] = []
+        for step in range(4):
+            x, y = batch(rank, step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x % 30 + 20 * rank), y).backward()
+            optimizer.step()
+            steps.append({"gradient": dgc.last_audit["0.weight"].gradient,
+                          "applied": table.grad.detach().reshape(-1).clone(),  # type: ignore[union-attr]
+                          "sent_bytes": session.traffic.last_step_sent_bytes})
+        out[label] = steps
+    try:
+        setup_communication(DDP(tiny_model()), parse_comm("dgc", dgc=DGCConfig(
+            momentum=0.0, correction="adam", owner_tensors=("0.weight",), dense_tensors=("0.weight",))))
+    except ValueError as error:
+        out["dense_error"] = str(error)
+    return out
+
+
 def resume_worker(rank: int, world: int) -> dict[str, Any]:
     """The Adam correction at 90 % (warm-up 50 % for 2 steps) run 4 steps straight, and again stopped after 2 steps:
     the weights and this rank's DGC state saved, a fresh model and session restored from them, 2 more steps."""
@@ -270,7 +302,7 @@ def all_workers(rank: int, world: int) -> dict[str, Any]:
             "builtin": builtin_worker(rank, world), "adam": adam_worker(rank, world),
             "layout": layout_worker(rank, world), "merge": merge_worker(rank, world),
             "flush": flush_worker(rank, world), "adam_masking": adam_masking_worker(rank, world),
-            "resume": resume_worker(rank, world)}
+            "resume": resume_worker(rank, world), "owner": owner_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -622,3 +654,34 @@ def test_dgc_state_saved_per_rank_resumes_bit_for_bit(gloo_pair: list[dict[str, 
         assert r["steps"] == 4  # the step clock (it drives the warm-up) continued from 2
         for name, value in r["straight"].items():  # residuals, Adam moments and the sampler carried over exactly
             torch.testing.assert_close(r["resumed"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(180)
+def test_dgc_owner_scale_gives_a_row_one_rank_trains_a_whole_adam_step(gloo_pair: list[dict[str, Any]]) -> None:
+    beta1, beta2 = DGCConfig().adam_betas
+    eps = DGCConfig().adam_eps
+    moments = [(torch.zeros(50 * 8), torch.zeros(50 * 8)) for _ in gloo_pair]
+    owners = torch.full((50,), 2.0)
+    for step in range(4):
+        records = [r["owner"]["owner"][step] for r in gloo_pair]
+        touched = torch.stack([x["gradient"].view(50, 8).ne(0).any(dim=1) for x in records]).sum(dim=0)
+        owners = torch.where(touched > 0, touched.float(), owners)
+        expected = torch.zeros(50 * 8)
+        for (m, v), x in zip(moments, records, strict=True):  # each rank's own Adam step, by hand
+            m.mul_(beta1).add_(x["gradient"], alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(x["gradient"], x["gradient"], value=1 - beta2)
+            adam = (m / (1 - beta1 ** (step + 1))) / ((v / (1 - beta2 ** (step + 1))).sqrt() + eps)
+            expected += (adam.view(50, 8) * (2 / owners).unsqueeze(1)).view(-1) / 2
+        for x in records:
+            torch.testing.assert_close(x["applied"], expected, rtol=1e-5, atol=1e-6)
+        assert bool((touched[:20] <= 1).all() and (touched[30:] <= 1).all())  # rows of one rank's ids only
+        if step == 0:  # Adam's first step is sign(g): an entry of a row one rank touched moves by a whole step
+            single = torch.zeros(50 * 8, dtype=torch.bool)
+            for x in records:
+                single |= x["gradient"].ne(0) & (touched == 1).repeat_interleave(8)
+            assert int(single.sum()) > 50
+            torch.testing.assert_close(records[0]["applied"][single].abs(), torch.ones(int(single.sum())),
+                                       rtol=0, atol=1e-3)  # |g| / (|g| + eps)
+        for rank, plain in enumerate(r["owner"]["plain"][step] for r in gloo_pair):
+            assert records[rank]["sent_bytes"] == plain["sent_bytes"] + 7  # the 50-row bitmap: 7 bytes a step
+    assert "--dgc-owner-scale" in gloo_pair[0]["owner"]["dense_error"]

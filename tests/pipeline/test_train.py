@@ -369,6 +369,13 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(dgc_local="input.item_id.weight")
     with pytest.raises(ValueError, match=r"train: DGCConfig\.local_period=0 \(--dgc-local-period\)"):
         TrainStageConfig(compression="dgc", dgc_local="x", dgc_local_period=0)
+    owner = TrainStageConfig(compression="dgc", optimizer="adam", dgc_correction="adam",
+                             dgc_owner_scale="input.item_id.weight").comm_config().dgc
+    assert owner.owner_tensors == ("input.item_id.weight",)
+    with pytest.raises(ConfigError, match=r"train\.dgc_owner_scale='x'.*--compression dgc"):
+        TrainStageConfig(dgc_owner_scale="x")
+    with pytest.raises(ValueError, match=r"train: DGCConfig\.owner_tensors \(--dgc-owner-scale\).*adam"):
+        TrainStageConfig(compression="dgc", dgc_owner_scale="x")
     with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):

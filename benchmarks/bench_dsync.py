@@ -207,6 +207,27 @@ MODES: dict[str, dict[str, Any]] = {
     # and with masking at 99.9 %
     "dgc_adamc_s0_owner": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_owner_scale="input.item_id.weight"),
     "dgc_adamc_amask_owner": _dgc_adamc(dgc_adam_masking=True, dgc_owner_scale="input.item_id.weight"),
+    # the id table's Adam second moment shared by the ranks (--dgc-shared-moment): each rank's step m_r / sqrt(v)
+    # with v from every rank's squared gradients, per entry (a dense all-reduce: diagnostic) or per row
+    "dgc_adamc_s0_moment": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_shared_moment="input.item_id.weight",
+                                      dgc_shared_moment_by="entries"),
+    "dgc_adamc_s0_mrows": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_shared_moment="input.item_id.weight"),
+    "dgc_adamc_amask_mrows": _dgc_adamc(dgc_adam_masking=True, dgc_shared_moment="input.item_id.weight"),
+    # the same with the rows each rank touched only, one byte (log2 of the mean square) a row, and a bitmap
+    "dgc_adamc_amask_mlog8": _dgc_adamc(dgc_adam_masking=True, dgc_shared_moment="input.item_id.weight",
+                                        dgc_shared_moment_by="rows-log8"),
+    # v follows the ranks' mean square times the share of ranks that touched the row: the square of the mean
+    # gradient where the touching ranks agree, exact for a row one rank trains (--dgc-shared-moment-estimate owners)
+    "dgc_adamc_amask_mlog8o": _dgc_adamc(dgc_adam_masking=True, dgc_shared_moment="input.item_id.weight",
+                                         dgc_shared_moment_by="rows-log8", dgc_shared_moment_estimate="owners"),
+    # the same at 99.93 %: the top-k sends 30 % less, which pays for the moment's bytes (about 14 KB a step here)
+    "dgc_adamc_amask_mlog8o_s9993": _dgc_adamc(dgc_adam_masking=True, dgc_shared_moment="input.item_id.weight",
+                                               dgc_shared_moment_by="rows-log8", dgc_shared_moment_estimate="owners",
+                                               dgc_sparsity=0.9993),
+    "dgc_adamc_s0_mlog8o": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_shared_moment="input.item_id.weight",
+                                      dgc_shared_moment_by="rows-log8", dgc_shared_moment_estimate="owners"),
+    "dgc_adamc_s0_mlog8": _dgc_adamc(dgc_sparsity=0.0, dgc_warmup="", dgc_shared_moment="input.item_id.weight",
+                                     dgc_shared_moment_by="rows-log8"),
 }
 
 
@@ -420,7 +441,10 @@ PAIRED_REFERENCES = {"dgc": "sgd", "dgc_lr1": "sgd_lr1", "dgc_lr001": "sgd_lr001
                      "dgc_adamc_idlocal_touch": "none", "dgc_adamc_idlocal1_mean": "none", "dgc_adamc_flush": "none",
                      "dgc_adamc_senders": "none", "dgc_adamc_amask": "none",
                      "dgc_adamc_amask_gsel": "none", "dgc_adamc_s0": "none", "dgc_adamc_s0_owner": "none",
-                     "dgc_adamc_amask_owner": "none",
+                     "dgc_adamc_amask_owner": "none", "dgc_adamc_s0_moment": "none", "dgc_adamc_s0_mrows": "none",
+                     "dgc_adamc_amask_mrows": "none", "dgc_adamc_amask_mlog8": "none", "dgc_adamc_s0_mlog8": "none",
+                     "dgc_adamc_amask_mlog8o": "none", "dgc_adamc_s0_mlog8o": "none",
+                     "dgc_adamc_amask_mlog8o_s9993": "none",
                      "fp16": "none",
                      "powersgd": "none", "local": "none", "local4": "none", "local4_wu1": "none",
                      "local2_wu1": "none", "local2_wu1_rand": "none_rand", "local4_wu1_rand": "none_rand",

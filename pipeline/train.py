@@ -162,6 +162,15 @@ class TrainStageConfig:
         default="", metadata={"help": "DGC with --dgc-correction adam: comma-separated 2-D parameter names or patterns "
                                       "(embedding tables, e.g. input.item_id.weight) whose Adam step is scaled per "
                                       "row by N / the ranks whose gradient touched the row"})
+    dgc_shared_moment: str = field(
+        default="", metadata={"help": "DGC with --dgc-correction adam: comma-separated 2-D parameter names or patterns "
+                                      "whose Adam second moment the ranks share (all-reduced squared gradients)"})
+    dgc_shared_moment_by: Literal["entries", "rows", "rows-log8"] = field(
+        default="rows", metadata={"help": "DGC: share the second moment per entry, per row, or per row touched "
+                                          "in one byte (rows-log8)"})
+    dgc_shared_moment_estimate: Literal["mean", "owners"] = field(
+        default="mean", metadata={"help": "DGC with rows-log8: v follows the ranks' mean square, or that times the "
+                                          "share of ranks that touched the row (owners)"})
     dgc_flush: bool = field(default=False, metadata={"help": "DGC: at the end of training, average the ranks' "
                                                               "residuals and apply them as one more update"})
     dgc_local: str = field(default="", metadata={"help": "DGC: comma-separated parameter names or patterns that send "
@@ -223,7 +232,7 @@ class TrainStageConfig:
               self.dgc_correction, "needs --optimizer adam (it runs Adam inside the DGC hook)")
         check(not self.dgc_flush or self.compression == "dgc", "train.dgc_flush", self.dgc_flush,
               "applies the DGC residuals: add --compression dgc, or drop it")
-        for name in ("dgc_dense", "dgc_rows", "dgc_local", "dgc_owner_scale"):
+        for name in ("dgc_dense", "dgc_rows", "dgc_local", "dgc_owner_scale", "dgc_shared_moment"):
             check(not getattr(self, name) or self.compression == "dgc", f"train.{name}", getattr(self, name),
                   "names tensors for the DGC hook: add --compression dgc, or leave it empty")
         try:
@@ -251,7 +260,10 @@ class TrainStageConfig:
                         local_tensors=parse_patterns(self.dgc_local), local_period=self.dgc_local_period,
                         local_merge=self.dgc_local_merge, flush_at_end=self.dgc_flush,
                         average=self.dgc_average, adam_masking=self.dgc_adam_masking, select=self.dgc_select,
-                        owner_tensors=parse_patterns(self.dgc_owner_scale))
+                        owner_tensors=parse_patterns(self.dgc_owner_scale),
+                        shared_moment_tensors=parse_patterns(self.dgc_shared_moment),
+                        shared_moment_by=self.dgc_shared_moment_by,
+                        shared_moment_estimate=self.dgc_shared_moment_estimate)
         return parse_comm(self.compression, self.sync, sync_warmup_steps=self.sync_warmup_steps,
                           sync_weighting=self.sync_weighting, sync_optimizer_state=self.sync_optimizer_state,
                           sync_lr_scale=self.sync_lr_scale, sync_outer_momentum=self.sync_outer_momentum, dgc=dgc)

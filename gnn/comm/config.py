@@ -22,6 +22,7 @@ COMPRESSIONS = ("none", "fp16", "bf16", "powersgd", "dgc")
 SYNC_KINDS = ("allreduce", "local", "hierarchical")
 SYNC_WEIGHTINGS = ("uniform", "touched")  # how an averaging round weighs the replicas (gnn/comm/averaging.py)
 DGC_CORRECTIONS = ("momentum", "adam")  # what the DGC hook accumulates
+DGC_SHARED_MOMENTS = ("entries", "rows", "rows-log8")  # how --dgc-shared-moment exchanges the squared gradients
 DGC_WARMUP_DEFAULT = (0.75, 0.9375, 0.984375, 0.996)  # Lin et al. 2018, then `sparsity` (0.999)
 DGC_LOCAL_MERGES = ("sum", "mean", "touches")  # how a round combines the ranks' changes to a local tensor's row
 DGC_AVERAGES = ("world", "senders")  # what divides the sum of the values sent for an entry
@@ -114,6 +115,18 @@ class DGCConfig:
             touched (rows/8 bytes each). Averaging N ranks' own Adam steps moves a row one rank trains by 1/N of a
             step, where Adam on the all-reduced gradient (scale-free) moves it by a whole one; the scale restores
             that, and leaves a row every rank trains as it was (default none).
+        shared_moment_tensors: with ``correction="adam"``, patterns of compressed 2-D parameters whose Adam second
+            moment the ranks share: every step each rank sends its squared gradient (``shared_moment_by="entries"``:
+            one value per entry, a dense all-reduce; ``"rows"``: the mean over each row, one value per row) and every
+            rank updates one v from the ranks' mean, so each rank's step m_r / √v is weighed by the gradient's size
+            against every rank's, not against its own: a rank that touches a row once, weakly, no longer moves it by a
+            whole Adam step (default none).
+        shared_moment_by: ``"entries"``, ``"rows"`` or ``"rows-log8"`` (per row, only the rows a rank's gradient
+            touched: a bitmap and one byte a row, log2 of the mean square in quarter octaves) (default ``"rows"``).
+        shared_moment_estimate: what v follows with ``"rows-log8"``: ``"mean"`` (the ranks' mean square) or
+            ``"owners"`` (that times k / N, k = the ranks that touched the row: the square of the ranks' mean
+            gradient, exactly so for a row one rank trains, as Adam on the all-reduced gradient has it)
+            (default ``"mean"``).
     """
 
     sparsity: float = 0.999
@@ -141,6 +154,9 @@ class DGCConfig:
     adam_masking: bool = False
     select: str = "value"
     owner_tensors: tuple[str, ...] = ()
+    shared_moment_tensors: tuple[str, ...] = ()
+    shared_moment_by: str = "rows"
+    shared_moment_estimate: str = "mean"
 
     def __post_init__(self) -> None:
         named = [("sparsity", self.sparsity)]
@@ -198,6 +214,21 @@ class DGCConfig:
         if any(not pattern.strip() for pattern in self.owner_tensors):
             raise ValueError("DGCConfig.owner_tensors (--dgc-owner-scale): empty pattern; give parameter names or "
                              "fnmatch patterns such as input.item_id.weight")
+        if self.shared_moment_tensors and self.correction != "adam":
+            raise ValueError("DGCConfig.shared_moment_tensors (--dgc-shared-moment) shares Adam's second moment: it "
+                             "needs --dgc-correction adam")
+        if any(not pattern.strip() for pattern in self.shared_moment_tensors):
+            raise ValueError("DGCConfig.shared_moment_tensors (--dgc-shared-moment): empty pattern; give parameter "
+                             "names or fnmatch patterns such as input.item_id.weight")
+        if self.shared_moment_by not in DGC_SHARED_MOMENTS:
+            raise ValueError(f"DGCConfig.shared_moment_by={self.shared_moment_by!r} (--dgc-shared-moment-by): use "
+                             "'entries', 'rows' or 'rows-log8'")
+        if self.shared_moment_estimate not in ("mean", "owners"):
+            raise ValueError(f"DGCConfig.shared_moment_estimate={self.shared_moment_estimate!r} "
+                             "(--dgc-shared-moment-estimate): use 'mean' or 'owners'")
+        if self.shared_moment_estimate == "owners" and self.shared_moment_by != "rows-log8":
+            raise ValueError("DGCConfig.shared_moment_estimate='owners' (--dgc-shared-moment-estimate) counts the "
+                             "ranks that sent a row: it needs --dgc-shared-moment-by rows-log8")
         if self.average not in DGC_AVERAGES:
             raise ValueError(f"DGCConfig.average={self.average!r} (--dgc-average): use 'world' or 'senders'")
         if self.local_merge not in DGC_LOCAL_MERGES:
@@ -312,7 +343,7 @@ class CommConfig:
         data.pop("sync_spec", None)
         dgc = dict(data.pop("dgc", {}))
         for key in ("warmup_sparsities", "adam_betas", "dense_tensors", "row_tensors", "local_tensors",
-                    "owner_tensors"):
+                    "owner_tensors", "shared_moment_tensors"):
             if key in dgc:
                 dgc[key] = tuple(dgc[key])
         levels = tuple(SyncLevel(**lv) for lv in data.pop("sync_levels", ()))
@@ -436,6 +467,15 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dgc-owner-scale", default="",
                        help="with --dgc-correction adam, comma-separated 2-D parameter names or patterns (embedding "
                        "tables) whose Adam step is scaled per row by N / the ranks that touched the row")
+    group.add_argument("--dgc-shared-moment", default="",
+                       help="with --dgc-correction adam, comma-separated 2-D parameter names or patterns whose Adam "
+                       "second moment the ranks share (each step they all-reduce their squared gradients)")
+    group.add_argument("--dgc-shared-moment-by", default=dg.shared_moment_by, choices=DGC_SHARED_MOMENTS,
+                       help="share the second moment per entry (a dense all-reduce), per row (one value a row) or "
+                       "per row touched (rows-log8: a bitmap and one byte, the log of the square, a row touched)")
+    group.add_argument("--dgc-shared-moment-estimate", default=dg.shared_moment_estimate, choices=("mean", "owners"),
+                       help="with rows-log8, v follows the ranks' mean square (mean) or that times the share of "
+                       "ranks that touched the row (owners: the square of the mean gradient)")
 
 
 def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
@@ -448,7 +488,10 @@ def comm_config_from_args(args: argparse.Namespace) -> CommConfig:
                     row_tensors=parse_patterns(args.dgc_rows), local_tensors=parse_patterns(args.dgc_local),
                     local_period=args.dgc_local_period, local_merge=args.dgc_local_merge,
                     flush_at_end=args.dgc_flush, average=args.dgc_average, adam_masking=args.dgc_adam_masking,
-                    select=args.dgc_select, owner_tensors=parse_patterns(args.dgc_owner_scale))
+                    select=args.dgc_select, owner_tensors=parse_patterns(args.dgc_owner_scale),
+                    shared_moment_tensors=parse_patterns(args.dgc_shared_moment),
+                    shared_moment_by=args.dgc_shared_moment_by,
+                    shared_moment_estimate=args.dgc_shared_moment_estimate)
     return CommConfig(compression=args.compression, sync=kind, sync_levels=levels,
                       sync_warmup_steps=args.sync_warmup_steps, sync_weighting=args.sync_weighting,
                       sync_optimizer_state=args.sync_optimizer_state, sync_lr_scale=args.sync_lr_scale,

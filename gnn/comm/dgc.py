@@ -144,17 +144,20 @@ class DGCState:
         self.names = {p: n for n, p in module.named_parameters()}
         self.layouts = {}
         cfg = self.config
-        for pattern in (*cfg.dense_tensors, *cfg.row_tensors, *cfg.local_tensors, *cfg.owner_tensors):
+        for pattern in (*cfg.dense_tensors, *cfg.row_tensors, *cfg.local_tensors, *cfg.owner_tensors,
+                        *cfg.shared_moment_tensors):
             if not any(_matches(n, (pattern,)) for n in self.names.values()):
                 shown = ", ".join(sorted(self.names.values())[:8])
                 raise ValueError(f"DGC pattern {pattern!r} (--dgc-dense / --dgc-rows / --dgc-local / "
-                                 f"--dgc-owner-scale) matches no parameter of the model; its parameters are: {shown}, "
-                                 "...")
+                                 f"--dgc-owner-scale / --dgc-shared-moment) matches no parameter of the model; its "
+                                 f"parameters are: {shown}, ...")
         for name, param in module.named_parameters():
-            if _matches(name, cfg.owner_tensors) and (param.dim() != 2 or self.layout(param) in ("dense", "local")):
-                raise ValueError(f"DGC --dgc-owner-scale names {name!r} ({param.dim()}-D, sent as "
-                                 f"{self.layout(param)!r}): it scales the Adam step of compressed 2-D tensors only; "
-                                 "drop it from --dgc-dense / --dgc-local or from --dgc-owner-scale")
+            for flag, patterns in (("--dgc-owner-scale", cfg.owner_tensors),
+                                   ("--dgc-shared-moment", cfg.shared_moment_tensors)):
+                if _matches(name, patterns) and (param.dim() != 2 or self.layout(param) in ("dense", "local")):
+                    raise ValueError(f"DGC {flag} names {name!r} ({param.dim()}-D, sent as {self.layout(param)!r}): "
+                                     f"it acts on compressed 2-D tensors only; drop it from --dgc-dense / "
+                                     f"--dgc-local or from {flag}")
 
     def layout(self, param: torch.Tensor) -> str:
         """How ``param`` travels: ``"local"`` (a ``local_tensors`` pattern: no gradient sent, changed rows merged
@@ -426,12 +429,74 @@ def row_owner_scale(state: DGCState, param: torch.Tensor, grad: torch.Tensor, gr
     return world / owners, packed.numel()
 
 
-def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int,
-                    sparsity: float, owner_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices): k
-    entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and their row indices.
-    ``owner_scale`` (rows,) multiplies each row of this rank's Adam step (``owner_tensors``)."""
+def shared_squares(state: DGCState, param: torch.Tensor, g: torch.Tensor, group: dist.ProcessGroup | None,
+                   world: int) -> tuple[torch.Tensor, int]:
+    """The ranks' mean squared gradient of a ``shared_moment_tensors`` parameter, per entry or per row (the mean
+    over the row, broadcast back), by one all-reduce (a collective). Returns it and the bytes this rank sent.
+
+    Shapes: g (n,) flattened -> (n,)."""
+    rows = param.shape[0]
+    by = state.config.shared_moment_by
+    squares = g * g if by == "entries" else (g * g).view(rows, -1).mean(dim=1)
+    if by == "rows-log8":
+        squares, sent = _gather_log8(squares, group, world, owners=state.config.shared_moment_estimate == "owners")
+    else:
+        dist.all_reduce(squares, group=group)
+        squares.div_(world)
+        sent = squares.numel() * squares.element_size()
+    if squares.numel() != g.numel():
+        squares = squares.repeat_interleave(g.numel() // rows)
+    return squares, sent
+
+
+LOG8_STEPS = 4  # codes per octave: a square within 2^(1/8) (9 %), its root within 4.4 %
+LOG8_OFFSET = 200  # code of a square of 1; codes 1..255 span 2^-49.75 .. 2^13.75
+
+
+def _gather_log8(squares: torch.Tensor, group: dist.ProcessGroup | None, world: int,
+                 owners: bool = False) -> tuple[torch.Tensor, int]:
+    """The ranks' mean of non-negative ``squares`` (rows,), each rank sending only its nonzero entries: a bitmap of
+    them and one byte each, the square's log2 in quarter octaves (padded to the group's largest count so gloo's
+    equal-size all-gather works). Every rank decodes the same bytes, so all get the same mean. With ``owners`` each
+    entry's mean is multiplied by k / N, k = the ranks that sent it: the square of the ranks' mean gradient when the
+    k ranks' gradients agree (exact for k = 1: one rank's g, averaged over N, is g / N). Returns it and the bytes this
+    rank sent (count, bitmap, padded codes)."""
+    rows = squares.numel()
+    touched = squares > 0
+    codes = (squares[touched].log2() * LOG8_STEPS).round().add(LOG8_OFFSET).clamp(1, 255).to(torch.uint8)  # (c,)
+    count = torch.tensor([codes.numel()], dtype=torch.int64)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    width = max(int(c) for c in counts)
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:codes.numel()] = codes
+    bitmap = pack_bits(touched)
+    bitmaps = [torch.empty_like(bitmap) for _ in range(world)]
+    all_codes = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bitmaps, bitmap, group=group)
+    dist.all_gather(all_codes, padded, group=group)
+    total = torch.zeros(rows, dtype=squares.dtype)
+    senders = torch.zeros(rows, dtype=squares.dtype)
+    for n, rank_bitmap, rank_codes in zip(counts, bitmaps, all_codes, strict=True):
+        values = torch.pow(2.0, (rank_codes[:int(n)].to(squares.dtype) - LOG8_OFFSET) / LOG8_STEPS)
+        sent_rows = unpack_bits(rank_bitmap, rows)
+        total[sent_rows] += values
+        senders[sent_rows] += 1.0
+    total.div_(world)
+    if owners:
+        total.mul_(senders / world)
+    return total, count.element_size() + bitmap.numel() + width
+
+
+def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int, sparsity: float,
+                    owner_scale: torch.Tensor | None = None,
+                    group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices, bytes
+    sent besides them): k entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and
+    their row indices. ``owner_scale`` (rows,) multiplies each row of this rank's Adam step (``owner_tensors``); a
+    ``shared_moment_tensors`` parameter updates Adam's v from the ranks' mean squares (a collective on ``group``)."""
     cfg = state.config
+    extra = 0
     g = grad.detach().reshape(-1).clone()  # (n,)
     if cfg.weight_decay:
         g.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
@@ -447,7 +512,10 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
             state.momenta[param] = torch.zeros_like(g)
     momentum = state.momenta.get(param) if cfg.correction == "momentum" else None
     if cfg.correction == "adam":  # Adam correction: accumulate this rank's own Adam step on its local gradient
-        step = _adam_step(state, param, g)
+        squares = None
+        if _matches(state.names.get(param), cfg.shared_moment_tensors):
+            squares, extra = shared_squares(state, param, g, group, world)
+        step = _adam_step(state, param, g, squares)
         if owner_scale is not None:
             step.view(owner_scale.numel(), -1).mul_(owner_scale.unsqueeze(1))
         velocity.add_(step)
@@ -495,12 +563,14 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
         state.last_audit[name] = StepAudit(gradient=g, accumulated=accumulated, sent=sent,
                                            residual=velocity.clone(), k=k,
                                            indices=indices.clone())
-    return values, selected.to(torch.int32)
+    return values, selected.to(torch.int32), extra
 
 
-def _adam_step(state: DGCState, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _adam_step(state: DGCState, param: torch.Tensor, g: torch.Tensor,
+               squares: torch.Tensor | None = None) -> torch.Tensor:
     """Bias-corrected Adam direction m̂ / (√v̂ + eps) of ``param`` after gradient ``g`` (its moments kept in the state;
-    the learning rate is applied by the outer SGD). Shapes: g (n,) -> (n,)."""
+    the learning rate is applied by the outer SGD); v follows ``squares`` (the ranks' mean square) when given, else
+    g². Shapes: g, squares (n,) -> (n,)."""
     cfg = state.config
     beta1, beta2 = cfg.adam_betas
     m = state.momenta.get(param)
@@ -510,7 +580,10 @@ def _adam_step(state: DGCState, param: torch.Tensor, g: torch.Tensor) -> torch.T
     v = state.second_moments[param]
     t = state.adam_steps[param] = state.adam_steps.get(param, 0) + 1
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    if squares is None:
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    else:
+        v.mul_(beta2).add_(squares, alpha=1.0 - beta2)
     denom = (v / (1.0 - beta2 ** t)).sqrt_().add_(cfg.adam_eps)
     return (m / (1.0 - beta1 ** t)).div_(denom)
 
@@ -542,7 +615,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     sparsity = state.sparsity
     sparse_slots, dense_slots = [], []
     values, indices = [], []
-    extra_bytes = 0  # row bitmaps of owner_tensors
+    extra_bytes = 0  # row bitmaps of owner_tensors, squares of shared_moment_tensors
     for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
         kind = state.layout(param)
         if kind == "local":  # no exchange: this rank's own update direction, merged by rows every local_period steps
@@ -561,7 +634,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             if _matches(state.names.get(param), state.config.owner_tensors):
                 scale, bitmap_bytes = row_owner_scale(state, param, grad, group, world)
                 extra_bytes += bitmap_bytes
-            v, i = _compress_local(state, param, grad, world, sparsity, scale)
+            v, i, moment_bytes = _compress_local(state, param, grad, world, sparsity, scale, group)
+            extra_bytes += moment_bytes
             values.append(v)
             indices.append(i)
             sparse_slots.append(slot)

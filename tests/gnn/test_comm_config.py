@@ -185,7 +185,7 @@ def test_dgc_state_round_trips_residuals_by_name() -> None:
     state = DGCState(DGCConfig(sparsity=0.9, warmup_sparsities=()))
     state.name_parameters(model)
     grad = torch.arange(1200, dtype=torch.float32).reshape(30, 40) / 1200  # entry i has value i/1200
-    values, indices = _compress_local(state, model.weight, grad, 2, 0.9)
+    values, indices, _ = _compress_local(state, model.weight, grad, 2, 0.9)
     assert sorted(indices.tolist()) == list(range(1080, 1200))  # exactly k = 120, the largest
     assert torch.equal(values, indices.double().div(1200).float())
     restored = DGCState(DGCConfig())
@@ -278,6 +278,17 @@ def test_dgc_dense_and_row_tensor_patterns_config() -> None:
                               "--dgc-adam-masking", "--dgc-average", "senders"])
     assert comm_config_from_args(args).dgc == DGCConfig(momentum=0.0, correction="adam", adam_masking=True,
                                                         average="senders")
+    args = parser.parse_args(["--compression", "dgc", "--dgc-momentum", "0", "--dgc-correction", "adam",
+                              "--dgc-owner-scale", "a.w", "--dgc-shared-moment", "a.*,b.w", "--dgc-shared-moment-by",
+                              "rows-log8", "--dgc-shared-moment-estimate", "owners"])
+    moment = DGCConfig(momentum=0.0, correction="adam", owner_tensors=("a.w",), shared_moment_tensors=("a.*", "b.w"),
+                       shared_moment_by="rows-log8", shared_moment_estimate="owners")
+    assert comm_config_from_args(args).dgc == moment
+    assert CommConfig.from_dict(json.loads(json.dumps(parse_comm("dgc", dgc=moment).to_dict()))).dgc == moment
+    with pytest.raises(ValueError, match=r"shared_moment_by='cols' \(--dgc-shared-moment-by\)"):
+        DGCConfig(shared_moment_by="cols")
+    with pytest.raises(ValueError, match=r"owner_tensors \(--dgc-owner-scale\).*needs --dgc-correction adam"):
+        DGCConfig(owner_tensors=("a.w",))
     # rows within the entry-wise bytes: 16559 × 64 at 99.9 %: 1060 entries × 8 bytes buy 32 rows of 64 values + index
     assert dgc_row_k(16559, 64, 0.999, value_bytes=4, index_bytes=4) == 1060 * 8 // 260 == 32
     assert dgc_row_k(10, 1000, 0.999, value_bytes=4, index_bytes=4) == 1  # at least one row
@@ -294,7 +305,7 @@ def test_dgc_momentum_zero_keeps_every_gradient_entry() -> None:
     grads = [torch.randn(30, 40, generator=gen) for _ in range(4)]
     sent_total = torch.zeros(1200)
     for grad in grads:
-        values, indices = _compress_local(state, model.weight, grad, 2, 0.95)
+        values, indices, _ = _compress_local(state, model.weight, grad, 2, 0.95)
         assert values.numel() == 60  # exact k
         sent_total[indices.long()] += values
         audit = state.last_audit["weight"]

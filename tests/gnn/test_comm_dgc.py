@@ -229,13 +229,18 @@ def adam_masking_worker(rank: int, world: int) -> dict[str, Any]:
 
 
 def owner_worker(rank: int, world: int) -> dict[str, Any]:
-    """--dgc-owner-scale on the table at sparsity 0 (Adam correction), 4 steps where rank 0's ids lie in [0, 30) and
-    rank 1's in [20, 50): per step each rank's local gradient of the table and the update applied to it. Again
-    without the scale, for the bytes."""
+    """--dgc-owner-scale, then --dgc-shared-moment by entries and by rows, on the table at sparsity 0 (Adam
+    correction), 4 steps where rank 0's ids lie in [0, 30) and rank 1's in [20, 50): per step each rank's local
+    gradient of the table, the update applied to it and Adam's v. Again with neither, for the bytes."""
     out: dict[str, Any] = {}
-    for label, owners in (("owner", ("0.weight",)), ("plain", ())):
+    for label, extra in (("owner", {"owner_tensors": ("0.weight",)}), ("plain", {}),
+                         ("moment_entries", {"shared_moment_tensors": ("0.*",), "shared_moment_by": "entries"}),
+                         ("moment_rows", {"shared_moment_tensors": ("0.weight",)}),
+                         ("moment_log8", {"shared_moment_tensors": ("0.weight",), "shared_moment_by": "rows-log8"}),
+                         ("moment_log8o", {"shared_moment_tensors": ("0.weight",), "shared_moment_by": "rows-log8",
+                                           "shared_moment_estimate": "owners"})):
         cfg = parse_comm("dgc", dgc=DGCConfig(sparsity=0.0, warmup_sparsities=(), momentum=0.0, correction="adam",
-                                              owner_tensors=owners))
+                                              **extra))
         model = DDP(tiny_model())
         session = setup_communication(model, cfg, audit=True)
         dgc = session.dgc
@@ -250,7 +255,8 @@ def owner_worker(rank: int, world: int) -> dict[str, Any]:
             optimizer.step()
             steps.append({"gradient": dgc.last_audit["0.weight"].gradient,
                           "applied": table.grad.detach().reshape(-1).clone(),  # type: ignore[union-attr]
-                          "sent_bytes": session.traffic.last_step_sent_bytes})
+                          "sent_bytes": session.traffic.last_step_sent_bytes,
+                          "v": dgc.second_moments[table].clone()})
         out[label] = steps
     try:
         setup_communication(DDP(tiny_model()), parse_comm("dgc", dgc=DGCConfig(
@@ -685,3 +691,47 @@ def test_dgc_owner_scale_gives_a_row_one_rank_trains_a_whole_adam_step(gloo_pair
         for rank, plain in enumerate(r["owner"]["plain"][step] for r in gloo_pair):
             assert records[rank]["sent_bytes"] == plain["sent_bytes"] + 7  # the 50-row bitmap: 7 bytes a step
     assert "--dgc-owner-scale" in gloo_pair[0]["owner"]["dense_error"]
+
+
+def _log8(square: torch.Tensor) -> torch.Tensor:
+    """A positive square through one byte, by hand: log2 rounded to quarter octaves."""
+    return torch.pow(2.0, torch.round(torch.log2(square) * 4).clamp(-199, 55) / 4)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("label", ["moment_entries", "moment_rows", "moment_log8", "moment_log8o"])
+def test_dgc_shared_moment_weighs_each_rank_step_against_every_rank_gradient(
+        gloo_pair: list[dict[str, Any]], label: str) -> None:
+    beta1, beta2 = DGCConfig().adam_betas
+    eps = DGCConfig().adam_eps
+    firsts = [torch.zeros(50 * 8) for _ in gloo_pair]
+    v = torch.zeros(50 * 8)
+    for step in range(4):
+        records = [r["owner"][label][step] for r in gloo_pair]
+        if label == "moment_entries":  # the ranks' mean square, by hand
+            squares = sum(x["gradient"] ** 2 for x in records) / 2
+            extra_bytes = 50 * 8 * 4
+        else:
+            by_row = [(x["gradient"] ** 2).view(50, 8).mean(dim=1) for x in records]
+            extra_bytes = 50 * 4
+            owners = sum((r > 0).float() for r in by_row)
+            if label.startswith("moment_log8"):  # nonzero rows only, a byte each, padded to the larger count;
+                by_row = [torch.where(r > 0, _log8(r), r) for r in by_row]  # a bitmap and a count
+                extra_bytes = 8 + 7 + max(int((r > 0).sum()) for r in by_row)
+            mean = sum(by_row) / 2
+            if label == "moment_log8o":  # times the share of ranks that touched the row
+                mean = mean * owners / 2
+            squares = mean.repeat_interleave(8)
+        v = beta2 * v + (1 - beta2) * squares
+        denominator = (v / (1 - beta2 ** (step + 1))).sqrt() + eps
+        expected = torch.zeros(50 * 8)
+        for m, x in zip(firsts, records, strict=True):  # each rank's first moment over one shared v, averaged
+            m.mul_(beta1).add_(x["gradient"], alpha=1 - beta1)
+            expected += (m / (1 - beta1 ** (step + 1))) / denominator / 2
+        for rank, x in enumerate(records):
+            torch.testing.assert_close(x["v"], v, rtol=1e-5, atol=1e-12)  # one v on every rank
+            torch.testing.assert_close(x["v"], records[0]["v"], rtol=0, atol=0)
+            torch.testing.assert_close(x["applied"], expected, rtol=1e-4, atol=1e-6)
+            assert x["sent_bytes"] == gloo_pair[rank]["owner"]["plain"][step]["sent_bytes"] + extra_bytes
+        plain = records[0]["applied"] - gloo_pair[0]["owner"]["plain"][step]["applied"]
+        assert float(plain.abs().max()) > 0.05  # and that differs from averaging the ranks' own Adam steps

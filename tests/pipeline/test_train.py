@@ -376,6 +376,17 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(dgc_owner_scale="x")
     with pytest.raises(ValueError, match=r"train: DGCConfig\.owner_tensors \(--dgc-owner-scale\).*adam"):
         TrainStageConfig(compression="dgc", dgc_owner_scale="x")
+    moment = TrainStageConfig(compression="dgc", optimizer="adam", dgc_correction="adam", dgc_shared_moment="i.*",
+                              dgc_shared_moment_by="rows-log8", dgc_shared_moment_estimate="owners").comm_config().dgc
+    assert (moment.shared_moment_tensors, moment.shared_moment_by, moment.shared_moment_estimate) == (
+        ("i.*",), "rows-log8", "owners")
+    with pytest.raises(ConfigError, match=r"train\.dgc_shared_moment='x'.*--compression dgc"):
+        TrainStageConfig(dgc_shared_moment="x")
+    with pytest.raises(ValueError, match=r"train: DGCConfig\.shared_moment_tensors \(--dgc-shared-moment\).*adam"):
+        TrainStageConfig(compression="dgc", dgc_shared_moment="x")
+    with pytest.raises(ValueError, match=r"shared_moment_estimate='owners'.*--dgc-shared-moment-by rows-log8"):
+        TrainStageConfig(compression="dgc", optimizer="adam", dgc_correction="adam", dgc_shared_moment="x",
+                         dgc_shared_moment_estimate="owners")
     with pytest.raises(ValueError, match=r"train: --sync 'local:x'"):
         TrainStageConfig(sync="local:x")
     with pytest.raises(ValueError, match=r"capacity_fraction=1\.5"):

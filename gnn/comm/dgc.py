@@ -467,7 +467,7 @@ def _gather_log8(squares: torch.Tensor, group: dist.ProcessGroup | None, world: 
     count = torch.tensor([codes.numel()], dtype=torch.int64)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
-    width = max(int(c) for c in counts)
+    width = max(1, *(int(c) for c in counts))  # at least one byte: gloo's all-gather of empty tensors is not relied on
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[:codes.numel()] = codes
     bitmap = pack_bits(touched)

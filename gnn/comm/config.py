@@ -192,9 +192,11 @@ class DGCConfig:
             both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
             if both:
                 raise ValueError(f"DGCConfig: {both[0]!r} is in both {a} and {b}; a tensor travels one way only")
-        if any(not pattern.strip() for pattern in (*self.dense_tensors, *self.row_tensors, *self.local_tensors)):
-            raise ValueError("DGCConfig.dense_tensors / row_tensors / local_tensors: empty pattern; give parameter "
-                             "names or fnmatch patterns such as input.item_id.weight")
+        if any(not pattern.strip() for pattern in (*self.dense_tensors, *self.row_tensors, *self.local_tensors,
+                                                   *self.owner_tensors, *self.shared_moment_tensors)):
+            raise ValueError("DGCConfig.dense_tensors / row_tensors / local_tensors / owner_tensors / "
+                             "shared_moment_tensors: empty pattern; give parameter names or fnmatch patterns such as "
+                             "input.item_id.weight")
         if self.local_period < 1:
             raise ValueError(f"DGCConfig.local_period={self.local_period} (--dgc-local-period) must be >= 1 step")
         if self.flush_at_end and self.correction == "momentum" and not self.momentum:
@@ -208,18 +210,10 @@ class DGCConfig:
         if self.select != "value" and self.correction != "adam":
             raise ValueError("DGCConfig.select='gradient' (--dgc-select) ranks Adam steps by Adam's gradient scale: "
                              "it needs --dgc-correction adam")
-        if self.owner_tensors and self.correction != "adam":
-            raise ValueError("DGCConfig.owner_tensors (--dgc-owner-scale) scales each rank's Adam step: it needs "
-                             "--dgc-correction adam")
-        if any(not pattern.strip() for pattern in self.owner_tensors):
-            raise ValueError("DGCConfig.owner_tensors (--dgc-owner-scale): empty pattern; give parameter names or "
-                             "fnmatch patterns such as input.item_id.weight")
-        if self.shared_moment_tensors and self.correction != "adam":
-            raise ValueError("DGCConfig.shared_moment_tensors (--dgc-shared-moment) shares Adam's second moment: it "
-                             "needs --dgc-correction adam")
-        if any(not pattern.strip() for pattern in self.shared_moment_tensors):
-            raise ValueError("DGCConfig.shared_moment_tensors (--dgc-shared-moment): empty pattern; give parameter "
-                             "names or fnmatch patterns such as input.item_id.weight")
+        for field_name, flag, what in (("owner_tensors", "--dgc-owner-scale", "scales each rank's Adam step"),
+                                       ("shared_moment_tensors", "--dgc-shared-moment", "shares Adam's second moment")):
+            if getattr(self, field_name) and self.correction != "adam":
+                raise ValueError(f"DGCConfig.{field_name} ({flag}) {what}: it needs --dgc-correction adam")
         if self.shared_moment_by not in DGC_SHARED_MOMENTS:
             raise ValueError(f"DGCConfig.shared_moment_by={self.shared_moment_by!r} (--dgc-shared-moment-by): use "
                              "'entries', 'rows' or 'rows-log8'")
@@ -469,7 +463,7 @@ def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
                        "tables) whose Adam step is scaled per row by N / the ranks that touched the row")
     group.add_argument("--dgc-shared-moment", default="",
                        help="with --dgc-correction adam, comma-separated 2-D parameter names or patterns whose Adam "
-                       "second moment the ranks share (each step they all-reduce their squared gradients)")
+                       "second moment the ranks share (each step they exchange their squared gradients)")
     group.add_argument("--dgc-shared-moment-by", default=dg.shared_moment_by, choices=DGC_SHARED_MOMENTS,
                        help="share the second moment per entry (a dense all-reduce), per row (one value a row) or "
                        "per row touched (rows-log8: a bitmap and one byte, the log of the square, a row touched)")

@@ -489,14 +489,15 @@ def _gather_log8(squares: torch.Tensor, group: dist.ProcessGroup | None, world: 
 
 
 def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, world: int, sparsity: float,
-                    owner_scale: torch.Tensor | None = None,
                     group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fold ``grad`` into the velocity of ``param`` and take its top-k out. Returns (values, int32 indices, bytes
     sent besides them): k entries and their flat indices, or, for a ``rows`` tensor, r whole rows (r·cols values) and
-    their row indices. ``owner_scale`` (rows,) multiplies each row of this rank's Adam step (``owner_tensors``); a
-    ``shared_moment_tensors`` parameter updates Adam's v from the ranks' mean squares (a collective on ``group``)."""
+    their row indices. With the Adam correction, an ``owner_tensors`` parameter scales each row of this rank's step
+    (:func:`row_owner_scale`) and a ``shared_moment_tensors`` one updates Adam's v from the ranks' mean squares
+    (:func:`shared_squares`); both are collectives on ``group``, and their bytes are the third value."""
     cfg = state.config
     extra = 0
+    name = state.names.get(param)
     g = grad.detach().reshape(-1).clone()  # (n,)
     if cfg.weight_decay:
         g.add_(param.detach().reshape(-1), alpha=cfg.weight_decay)
@@ -513,11 +514,13 @@ def _compress_local(state: DGCState, param: torch.Tensor, grad: torch.Tensor, wo
     momentum = state.momenta.get(param) if cfg.correction == "momentum" else None
     if cfg.correction == "adam":  # Adam correction: accumulate this rank's own Adam step on its local gradient
         squares = None
-        if _matches(state.names.get(param), cfg.shared_moment_tensors):
+        if _matches(name, cfg.shared_moment_tensors):
             squares, extra = shared_squares(state, param, g, group, world)
         step = _adam_step(state, param, g, squares)
-        if owner_scale is not None:
-            step.view(owner_scale.numel(), -1).mul_(owner_scale.unsqueeze(1))
+        if _matches(name, cfg.owner_tensors):
+            scale, bitmap_bytes = row_owner_scale(state, param, grad, group, world)
+            step.view(scale.numel(), -1).mul_(scale.unsqueeze(1))
+            extra += bitmap_bytes
         velocity.add_(step)
     elif momentum is None:  # momentum 0: error feedback, v ← v + g (the optimizer applies momentum, if any)
         velocity.add_(g)
@@ -630,12 +633,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         elif kind == "dense":
             dense_slots.append(slot)
         else:
-            scale = None
-            if _matches(state.names.get(param), state.config.owner_tensors):
-                scale, bitmap_bytes = row_owner_scale(state, param, grad, group, world)
-                extra_bytes += bitmap_bytes
-            v, i, moment_bytes = _compress_local(state, param, grad, world, sparsity, scale, group)
-            extra_bytes += moment_bytes
+            v, i, side_bytes = _compress_local(state, param, grad, world, sparsity, group)
+            extra_bytes += side_bytes
             values.append(v)
             indices.append(i)
             sparse_slots.append(slot)

@@ -3,7 +3,9 @@
 Per parameter of dim > 1: add weight decay, clip locally (threshold × N^-1/2), accumulate *velocity*
 (momentum correction), send exactly k = ceil(numel·(1 − sparsity)) entries of the accumulated velocity (values +
 int32 indices, all-gathered, summed, divided by N), keep the rest as a local residual and zero the momentum of the
-entries sent (momentum factor masking). Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
+entries sent (momentum factor masking). Where k is above 1/32 of a tensor's index slots (sparsity under 96.9 %, the
+warm-up's first stages) the indices travel as a bitmap instead (:func:`encode_indices`: same values, fewer bytes).
+Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
 after averaging. The hook outputs the *update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
 
 With ``DGCConfig.correction = "adam"`` the hook accumulates this rank's own Adam step (Adam on the local gradient,
@@ -639,13 +641,17 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             indices.append(i)
             sparse_slots.append(slot)
     elem = buffer.element_size()
-    sent_values = torch.cat(values) if values else buffer.new_zeros(0)  # (K,)
-    sent_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int32)  # (I,): I = K, or rows
+    slots = [_index_slots(grads[s], v, i) for s, v, i in zip(sparse_slots, values, indices, strict=True)]
+    encoded = [encode_indices(v, i, n) for v, i, n in zip(values, indices, slots, strict=True)]
+    sent_values = torch.cat([v for v, _ in encoded]) if encoded else buffer.new_zeros(0)  # (K,)
+    sent_indices = (torch.cat([i for _, i in encoded]) if encoded
+                    else torch.zeros(0, dtype=torch.int32))  # (I,): indices, or bitmaps as int32 words
     dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
     state.traffic.record(dense_bytes=buffer.numel() * elem,
                          sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES
                          + extra_bytes)
-    # Synchronisation point: every rank sends exactly K values and I indices, so gloo's equal-size gather works.
+    # Synchronisation point: every rank sends exactly K values and I index words (k and the encoding follow from the
+    # sizes alone, equal on every rank), so gloo's equal-size gather works.
     gathered_values = [torch.empty_like(sent_values) for _ in range(world)]
     gathered_indices = [torch.empty_like(sent_indices) for _ in range(world)]
     futures = [dist.all_gather(gathered_values, sent_values, group=group, async_op=True).get_future(),
@@ -657,23 +663,22 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
     def decompress(_: torch.futures.Future[list[torch.futures.Future[object]]]) -> torch.Tensor:
         at_value = at_index = 0
-        for slot, local_values, local_indices in zip(sparse_slots, values, indices, strict=True):
-            n_values, n_indices = local_values.numel(), local_indices.numel()
-            # entries: (n,) with one index per value; rows: (rows, cols) with one index per row
-            out = grads[slot].view(-1) if n_values == n_indices else grads[slot].view(grads[slot].shape[0], -1)
+        for slot, (local_values, local_words), n_slots in zip(sparse_slots, encoded, slots, strict=True):
+            n_values, n_words = local_values.numel(), local_words.numel()
+            out = grads[slot].view(n_slots, -1)  # (index slots, values per index): (n, 1) entries, (rows, cols) rows
             out.zero_()
-            senders = torch.zeros(out.shape[0], dtype=out.dtype) if state.config.average == "senders" else None
-            for rank_values, rank_indices in zip(gathered_values, gathered_indices, strict=True):
-                at = rank_indices[at_index:at_index + n_indices].long()
-                out.index_add_(0, at, rank_values[at_value:at_value + n_values].view(n_indices, -1).squeeze(1))
+            senders = torch.zeros(n_slots, dtype=out.dtype) if state.config.average == "senders" else None
+            for rank_values, rank_words in zip(gathered_values, gathered_indices, strict=True):
+                at = decode_indices(rank_words[at_index:at_index + n_words], n_slots, n_values // out.shape[1])
+                out.index_add_(0, at, rank_values[at_value:at_value + n_values].view(at.numel(), -1))
                 if senders is not None:
-                    senders.index_add_(0, at, torch.ones(n_indices, dtype=out.dtype))
+                    senders.index_add_(0, at, torch.ones(at.numel(), dtype=out.dtype))
             if senders is None:
                 out.div_(world)
             else:  # each entry (row) over the ranks that sent it
-                out.div_(senders.clamp(min=1.0).view(-1, *([1] * (out.dim() - 1))))
+                out.div_(senders.clamp(min=1.0).unsqueeze(1))
             at_value += n_values
-            at_index += n_indices
+            at_index += n_words
         start = 0
         for slot in dense_slots:
             n = grads[slot].numel()
@@ -683,3 +688,40 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         return buffer
 
     return torch.futures.collect_all(futures).then(decompress)
+
+
+def _index_slots(grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> int:
+    """How many positions an index of this tensor can name: its entries (one value per index) or its rows (a whole
+    row of values per index)."""
+    return grad.numel() if values.numel() == indices.numel() else grad.shape[0]
+
+
+def _bitmap_words(slots: int) -> int:
+    """int32 words that carry a bitmap of ``slots`` bits."""
+    return -(-slots // 32)
+
+
+def encode_indices(values: torch.Tensor, indices: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cheaper of two exact encodings of k distinct ``indices`` into ``slots`` positions: the int32 indices
+    themselves (k words), or, when k > ceil(slots / 32), a bitmap of them packed into int32 words with the values
+    reordered by position (each index owning ``values.numel() // k`` consecutive values). The choice depends on k and
+    slots only, so every rank of an exact-k all-gather makes the same one. :func:`decode_indices` inverts it.
+
+    Shapes: values (k·w,), indices (k,) int32 -> values (k·w,), words (k,) or (ceil(slots/32),) int32."""
+    k = indices.numel()
+    if k <= _bitmap_words(slots):
+        return values, indices
+    order = torch.argsort(indices)
+    flags = torch.zeros(slots, dtype=torch.bool)
+    flags[indices.long()] = True
+    packed = torch.zeros(_bitmap_words(slots) * 4, dtype=torch.uint8)
+    bits = pack_bits(flags)
+    packed[:bits.numel()] = bits
+    return values.view(k, -1)[order].reshape(-1), packed.view(torch.int32)
+
+
+def decode_indices(words: torch.Tensor, slots: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`encode_indices`: the k positions (int64, ascending when they came as a bitmap)."""
+    if k <= _bitmap_words(slots):
+        return words.long()
+    return unpack_bits(words.view(torch.uint8), slots).nonzero().squeeze(1)

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gnn.comm import DGCConfig, TrafficAccount, parse_comm, setup_communication
 from gnn.comm._annotations import ddp_hook
 from gnn.comm.config import dgc_k
-from gnn.comm.dgc import DGCState
+from gnn.comm.dgc import INDEX_BYTES, DGCState, decode_indices, encode_indices
 from gnn.comm.hooks import _HookState, powersgd_counting_hook
 from gnn.comm.launch import run_gloo
 
@@ -391,7 +391,12 @@ def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict
             torch.testing.assert_close(t["delta"], LR * sent_mean, rtol=1e-4, atol=1e-6)
         dense, sent = results[0]["steps"][step]["bytes"]
         assert dense == 4 * sum(numel.values())
-        assert sent == 8 * sum(ks[0].values()) + 4 * sum(v for n, v in numel.items() if n not in ks[0])
+        # each value 4 bytes; the indices as k int32, or as a bitmap of ceil(numel / 32) int32 words when smaller
+        index_words = {n: min(k, -(-numel[n] // 32)) for n, k in ks[0].items()}
+        assert sent == 4 * sum(ks[0].values()) + 4 * sum(index_words.values()) + 4 * sum(
+            v for n, v in numel.items() if n not in ks[0])
+        if sparsity == 0.5:  # 200 of 400 table entries: 13 bitmap words, not 200 indices
+            assert index_words["0.weight"] == 13
     for r in results:  # coverage: the share of the compressed entries this rank sent at least once
         compressed = sum(numel[n] for n in r["ever_sent"])
         assert r["coverage"] == sum(len(s) for s in r["ever_sent"].values()) / compressed
@@ -402,6 +407,16 @@ def test_dgc_loses_nothing_sends_exact_k_and_follows_warmup(gloo_pair: list[dict
         for name, grad_sum in r["grad_sum"].items():
             torch.testing.assert_close(r["sent_sum"][name] + r["final_residual"][name], grad_sum,
                                        rtol=1e-5, atol=1e-6)
+
+
+def index_bytes(k: int, slots: int) -> int:
+    """Bytes of k indices into ``slots`` positions: k int32, or a bitmap of ceil(slots / 32) int32 words if fewer."""
+    return INDEX_BYTES * min(k, -(-slots // 32))
+
+
+def linear_sent_bytes() -> int:
+    """What the tiny model's two linear weights (12 × 16, 3 × 12) send at 90 %: values and their indices."""
+    return sum(dgc_k(n, 0.9) * 4 + index_bytes(dgc_k(n, 0.9), n) for n in (192, 36))
 
 
 SEEN_BUCKETS: set[int] = set()
@@ -500,11 +515,10 @@ def test_dgc_adam_correction_runs_adam_in_the_hook(gloo_pair: list[dict[str, Any
 @pytest.mark.timeout(180)
 def test_dgc_sends_named_tensors_densely_or_by_whole_rows(gloo_pair: list[dict[str, Any]]) -> None:
     from gnn.comm.config import dgc_row_k
-    from gnn.comm.dgc import INDEX_BYTES
 
     ranks = [r["layout"] for r in gloo_pair]
     # the two linear layers' entries (12×16, 3×12) and the three biases + dense parts, at 90 %, fp32
-    linear_bytes = (dgc_k(192, 0.9) + dgc_k(36, 0.9)) * (4 + INDEX_BYTES)
+    linear_bytes = linear_sent_bytes()
     biases = (12 + 3) * 4
     dense = [r["dense"] for r in ranks]
     assert [d["layout"] for d in dense] == ["dense", "dense"]
@@ -530,7 +544,7 @@ def test_dgc_sends_named_tensors_densely_or_by_whole_rows(gloo_pair: list[dict[s
             torch.testing.assert_close(sent + res, acc, rtol=0, atol=0)  # nothing lost
             norms = acc.norm(dim=1)
             assert float(norms[chosen].min()) >= float(norms[~chosen].max())  # the largest rows
-            assert entry["sent_bytes"] == r * (8 * 4 + INDEX_BYTES) + biases + linear_bytes
+            assert entry["sent_bytes"] == r * 8 * 4 + index_bytes(r, 50) + biases + linear_bytes
         average = (per_rank[0]["sent"] + per_rank[1]["sent"]) / 2
         for entry in per_rank:
             torch.testing.assert_close(entry["applied"], average, rtol=1e-6, atol=1e-7)
@@ -542,7 +556,6 @@ def test_dgc_sends_named_tensors_densely_or_by_whole_rows(gloo_pair: list[dict[s
 @pytest.mark.timeout(180)
 def test_merge_changed_rows_sends_only_changed_rows_and_sums_or_averages_them(
         gloo_pair: list[dict[str, Any]]) -> None:
-    from gnn.comm.dgc import INDEX_BYTES
 
     base = gloo_pair[0]["merge"]["base"]
     expected = {"sum": base.clone(), "mean": base.clone()}
@@ -574,7 +587,7 @@ def test_merge_changed_rows_sends_only_changed_rows_and_sums_or_averages_them(
 def test_dgc_local_tensor_sends_no_gradient_and_its_rounds_lose_nothing(gloo_pair: list[dict[str, Any]]) -> None:
     local = [r["layout"]["local"] for r in gloo_pair]
     assert [x["layout"] for x in local] == ["local", "local"]
-    linear_bytes = (dgc_k(192, 0.9) + dgc_k(36, 0.9)) * (4 + 4)
+    linear_bytes = linear_sent_bytes()
     biases = (12 + 3) * 4
     for x in local:
         # the table sends no gradient: a step carries the linear layers' top-k and the biases only
@@ -735,3 +748,24 @@ def test_dgc_shared_moment_weighs_each_rank_step_against_every_rank_gradient(
             assert x["sent_bytes"] == gloo_pair[rank]["owner"]["plain"][step]["sent_bytes"] + extra_bytes
         plain = records[0]["applied"] - gloo_pair[0]["owner"]["plain"][step]["applied"]
         assert float(plain.abs().max()) > 0.05  # and that differs from averaging the ranks' own Adam steps
+
+
+def test_indices_travel_as_a_bitmap_only_when_it_is_smaller_and_decode_exactly() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for slots, k, width in [(400, 13, 1), (400, 14, 1), (1000, 700, 1), (37, 20, 3), (64, 64, 2), (5, 1, 1)]:
+        indices = torch.randperm(slots, generator=gen)[:k].to(torch.int32)
+        values = torch.randn(k * width, generator=gen)
+        sent_values, words = encode_indices(values, indices, slots)
+        assert words.dtype == torch.int32
+        bitmap = k > -(-slots // 32)
+        assert words.numel() == (-(-slots // 32) if bitmap else k)
+        at = decode_indices(words, slots, k)
+        assert at.dtype == torch.int64 and at.numel() == k
+        out = torch.zeros(slots, width).index_add_(0, at, sent_values.view(k, width))  # what the receiver rebuilds
+        expected = torch.zeros(slots, width)
+        expected[indices.long()] = values.view(k, width)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        if bitmap:
+            assert at.tolist() == sorted(indices.tolist())
+        else:
+            assert torch.equal(sent_values, values) and torch.equal(at, indices.long())

@@ -5,8 +5,8 @@ Per parameter of dim > 1: add weight decay, clip locally (threshold × N^-1/2), 
 int32 indices, all-gathered, summed, divided by N), keep the rest as a local residual and zero the momentum of the
 entries sent (momentum factor masking). Where k is above 1/32 of a tensor's index slots (sparsity under 96.9 %, the
 warm-up's first stages) the indices travel as a bitmap instead (:func:`encode_indices`: same values, fewer bytes).
-Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay
-after averaging. The hook outputs the *update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
+Parameters of dim ≤ 1 are all-reduced densely and get momentum + weight decay after averaging. The hook outputs the
+*update direction*: the optimizer must be plain SGD (momentum 0, weight decay 0).
 
 With ``DGCConfig.correction = "adam"`` the hook accumulates this rank's own Adam step (Adam on the local gradient,
 moments kept per rank, as the velocity is in momentum correction) and the optimizer must be plain SGD(lr): the Adam
@@ -402,14 +402,14 @@ _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """(n,) bool -> (ceil(n/8),) uint8, bit i of byte j = flags[8j + i]."""
-    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8)
+    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8, device=flags.device)
     padded[:flags.numel()] = flags.to(torch.uint8)
-    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(flags.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (ceil(n/8),) uint8 -> (n,) bool."""
-    return (packed.unsqueeze(1) & _BIT_WEIGHTS).ne(0).view(-1)[:n]
+    return (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)).ne(0).view(-1)[:n]
 
 
 def row_owner_scale(state: DGCState, param: torch.Tensor, grad: torch.Tensor, group: dist.ProcessGroup | None,
@@ -667,12 +667,13 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             n_values, n_words = local_values.numel(), local_words.numel()
             out = grads[slot].view(n_slots, -1)  # (index slots, values per index): (n, 1) entries, (rows, cols) rows
             out.zero_()
-            senders = torch.zeros(n_slots, dtype=out.dtype) if state.config.average == "senders" else None
+            senders = (torch.zeros(n_slots, dtype=out.dtype, device=out.device) if state.config.average == "senders"
+                       else None)
             for rank_values, rank_words in zip(gathered_values, gathered_indices, strict=True):
                 at = decode_indices(rank_words[at_index:at_index + n_words], n_slots, n_values // out.shape[1])
                 out.index_add_(0, at, rank_values[at_value:at_value + n_values].view(at.numel(), -1))
                 if senders is not None:
-                    senders.index_add_(0, at, torch.ones(at.numel(), dtype=out.dtype))
+                    senders.index_add_(0, at, torch.ones(at.numel(), dtype=out.dtype, device=out.device))
             if senders is None:
                 out.div_(world)
             else:  # each entry (row) over the ranks that sent it
@@ -712,9 +713,9 @@ def encode_indices(values: torch.Tensor, indices: torch.Tensor, slots: int) -> t
     if k <= _bitmap_words(slots):
         return values, indices
     order = torch.argsort(indices)
-    flags = torch.zeros(slots, dtype=torch.bool)
+    flags = torch.zeros(slots, dtype=torch.bool, device=indices.device)
     flags[indices.long()] = True
-    packed = torch.zeros(_bitmap_words(slots) * 4, dtype=torch.uint8)
+    packed = torch.zeros(_bitmap_words(slots) * 4, dtype=torch.uint8, device=indices.device)
     bits = pack_bits(flags)
     packed[:bits.numel()] = bits
     return values.view(k, -1)[order].reshape(-1), packed.view(torch.int32)

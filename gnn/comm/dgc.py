@@ -347,14 +347,14 @@ def merge_changed_rows(param: torch.Tensor, snapshot: torch.Tensor, out: torch.T
     current, base, target = param.reshape(rows, -1), snapshot.view(rows, -1), out.view(rows, -1)  # (rows, cols)
     world = dist.get_world_size(group)
     changed = torch.nonzero((current != base).any(dim=1)).view(-1)  # (c,)
-    count = torch.tensor([changed.numel()], dtype=torch.int64)
+    count = torch.tensor([changed.numel()], dtype=torch.int64, device=current.device)  # NCCL gathers device tensors
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     width = max(int(c) for c in counts)
     sent = count.numel() * count.element_size()
     if width == 0:
         return sent
-    indices = torch.full((width,), -1, dtype=torch.int32)
+    indices = torch.full((width,), -1, dtype=torch.int32, device=current.device)
     indices[:changed.numel()] = changed.to(torch.int32)
     deltas = current.new_zeros(width, current.shape[1])  # (width, cols)
     deltas[:changed.numel()] = current[changed] - base[changed]
@@ -372,12 +372,12 @@ def merge_changed_rows(param: torch.Tensor, snapshot: torch.Tensor, out: torch.T
         sent += weights.numel() * weights.element_size()
     total = torch.zeros_like(current)  # (rows, cols)
     weighted = torch.zeros_like(current) if all_weights else None  # (rows, cols)
-    hits = torch.zeros(rows, dtype=current.dtype)  # (rows,)
-    mass = torch.zeros(rows, dtype=current.dtype)  # (rows,) the touch counts of the ranks that changed a row
+    hits = current.new_zeros(rows)  # (rows,)
+    mass = current.new_zeros(rows)  # (rows,) the touch counts of the ranks that changed a row
     for r, (n, rank_indices, rank_deltas) in enumerate(zip(counts, all_indices, all_deltas, strict=True)):
         at = rank_indices[:int(n)].long()
         total.index_add_(0, at, rank_deltas[:int(n)])
-        hits.index_add_(0, at, torch.ones(at.numel(), dtype=current.dtype))
+        hits.index_add_(0, at, current.new_ones(at.numel()))
         if weighted is not None:
             w = all_weights[r][:int(n)]
             weighted.index_add_(0, at, rank_deltas[:int(n)] * w.unsqueeze(1))
@@ -426,7 +426,7 @@ def row_owner_scale(state: DGCState, param: torch.Tensor, grad: torch.Tensor, gr
     touched = torch.stack([unpack_bits(p, rows) for p in gathered]).sum(dim=0, dtype=torch.float32)  # (rows,)
     owners = state.row_owners.get(param)
     if owners is None:
-        owners = state.row_owners[param] = torch.full((rows,), float(world))
+        owners = state.row_owners[param] = torch.full((rows,), float(world), device=grad.device)
     owners.copy_(torch.where(touched > 0, touched, owners))
     return world / owners, packed.numel()
 
@@ -466,19 +466,19 @@ def _gather_log8(squares: torch.Tensor, group: dist.ProcessGroup | None, world: 
     rows = squares.numel()
     touched = squares > 0
     codes = (squares[touched].log2() * LOG8_STEPS).round().add(LOG8_OFFSET).clamp(1, 255).to(torch.uint8)  # (c,)
-    count = torch.tensor([codes.numel()], dtype=torch.int64)
+    count = torch.tensor([codes.numel()], dtype=torch.int64, device=squares.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     width = max(1, *(int(c) for c in counts))  # at least one byte: gloo's all-gather of empty tensors is not relied on
-    padded = torch.zeros(width, dtype=torch.uint8)
+    padded = torch.zeros(width, dtype=torch.uint8, device=squares.device)
     padded[:codes.numel()] = codes
     bitmap = pack_bits(touched)
     bitmaps = [torch.empty_like(bitmap) for _ in range(world)]
     all_codes = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(bitmaps, bitmap, group=group)
     dist.all_gather(all_codes, padded, group=group)
-    total = torch.zeros(rows, dtype=squares.dtype)
-    senders = torch.zeros(rows, dtype=squares.dtype)
+    total = torch.zeros_like(squares)
+    senders = torch.zeros_like(squares)
     for n, rank_bitmap, rank_codes in zip(counts, bitmaps, all_codes, strict=True):
         values = torch.pow(2.0, (rank_codes[:int(n)].to(squares.dtype) - LOG8_OFFSET) / LOG8_STEPS)
         sent_rows = unpack_bits(rank_bitmap, rows)
@@ -629,7 +629,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             if state.config.local_merge == "touches":
                 counts = state.local_touches.get(param)
                 if counts is None:
-                    counts = state.local_touches[param] = torch.zeros(param.shape[0], dtype=torch.int64)
+                    counts = state.local_touches[param] = torch.zeros(param.shape[0], dtype=torch.int64,
+                                                                       device=grad.device)
                 counts += grad.reshape(param.shape[0], -1).ne(0).any(dim=1)
             grad.view(-1).copy_(_dense_momentum(state, param, grad.reshape(-1)))
         elif kind == "dense":
@@ -645,7 +646,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     encoded = [encode_indices(v, i, n) for v, i, n in zip(values, indices, slots, strict=True)]
     sent_values = torch.cat([v for v, _ in encoded]) if encoded else buffer.new_zeros(0)  # (K,)
     sent_indices = (torch.cat([i for _, i in encoded]) if encoded
-                    else torch.zeros(0, dtype=torch.int32))  # (I,): indices, or bitmaps as int32 words
+                    else torch.zeros(0, dtype=torch.int32, device=buffer.device))  # (I,): indices or bitmap words
     dense = torch.cat([grads[s].reshape(-1) for s in dense_slots]) if dense_slots else buffer.new_zeros(0)  # (D,)
     state.traffic.record(dense_bytes=buffer.numel() * elem,
                          sent_bytes=(sent_values.numel() + dense.numel()) * elem + sent_indices.numel() * INDEX_BYTES

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gnn.comm import CommConfig, setup_communication
+from gnn.comm import CommConfig, DGCConfig, setup_communication
 from gnn.loss import MaxMarginLoss
 from gnn.models import build_model
 from gnn.trainer import TrainConfig, Trainer, compute_loss, embed_items
@@ -70,3 +70,25 @@ def test_ddp_hooks_run_on_nccl(nccl_world_of_one: None, compression: str) -> Non
     assert np.isfinite(report.mean_loss) and report.steps == batcher.n_batches
     traffic = session.traffic.as_dict()
     assert traffic["steps"] == report.steps  # every step went through the hook and was counted
+
+
+@pytest.mark.parametrize("options", [
+    {"shared_moment_tensors": ("input.item_id.weight",), "shared_moment_by": "rows-log8",
+     "shared_moment_estimate": "owners", "adam_masking": True},
+    {"owner_tensors": ("input.item_id.weight",)},
+    {"local_tensors": ("input.item_id.weight",), "local_period": 2, "local_merge": "touches"},
+])
+def test_dgc_adam_correction_options_run_on_nccl(nccl_world_of_one: None, options: dict[str, object]) -> None:
+    """The shared moment, the owner scale and the local table exchange all-gather their counts, bitmaps and rows
+    as tensors on the gradient's device (NCCL takes no CPU tensors); the warm-up's first stage sends bitmaps."""
+    config, _, batcher = setup("pinsage")
+    model = torch.nn.parallel.DistributedDataParallel(build_model(config, seed=0).cuda(), device_ids=[0])
+    dgc = DGCConfig(correction="adam", momentum=0.0, warmup_sparsities=(0.75,), warmup_unit="step",
+                    warmup_stage_length=2, **options)  # type: ignore[arg-type]
+    session = setup_communication(model, CommConfig(compression="dgc", dgc=dgc))
+    optimizer = session.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=1e-2))
+    cfg = TrainConfig(epochs=1, mode="sync", device="cuda", log_every=0)
+    report = Trainer(model, batcher, config=cfg, optimizer=optimizer).fit()[0]  # the wrapper runs the local rounds
+    assert np.isfinite(report.mean_loss) and report.steps == batcher.n_batches
+    assert session.traffic.as_dict()["steps"] == report.steps
+    assert all(p.is_cuda and bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -6,6 +6,7 @@ and notebooks. The Dask trainer does its own rendezvous; this is the single-mach
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -17,11 +18,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+logger = logging.getLogger(__name__)
+
+# A gloo rendezvous between spawned ranks on one busy machine can fail (a TCP pair of the full mesh closed while
+# connecting); fn has not run then, so starting all ranks again is safe. Failures inside fn are never retried.
+INIT_ATTEMPTS = 3
+
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, out_dir: str,
            args: Sequence[Any], threads: int) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    except RuntimeError:  # the rendezvous itself failed (nothing of fn ran): let run_gloo know it may start again
+        (Path(out_dir) / f"rank{rank}.init_failed").touch()
+        raise
     try:
         result = fn(rank, world_size, *args)
         tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
@@ -50,8 +61,18 @@ def run_gloo(fn: Callable[..., Any], *, world_size: int = 2, args: Sequence[Any]
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    with tempfile.TemporaryDirectory(prefix="gloo-") as tmp:
-        init_file = str(Path(tmp) / "rendezvous")
-        mp.start_processes(_entry, args=(fn, world_size, init_file, tmp, tuple(args), threads),
-                           nprocs=world_size, join=True, start_method="spawn")
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    for attempt in range(1, INIT_ATTEMPTS + 1):
+        with tempfile.TemporaryDirectory(prefix="gloo-") as tmp:
+            init_file = str(Path(tmp) / "rendezvous")
+            try:
+                mp.start_processes(_entry, args=(fn, world_size, init_file, tmp, tuple(args), threads),
+                                   nprocs=world_size, join=True, start_method="spawn")
+            except (mp.ProcessRaisedException, mp.ProcessExitedException):
+                failed = sorted(p.name for p in Path(tmp).glob("*.init_failed"))
+                if not failed or attempt == INIT_ATTEMPTS:
+                    raise
+                logger.warning("gloo rendezvous failed (%s), attempt %d of %d; starting the ranks again",
+                               ", ".join(failed), attempt, INIT_ATTEMPTS)
+                continue
+            return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    raise AssertionError("unreachable: the last attempt returns or raises")

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
+from gnn.comm import launch
 from gnn.comm.launch import run_gloo
 
 
@@ -32,9 +33,21 @@ def test_run_gloo_returns_each_ranks_result_in_rank_order() -> None:
 
 
 @pytest.mark.timeout(240)
-def test_run_gloo_reports_a_ranks_exception() -> None:
+def test_run_gloo_reports_a_ranks_exception(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ProcessRaisedException, match="rank 1 refuses"):
         run_gloo(failing_worker, world_size=2)
+    assert "rendezvous failed" not in caplog.text  # a failure inside the worker is never run again
+
+
+@pytest.mark.timeout(240)
+def test_run_gloo_starts_again_only_when_the_rendezvous_fails(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(launch, "INIT_ATTEMPTS", 2)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "no-such-interface0")  # the spawned ranks' gloo cannot start
+    with pytest.raises(ProcessRaisedException, match="no-such-interface0"):
+        run_gloo(summing_worker, world_size=2, args=(1,))
+    warnings = [r for r in caplog.records if "rendezvous failed" in r.getMessage()]
+    assert [r.getMessage().split("), ")[1] for r in warnings] == ["attempt 1 of 2; starting the ranks again"]
 
 
 def test_run_gloo_rejects_an_empty_world() -> None:

@@ -642,7 +642,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             indices.append(i)
             sparse_slots.append(slot)
     elem = buffer.element_size()
-    slots = [_index_slots(grads[s], v, i) for s, v, i in zip(sparse_slots, values, indices, strict=True)]
+    # positions an index names: a whole row for a ``rows`` tensor, else an entry
+    slots = [grads[s].shape[0] if state.layout(params[s]) == "rows" else grads[s].numel() for s in sparse_slots]
     encoded = [encode_indices(v, i, n) for v, i, n in zip(values, indices, slots, strict=True)]
     sent_values = torch.cat([v for v, _ in encoded]) if encoded else buffer.new_zeros(0)  # (K,)
     sent_indices = (torch.cat([i for _, i in encoded]) if encoded
@@ -692,12 +693,6 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     return torch.futures.collect_all(futures).then(decompress)
 
 
-def _index_slots(grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> int:
-    """How many positions an index of this tensor can name: its entries (one value per index) or its rows (a whole
-    row of values per index)."""
-    return grad.numel() if values.numel() == indices.numel() else grad.shape[0]
-
-
 def _bitmap_words(slots: int) -> int:
     """int32 words that carry a bitmap of ``slots`` bits."""
     return -(-slots // 32)
@@ -714,12 +709,9 @@ def encode_indices(values: torch.Tensor, indices: torch.Tensor, slots: int) -> t
     if k <= _bitmap_words(slots):
         return values, indices
     order = torch.argsort(indices)
-    flags = torch.zeros(slots, dtype=torch.bool, device=indices.device)
+    flags = torch.zeros(_bitmap_words(slots) * 32, dtype=torch.bool, device=indices.device)  # whole int32 words
     flags[indices.long()] = True
-    packed = torch.zeros(_bitmap_words(slots) * 4, dtype=torch.uint8, device=indices.device)
-    bits = pack_bits(flags)
-    packed[:bits.numel()] = bits
-    return values.view(k, -1)[order].reshape(-1), packed.view(torch.int32)
+    return values.view(k, -1)[order].reshape(-1), pack_bits(flags).view(torch.int32)
 
 
 def decode_indices(words: torch.Tensor, slots: int, k: int) -> torch.Tensor:

@@ -130,8 +130,8 @@ def run_seed(tables: dict[str, pd.DataFrame], models: list[str], model_over: dic
         wc = walk_config(walk_over, mc.n_neighbors, seed)
         res = train_gnn(train, mc, tc, walk_cfg=wc, store=store, time_budget_s=budget_s, name=name)
         scorers[name] = res.scorer
-        training[name] = {"epochs": len(res.epochs), "last_loss": res.epochs[-1]["loss"],
-                          "seconds_incl_walks": round(res.seconds, 1)}
+        training[name] = {"epochs": len(res.epochs), "budget_hit": res.budget_hit,
+                          "last_loss": res.epochs[-1]["loss"], "seconds_incl_walks": round(res.seconds, 1)}
     report = evaluate_tables(tables, eval_cfg, extra_scorers=scorers)
     return {"seed": seed, "training": training, "metrics": metric_rows(report, models)}
 

@@ -134,7 +134,7 @@ def run(dataset: str, tables: dict[str, pd.DataFrame], model_over: dict[str, Any
                         name=name)
         scorers[name] = res.scorer
         training[name] = {"model": mc.to_dict(), "train": tc.to_dict(), "epochs": res.epochs,
-                          "seconds_incl_walks": round(res.seconds, 1)}
+                          "budget_hit": res.budget_hit, "seconds_incl_walks": round(res.seconds, 1)}
     cfg = EvalConfig(window_s=None if dataset == "amazon" else 1800, max_users=None, max_queries=None)
     report = evaluate_tables(tables, cfg, extra_scorers=scorers)
     print(f"\n== {dataset}\n{format_table(report)}", flush=True)

@@ -3,6 +3,7 @@ training histories, and a scorer over (query-side, item) embeddings."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from gnn.graphstore import GraphStore, csr_from_edges
 from gnn.models import ModelConfig, build_model, build_sampler
 from gnn.trainer import TrainConfig, Trainer, embed_items, query_side
 from gnn.walks import Neighborhoods, WalkConfig, compute_neighborhoods
+
+log = logging.getLogger(__name__)
 
 
 def store_from_histories(train: Histories, *, category: np.ndarray | None = None, n_categories: int = 1,
@@ -54,13 +57,15 @@ class Trained:
     scorer: EmbeddingScorer
     epochs: list[dict[str, Any]]
     seconds: float
+    budget_hit: bool = False  # the time budget, not ``epochs``, ended training: not comparable to a full run
 
 
 def train_gnn(train: Histories, model_cfg: ModelConfig, train_cfg: TrainConfig, *, walk_cfg: WalkConfig,
               both_directions: bool = False, time_budget_s: float = 540.0, store: GraphStore | None = None,
               evaluate: Any = None, name: str = "pinsage") -> Trained:
-    """Walks, pairs and ``train_cfg.epochs`` epochs (stopping early once ``time_budget_s`` is spent);
-    ``evaluate(scorer) -> dict`` runs after each epoch when given."""
+    """Walks, pairs and ``train_cfg.epochs`` epochs (stopping early once ``time_budget_s`` is spent, which is
+    logged as a warning and returned as ``budget_hit``: a table must not compare a model cut short with full
+    runs unawares); ``evaluate(scorer) -> dict`` runs after each epoch when given."""
     started = time.perf_counter()
     store = store_from_histories(train) if store is None else store
     nb: Neighborhoods = compute_neighborhoods(store, walk_cfg)
@@ -89,7 +94,10 @@ def train_gnn(train: Histories, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             row.update(evaluate(scorer))
         epochs.append(row)
         print(name, row, flush=True)
-        if time.perf_counter() - started > time_budget_s:
+        if len(epochs) < train_cfg.epochs and time.perf_counter() - started > time_budget_s:
+            log.warning("%s: the time budget of %.0f s is spent after %d of %d epochs; stopping early "
+                        "(raise --budget-s for a full run)", name, time_budget_s, len(epochs), train_cfg.epochs)
             break
     scorer = make_scorer() if scorer is None else scorer
-    return Trained(model, scorer, epochs, time.perf_counter() - started)
+    return Trained(model, scorer, epochs, time.perf_counter() - started,
+                   budget_hit=len(epochs) < train_cfg.epochs)

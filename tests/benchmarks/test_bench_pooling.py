@@ -63,6 +63,26 @@ def test_a_training_seed_fixes_the_trained_embeddings_and_another_seed_changes_t
     assert not np.allclose(first, other)
 
 
+@pytest.mark.slow
+def test_a_spent_time_budget_ends_training_early_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    # A model cut short by --budget-s must not sit in a table of full runs unnoticed (an Amazon PinSage row once
+    # had 9 of its 10 epochs): the result says so, and a warning names the model and the epochs it got.
+    tables, _ = load("generated", Path("unused"), 6000)
+    train, store, n_categories = training_inputs(tables)
+    mc = ModelConfig(n_categories=n_categories, hidden_dim=16, input_dim=16, embed_dim=8, id_buckets=512)
+    tc = TrainConfig(mode="sync", log_every=0, epochs=2, batch_size=128, seed=0)
+    wc = walk_config({"n_walks": 10}, mc.n_neighbors, 0)
+    with caplog.at_level("WARNING", logger="benchmarks.quality_lib"):
+        cut = train_gnn(train, mc, tc, walk_cfg=wc, store=store, time_budget_s=0.0, name="cut")
+    assert len(cut.epochs) == 1 and cut.budget_hit
+    assert "cut: the time budget of 0 s is spent after 1 of 2 epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="benchmarks.quality_lib"):
+        full = train_gnn(train, mc, tc, walk_cfg=wc, store=store, time_budget_s=1e9, name="full")
+    assert len(full.epochs) == 2 and not full.budget_hit
+    assert caplog.text == ""
+
+
 def test_save_keeps_the_other_named_runs(tmp_path: Path) -> None:
     out = tmp_path / "pooling.json"
     save(out, "t10", {"seeds": [0]})

@@ -40,9 +40,9 @@ figures, still far below item-CF (0.43). Adding a 32-wide content vector to that
 PinSage ahead of GraphSAGE-mean on hit@10 and MRR on every seed (test hit@10 +0.014, MRR +0.010) but leaves it
 about 0.01 behind item-CF on hit@10 and MRR, with mean pooling level with importance (also at T=50,
 ``content32_noid_qid_t50``): item vectors that tell items apart (id rows, or content with item-specific noise)
-make the pooling weights irrelevant on this data. Trained for 32 epochs (``content32_noid_qid_e32``, 3 seeds,
+make the pooling weights irrelevant on this data. Trained for 32 epochs (``content32_noid_qid_e32``, 4 seeds,
 about 14 min per model) the id-free PinSage passes item-CF on hit@10, F1@10 and valid MRR on every seed and on
-test MRR on one of three (mean 0.260 vs 0.259), still ahead of GraphSAGE-mean on every seed (test hit@10 +0.016);
+test MRR on two of four (mean 0.260 vs 0.259), still ahead of GraphSAGE-mean on every seed (test hit@10 +0.014);
 importance and mean pooling stay within 0.005 of each other.
 
 Run (generated data, T=10 vs T=50 neighbours):

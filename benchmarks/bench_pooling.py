@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 
 from benchmarks.bench_quality import MODELS, load, overrides, training_inputs, walk_config
@@ -108,19 +109,30 @@ def metric_rows(report: dict[str, Any], models: list[str]) -> dict[str, dict[str
 
 
 def paired(per_seed: list[dict[str, dict[str, float]]], models: list[str]) -> dict[str, Any]:
-    """Every model against the first one, seed by seed: ``{"B - A": {metric: {"per_seed", "mean", "sd",
-    "n_positive"}}}``; ``sd`` is the sample standard deviation of the differences (0.0 for one seed)."""
+    """Every model against the first one, seed by seed: ``{"A - B": {metric: {"per_seed", "mean", "sd",
+    "ci95", "n_positive"}}}``; ``sd`` is the sample standard deviation of the differences (0.0 for one seed),
+    ``ci95`` the two-sided 95 % Student-t interval of their mean (``None`` for one seed): a lead that holds across
+    seeds is one whose interval lies above 0."""
     ref = models[0]
     out: dict[str, Any] = {}
     for other in models[1:]:
         rows: dict[str, Any] = {}
         for metric in per_seed[0][ref]:
             d = np.array([s[ref][metric] - s[other][metric] for s in per_seed])
+            sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+            ci95 = None
+            if d.size > 1:
+                half = float(scipy.stats.t.ppf(0.975, d.size - 1)) * sd / float(np.sqrt(d.size))
+                ci95 = [round(float(d.mean()) - half, 5), round(float(d.mean()) + half, 5)]
             rows[metric] = {"per_seed": [round(float(x), 5) for x in d], "mean": round(float(d.mean()), 5),
-                            "sd": round(float(d.std(ddof=1)) if d.size > 1 else 0.0, 5),
-                            "n_positive": int((d > 0).sum())}
+                            "sd": round(sd, 5), "ci95": ci95, "n_positive": int((d > 0).sum())}
         out[f"{ref} - {other}"] = rows
     return out
+
+
+def interval(ci95: list[float] | None) -> str:
+    """``ci95`` of :func:`paired` for a terminal table: ``[lo, hi]`` to four places, or ``n/a`` for one seed."""
+    return "[n/a]" if ci95 is None else f"[{ci95[0]:+.4f}, {ci95[1]:+.4f}]"
 
 
 def save(out: Path, name: str | None, result: dict[str, Any]) -> None:
@@ -210,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     save(args.out, args.name, result)
     for pair, rows in result["paired"].items():
-        print(f"\n{pair} (per seed; mean ± sd; seeds > 0)")
+        print(f"\n{pair} (per seed; mean ± sd; 95 % interval of the mean; seeds > 0)")
         for metric, r in rows.items():
-            print(f"  {metric:32s} {r['per_seed']}  {r['mean']:+.4f} ± {r['sd']:.4f}  {r['n_positive']}/{len(seeds)}")
+            print(f"  {metric:32s} {r['per_seed']}  {r['mean']:+.4f} ± {r['sd']:.4f}  {interval(r['ci95'])}  "
+                  f"{r['n_positive']}/{len(seeds)}")
     print(f"wrote {args.out} in {result['seconds']:.1f}s")
     return 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.bench_pooling import main, paired, save, walk_config, weight_profile
+from benchmarks.bench_pooling import interval, main, paired, save, walk_config, weight_profile
 from benchmarks.bench_quality import load, overrides, training_inputs
 from benchmarks.quality_lib import train_gnn
 from gnn.models import ModelConfig
@@ -44,7 +44,12 @@ def test_paired_differences_against_the_first_model() -> None:
     assert out["a - b"]["m"]["sd"] == pytest.approx(np.std([0.1, -0.05], ddof=1), abs=1e-5)
     assert out["a - b"]["m"]["n_positive"] == 1
     assert out["a - c"]["m"]["per_seed"] == [-0.05, 0.0] and out["a - c"]["m"]["n_positive"] == 0
+    # 95 % interval: mean ± t(0.975, 1 dof) · sd / √2, t = 12.7062 (tables)
+    half = 12.7062 * np.std([0.1, -0.05], ddof=1) / np.sqrt(2)
+    assert out["a - b"]["m"]["ci95"] == pytest.approx([0.025 - half, 0.025 + half], abs=1e-4)
     assert paired(per_seed[:1], ["a", "b"])["a - b"]["m"]["sd"] == 0.0
+    assert paired(per_seed[:1], ["a", "b"])["a - b"]["m"]["ci95"] is None
+    assert interval(None) == "[n/a]" and interval([-0.0012, 0.0034]) == "[-0.0012, +0.0034]"
 
 
 @pytest.mark.slow

@@ -48,7 +48,8 @@ importance and mean pooling stay within 0.005 of each other.
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000
 --seeds 0,1,2 --set epochs=8 --set embed_dim=128 --set query_id_buckets=16384 --set n_neighbors=50
---walk-set n_walks=200 --out /tmp/pooling/t50w200.json`` (the other runs: their ``command`` in the JSON).
+--walk-set n_walks=200 --out /tmp/pooling/t50w200.json`` (the other runs: their ``command`` in the JSON; a
+setting trained in several runs is merged seed by seed by ``benchmarks/merge_pooling.py``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ def metric_rows(report: dict[str, Any], models: list[str]) -> dict[str, dict[str
     return out
 
 
+def ci95(d: np.ndarray) -> list[float] | None:
+    """Two-sided 95 % Student-t interval ``[lo, hi]`` of the mean of the differences ``d`` (rounded to 5
+    places), or ``None`` for fewer than two."""
+    if d.size < 2:
+        return None
+    half = float(scipy.stats.t.ppf(0.975, d.size - 1)) * float(d.std(ddof=1)) / float(np.sqrt(d.size))
+    return [round(float(d.mean()) - half, 5), round(float(d.mean()) + half, 5)]
+
+
 def paired(per_seed: list[dict[str, dict[str, float]]], models: list[str]) -> dict[str, Any]:
     """Every model against the first one, seed by seed: ``{"A - B": {metric: {"per_seed", "mean", "sd",
     "ci95", "n_positive"}}}``; ``sd`` is the sample standard deviation of the differences (0.0 for one seed),
@@ -119,13 +129,9 @@ def paired(per_seed: list[dict[str, dict[str, float]]], models: list[str]) -> di
         rows: dict[str, Any] = {}
         for metric in per_seed[0][ref]:
             d = np.array([s[ref][metric] - s[other][metric] for s in per_seed])
-            sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-            ci95 = None
-            if d.size > 1:
-                half = float(scipy.stats.t.ppf(0.975, d.size - 1)) * sd / float(np.sqrt(d.size))
-                ci95 = [round(float(d.mean()) - half, 5), round(float(d.mean()) + half, 5)]
             rows[metric] = {"per_seed": [round(float(x), 5) for x in d], "mean": round(float(d.mean()), 5),
-                            "sd": round(sd, 5), "ci95": ci95, "n_positive": int((d > 0).sum())}
+                            "sd": round(float(d.std(ddof=1)) if d.size > 1 else 0.0, 5), "ci95": ci95(d),
+                            "n_positive": int((d > 0).sum())}
         out[f"{ref} - {other}"] = rows
     return out
 

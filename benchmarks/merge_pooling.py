@@ -1,0 +1,138 @@
+"""Merge several ``bench_pooling.py --out`` files of one setting into one record of results/quality_pooling.json.
+
+A setting's seeds are often trained in several runs (two seeds side by side on the two cores, a model added to a
+seed later): each run is deterministic per seed and model (walk seed = training seed, training seeded per model),
+so the runs of one setting pair up seed by seed. This script checks that the files share a setting (dataset,
+generator and every override), takes the union of their models per seed (a seed and model given twice is an
+error), pairs PinSage against every other model on the seeds that have both (``bench_pooling.paired``, with its
+95 % interval), compares every model with the seed-independent baselines (``baselines_same_split`` of one file,
+or of ``--baselines-from``, which must be on the same split), and stores the record under ``--name`` in
+``--into`` with every run's command, seconds and machine.
+
+Run: ``PYTHONPATH=$PWD python benchmarks/merge_pooling.py --name content32_ids_qid_tuned
+--into results/quality_pooling.json --note-file note.txt --baselines-from base.json s0.json s1.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_pooling import ci95, paired
+from pipeline.rundir import write_json_atomic
+
+REFERENCE = "pinsage"
+ORDER = ("pinsage", "pinsage_mean", "graphsage")
+SETTING = ("dataset", "generate", "generate_overrides", "model_overrides", "train_overrides", "walk_overrides",
+           "split", "items", "users")
+
+
+def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any] | None,
+          baselines_command: str | None) -> dict[str, Any]:
+    """One record from bench_pooling results ``runs`` (read from files ``names``) of the same setting."""
+    first = runs[0]
+    for name, run in zip(names[1:], runs[1:], strict=True):
+        for key in SETTING:
+            if run.get(key) != first.get(key):
+                raise SystemExit(f"{name}: {key} differs from {names[0]} ({run.get(key)!r} vs {first.get(key)!r});"
+                                 " merge only runs of one setting")
+    by_seed: dict[int, dict[str, Any]] = {}
+    for name, run in zip(names, runs, strict=True):
+        if not run.get("per_seed"):
+            raise SystemExit(f"{name}: no finished seed (per_seed is empty); leave it out or let it finish")
+        for row in run["per_seed"]:
+            entry = by_seed.setdefault(row["seed"], {"seed": row["seed"], "training": {}, "metrics": {}})
+            twice = sorted(set(entry["metrics"]) & set(row["metrics"]))
+            if twice:
+                raise SystemExit(f"{name}: seed {row['seed']} of {twice} is also in an earlier file; "
+                                 "give each seed and model once")
+            entry["training"].update(row["training"])
+            entry["metrics"].update(row["metrics"])
+    per_seed = [by_seed[s] for s in sorted(by_seed)]
+    present = {m for row in per_seed for m in row["metrics"]}
+    models = [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+    if REFERENCE not in present:
+        raise SystemExit(f"no {REFERENCE} row in {names}: the paired differences are taken against it")
+    metrics = list(next(r for r in per_seed if REFERENCE in r["metrics"])["metrics"][REFERENCE])
+    out: dict[str, Any] = {key: first[key] for key in SETTING if key in first}
+    out.update(models=models, seeds=[r["seed"] for r in per_seed], per_seed=per_seed)
+    out["paired"] = {}
+    for other in models:
+        if other == REFERENCE:
+            continue
+        both = [r for r in per_seed if REFERENCE in r["metrics"] and other in r["metrics"]]
+        if both:
+            pair = paired([r["metrics"] for r in both], [REFERENCE, other])
+            pair[f"{REFERENCE} - {other}"]["seeds"] = [r["seed"] for r in both]
+            out["paired"].update(pair)
+    out["mean"] = {m: {k: round(float(np.mean([r["metrics"][m][k] for r in per_seed if m in r["metrics"]])), 5)
+                       for k in metrics} for m in models}
+    if baselines is not None:
+        out["baselines_same_split"] = baselines
+        out["baselines_note"] = f"scored by the run {baselines_command} on the same split"
+        vs: dict[str, Any] = {}
+        for m in models:
+            rows = [r for r in per_seed if m in r["metrics"]]
+            for base in ("itemcf", "cooccurrence"):
+                vs[f"{m} - {base}"] = {}
+                for k in metrics:
+                    d = np.array([r["metrics"][m][k] - baselines[base][k] for r in rows])
+                    vs[f"{m} - {base}"][k] = {"per_seed": [round(float(x), 5) for x in d],
+                                              "seeds": [r["seed"] for r in rows], "mean": round(float(d.mean()), 5),
+                                              "ci95": ci95(d), "n_positive": int((d > 0).sum())}
+        out["vs_baselines"] = vs
+    out["command"] = [run.get("command", f"(unfinished run: {name})") for name, run in zip(names, runs, strict=True)]
+    out["seconds"] = [run.get("seconds") for run in runs]
+    out["machine"] = [run.get("machine") for run in runs]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", type=Path, nargs="+", help="bench_pooling --out files (whole-file runs)")
+    ap.add_argument("--name", required=True, help="key of the record under runs in --into")
+    ap.add_argument("--into", type=Path, default=Path("results") / "quality_pooling.json")
+    ap.add_argument("--note-file", type=Path, default=None, help="text stored as the record's note")
+    ap.add_argument("--baselines-from", type=Path, default=None,
+                    help="a bench_pooling --baselines result on the same split (default: the first input that has "
+                         "baselines_same_split)")
+    args = ap.parse_args(argv)
+    runs = []
+    for path in args.files:
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            ap.error(f"{path}: not a readable bench_pooling result ({err})")
+    source = [(str(p), r) for p, r in zip(args.files, runs, strict=True) if "baselines_same_split" in r]
+    if args.baselines_from is not None:
+        base_run = json.loads(args.baselines_from.read_text())
+        if "baselines_same_split" not in base_run:
+            ap.error(f"--baselines-from {args.baselines_from}: no baselines_same_split (run bench_pooling with "
+                     "--baselines)")
+        if base_run.get("split") != runs[0].get("split"):
+            ap.error(f"--baselines-from {args.baselines_from}: its split differs from {args.files[0]}'s")
+        source = [(str(args.baselines_from), base_run)]
+    baselines = source[0][1]["baselines_same_split"] if source else None
+    command = (source[0][1].get("command") or source[0][0]) if source else None
+    record = merge(runs, [str(p) for p in args.files], baselines, command)
+    if args.note_file is not None:
+        record["note"] = args.note_file.read_text().strip()
+    into = json.loads(args.into.read_text()) if args.into.is_file() else {}
+    into.setdefault("runs", {})[args.name] = record
+    write_json_atomic(args.into, into, sort_keys=False)
+    print(f"runs.{args.name}: seeds {record['seeds']}, models {record['models']} -> {args.into}")
+    for pair, rows in record["paired"].items():
+        print(f"{pair} (seeds {rows['seeds']})")
+        for metric, r in rows.items():
+            if metric != "seeds":
+                print(f"  {metric:32s} {r['mean']:+.4f}  {r['ci95']}  {r['n_positive']}/{len(r['per_seed'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""benchmarks/merge_pooling.py: runs of one setting merged seed by seed, on hand-written bench_pooling results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.merge_pooling import main
+
+SETTING = {"dataset": "generated", "generate": {"rows": 1000, "seed": 0}, "generate_overrides": {},
+           "model_overrides": {"embed_dim": 8}, "train_overrides": {"epochs": 2}, "walk_overrides": {},
+           "split": {"train": 900}, "items": 50, "users": 10}
+
+
+def metrics(hit: float, mrr: float) -> dict[str, float]:
+    return {"test hit@10": hit, "test mrr": mrr}
+
+
+def run(rows: list[tuple[int, dict[str, dict[str, float]]]], **extra: Any) -> dict[str, Any]:
+    per_seed = [{"seed": s, "training": {m: {"epochs": 2} for m in ms}, "metrics": ms} for s, ms in rows]
+    return {**SETTING, "per_seed": per_seed, "command": f"python bench_pooling.py --seeds {rows[0][0]}",
+            "seconds": 1.0, "machine": {"nproc": 2}, **extra}
+
+
+def write(path: Path, content: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_merge_unions_models_per_seed_pairs_on_shared_seeds_and_keeps_other_runs(tmp_path: Path) -> None:
+    base = {"itemcf": metrics(0.40, 0.20), "cooccurrence": metrics(0.30, 0.10)}
+    a = write(tmp_path / "a.json", run([(0, {"pinsage": metrics(0.45, 0.22), "graphsage": metrics(0.44, 0.23)}),
+                                        (1, {"pinsage": metrics(0.41, 0.19), "graphsage": metrics(0.39, 0.18)})],
+                                       baselines_same_split=base))
+    b = write(tmp_path / "b.json", run([(0, {"pinsage_mean": metrics(0.43, 0.22)})]))
+    into = write(tmp_path / "pool.json", {"runs": {"older": {"seeds": [5]}}, "note": "kept"})
+    note = tmp_path / "note.txt"
+    note.write_text("two runs of one setting\n")
+    assert main([str(a), str(b), "--name", "merged", "--into", str(into), "--note-file", str(note)]) == 0
+    out = json.loads(into.read_text())
+    assert out["note"] == "kept" and out["runs"]["older"] == {"seeds": [5]}
+    rec = out["runs"]["merged"]
+    assert rec["models"] == ["pinsage", "pinsage_mean", "graphsage"] and rec["seeds"] == [0, 1]
+    assert sorted(rec["per_seed"][0]["metrics"]) == ["graphsage", "pinsage", "pinsage_mean"]
+    vs_graphsage = rec["paired"]["pinsage - graphsage"]
+    assert vs_graphsage["seeds"] == [0, 1]
+    assert vs_graphsage["test hit@10"]["per_seed"] == [0.01, 0.02]
+    assert vs_graphsage["test mrr"]["n_positive"] == 1  # -0.01, +0.01
+    # 95 % interval of the mean of (0.01, 0.02): 0.015 ± 12.7062 · 0.00707 / √2
+    assert vs_graphsage["test hit@10"]["ci95"] == pytest.approx([0.015 - 0.06353, 0.015 + 0.06353], abs=1e-4)
+    vs_mean = rec["paired"]["pinsage - pinsage_mean"]
+    assert vs_mean["seeds"] == [0] and vs_mean["test hit@10"]["per_seed"] == [0.02]
+    assert vs_mean["test hit@10"]["ci95"] is None
+    assert rec["mean"]["pinsage"] == {"test hit@10": 0.43, "test mrr": 0.205}
+    assert rec["mean"]["pinsage_mean"] == {"test hit@10": 0.43, "test mrr": 0.22}
+    assert rec["vs_baselines"]["pinsage - itemcf"]["test hit@10"]["per_seed"] == [0.05, 0.01]
+    assert rec["vs_baselines"]["pinsage_mean - cooccurrence"]["test mrr"]["per_seed"] == [0.12]
+    assert rec["baselines_same_split"] == base and rec["note"] == "two runs of one setting"
+    assert rec["command"] == ["python bench_pooling.py --seeds 0", "python bench_pooling.py --seeds 0"]
+
+
+def test_merge_refuses_other_settings_a_model_given_twice_and_foreign_baselines(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.json", run([(0, {"pinsage": metrics(0.45, 0.22)})]))
+    other = write(tmp_path / "o.json", {**run([(1, {"pinsage": metrics(0.4, 0.2)})]),
+                                        "train_overrides": {"epochs": 4}})
+    into = tmp_path / "pool.json"
+    with pytest.raises(SystemExit, match=r"o\.json: train_overrides differs"):
+        main([str(a), str(other), "--name", "x", "--into", str(into)])
+    again = write(tmp_path / "again.json", run([(0, {"pinsage": metrics(0.45, 0.22)})]))
+    with pytest.raises(SystemExit, match=r"seed 0 of \['pinsage'\] is also in an earlier file"):
+        main([str(a), str(again), "--name", "x", "--into", str(into)])
+    foreign = write(tmp_path / "f.json", {**run([(0, {"pinsage": metrics(0.4, 0.2)})]), "split": {"train": 1},
+                                          "baselines_same_split": {}})
+    with pytest.raises(SystemExit):
+        main([str(a), "--name", "x", "--into", str(into), "--baselines-from", str(foreign)])
+    empty = write(tmp_path / "e.json", {**SETTING, "per_seed": []})
+    with pytest.raises(SystemExit, match="no finished seed"):
+        main([str(empty), "--name", "x", "--into", str(into)])
+    assert not into.exists()  # nothing written by a refused merge

@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def main() -> int:
     args = parser.parse_args()
     load_before = os.getloadavg()
     config = NodeClfConfig(num_threads=args.threads)
-    report: dict[str, object] = {
+    report: dict[str, Any] = {
         "command": " ".join([sys.executable, *sys.argv]), "nproc": os.cpu_count(), "torch_threads": args.threads,
         "loadavg_before": load_before, "platform": platform.platform(), "torch": torch.__version__,
         "split": "random per seed: 20 per class train / 500 val / 1000 test; best validation epoch kept",
@@ -83,10 +84,10 @@ def main() -> int:
             lr_runs.append(logistic_regression(data, split, seed))
             print(f"{name} seed {seed}: GraphSAGE-mean micro-F1 {res.test_micro_f1:.3f} macro-F1 "
                   f"{res.test_macro_f1:.3f} | features-only LR micro-F1 {lr_runs[-1][0]:.3f}", flush=True)
-        report["datasets"][name] = {  # type: ignore[index]
+        report["datasets"][name] = {
             "n_nodes": data.n_nodes, "n_edges_undirected": int(data.indices.shape[0] // 2),
-            "graphsage_mean": {"test_micro_f1": summary([r["test_micro_f1"] for r in runs]),  # type: ignore[misc]
-                               "test_macro_f1": summary([r["test_macro_f1"] for r in runs]),  # type: ignore[misc]
+            "graphsage_mean": {"test_micro_f1": summary([r["test_micro_f1"] for r in runs]),
+                               "test_macro_f1": summary([r["test_macro_f1"] for r in runs]),
                                "runs": runs},
             "features_only_logreg": {"test_micro_f1": summary([r[0] for r in lr_runs]),
                                      "test_macro_f1": summary([r[1] for r in lr_runs])},

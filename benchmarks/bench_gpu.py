@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,14 +104,14 @@ def main() -> int:
     report["mm_peak_flops"] = peaks
     results: dict[str, dict] = {}
     for kind in ("pinsage", "graphsage"):
-        model_cfg = ModelConfig(kind=kind, n_categories=store.n_categories)  # type: ignore[arg-type]
+        model_cfg = ModelConfig(kind=kind, n_categories=store.n_categories)
         sampler: PinSageSampler | GraphSageSampler
         if kind == "pinsage":
             sampler = PinSageSampler(neighbors=WalkNeighbors(nb, n_neighbors=model_cfg.n_neighbors), rows=table)
         else:
             sampler = GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=table,
                                        fanouts=model_cfg.fanouts)
-        out: dict[str, object] = {}
+        out: dict[str, Any] = {}
         for device in devices:
             for batch in sorted({512, args.gpu_batch if device == "cuda" else 512}):
                 sub = TrainingPairs.from_arrays(*(a[: args.batches * batch] for a in
@@ -128,9 +129,9 @@ def main() -> int:
             out[f"embed_{device}"] = e
             print(f"{kind} embed {device}: {e['items_per_s']:.0f} items/s", flush=True)
         if "cuda" in devices:
-            out["train_speedup_gpu_vs_cpu"] = max(v["pairs_per_s"] for k, v in out.items()  # type: ignore[union-attr]
-                                                  if k.startswith("train_cuda")) / out["train_cpu_b512"]["pairs_per_s"]  # type: ignore[index]
-            out["embed_speedup_gpu_vs_cpu"] = out["embed_cuda"]["items_per_s"] / out["embed_cpu"]["items_per_s"]  # type: ignore[index]
+            out["train_speedup_gpu_vs_cpu"] = max(v["pairs_per_s"] for k, v in out.items()
+                                                  if k.startswith("train_cuda")) / out["train_cpu_b512"]["pairs_per_s"]
+            out["embed_speedup_gpu_vs_cpu"] = out["embed_cuda"]["items_per_s"] / out["embed_cpu"]["items_per_s"]
         results[kind] = out
     report["results"] = results
     report["loadavg_after"] = os.getloadavg()

@@ -147,10 +147,17 @@ def main() -> int:
     t0 = time.perf_counter()
     store = synthetic_store(args.items)
     nb = synthetic_neighborhoods(args.items, args.top_t, community=args.community, p_local=args.p_local)
-    run_stage(run_dir, "graph", config=InferConfig(), inputs={},
-              build=lambda d: {"n": write_graph_store(d, store) and store.n_items})
-    run_stage(run_dir, "walks", config=InferConfig(), inputs={},
-              build=lambda d: save_neighborhoods(d, nb) or {"n": nb.n_items})
+
+    def graph_stage(d: Path) -> dict[str, Any]:
+        write_graph_store(d, store)
+        return {"n": store.n_items}
+
+    def walks_stage(d: Path) -> dict[str, Any]:
+        save_neighborhoods(d, nb)
+        return {"n": nb.n_items}
+
+    run_stage(run_dir, "graph", config=InferConfig(), inputs={}, build=graph_stage)
+    run_stage(run_dir, "walks", config=InferConfig(), inputs={}, build=walks_stage)
     config = ModelConfig(kind="pinsage", n_layers=args.layers, n_neighbors=args.top_t, n_categories=100)
     model = build_model(config, seed=0).eval()
     save_checkpoint(run_dir / "train" / "checkpoint.pt", Trainer(model, cast(PairBatcher, None)), config)
@@ -176,7 +183,7 @@ def main() -> int:
     t1, c1 = time.perf_counter(), time.process_time()
     embed_items(model, sampler, single, batch_size=1)
     single_s, single_cpu = time.perf_counter() - t1, time.process_time() - c1
-    naive = {"batch_1024": {"items": int(sample.shape[0]), "seconds": round(naive_s, 2),
+    naive: dict[str, Any] = {"batch_1024": {"items": int(sample.shape[0]), "seconds": round(naive_s, 2),
                             "items_per_s": round(sample.shape[0] / naive_s, 1),
                             "items_per_cpu_s": round(sample.shape[0] / naive_cpu, 1)},
              "batch_1": {"items": int(single.shape[0]), "seconds": round(single_s, 2),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,10 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         kind, *rest = args.one
-        fn = {"pyarrow": run_pyarrow, "pandas": run_pandas, "ours": run_ours,
-              "generate": lambda path, rows, seed: run_generate(path, int(rows), int(seed))}[kind]
+        fns: dict[str, Callable[..., dict[str, Any]]] = {
+            "pyarrow": run_pyarrow, "pandas": run_pandas, "ours": run_ours,
+            "generate": lambda path, rows, seed: run_generate(path, int(rows), int(seed))}
+        fn = fns[kind]
         print(json.dumps(fn(*rest), default=str))
         return
     RESULTS.mkdir(exist_ok=True)

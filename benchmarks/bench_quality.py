@@ -81,7 +81,7 @@ def load(dataset: str, data: Path, gen_rows: int, content_dim: int = 0, gen_over
         csv = Path(tmp) / "gen.csv"
         info = generate(csv, cfg)
         df = read_taobao(csv)
-        content = np.stack(_item_side(csv, df, "content")).astype(np.float32) if content_dim else None  # (n, D)
+        content = np.stack(list(_item_side(csv, df, "content"))).astype(np.float32) if content_dim else None  # (n, D)
         community = _item_side(csv, df, "community").astype(np.int64) if with_community else None
     out: dict[str, Any] = {"split": "last day", "generate": dataclasses.asdict(cfg), "users": info["users"],
                            "items": info["items"]}

@@ -176,7 +176,7 @@ def main() -> int:
                                       (pairs.query, pairs.positive, pairs.weight)))
     results: dict[str, object] = {}
     for kind in args.kinds.split(","):
-        model_cfg = ModelConfig(kind=kind, n_categories=store.n_categories)  # type: ignore[arg-type]
+        model_cfg = ModelConfig(kind=kind, n_categories=store.n_categories)
         if kind == "pinsage":
             sampler: PinSageSampler | GraphSageSampler = PinSageSampler(
                 neighbors=WalkNeighbors(nb, n_neighbors=model_cfg.n_neighbors), rows=table)

@@ -114,7 +114,7 @@ def _gather(arr: np.ndarray, n: int, seed: int) -> int:  # independent random lo
 
 
 @numba.njit(nogil=True, cache=True)
-def _chase(arr: np.ndarray, n: int, seed: int) -> int:  # each load's address depends on the last: latency bound
+def _chase(arr: np.ndarray, n: int, seed: int) -> np.int64:  # each load's address depends on the last: latency bound
     m = np.uint64(arr.shape[0])
     i = np.uint64(seed) % m
     for _ in range(n):

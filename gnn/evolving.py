@@ -485,7 +485,7 @@ def _version(number: int, store: GraphStore, nb: Neighborhoods, item_visits: np.
              cfg: WalkConfig, *, touched: int, n_interactions: int) -> GraphVersion:
     for arr in (item_visits, user_visits):
         _frozen(arr)
-    return GraphVersion(number, store, nb, item_visits, user_visits, WalkNeighbors(nb, n_neighbors=cfg.top_t),  # type: ignore[arg-type]
+    return GraphVersion(number, store, nb, item_visits, user_visits, WalkNeighbors(nb, n_neighbors=cfg.top_t),
                         touched, n_interactions)
 
 

@@ -45,12 +45,19 @@ class NeighborhoodsLike(Protocol):
     ``hard_negatives (n_items, H) int64``, -1 padded.
     """
 
-    indptr: np.ndarray
-    indices: np.ndarray
-    weights: np.ndarray
-    item_importance: np.ndarray
-    user_importance: np.ndarray
-    hard_negatives: np.ndarray
+    # read-only members: a frozen dataclass (``Neighborhoods``) and a published snapshot both satisfy them
+    @property
+    def indptr(self) -> np.ndarray: ...
+    @property
+    def indices(self) -> np.ndarray: ...
+    @property
+    def weights(self) -> np.ndarray: ...
+    @property
+    def item_importance(self) -> np.ndarray: ...
+    @property
+    def user_importance(self) -> np.ndarray: ...
+    @property
+    def hard_negatives(self) -> np.ndarray: ...
 
 
 class RowSource(Protocol):

@@ -5,7 +5,8 @@ hit@10, about the run-to-run spread. This script trains every model of ``--model
 on the same split, with the same walks (walk seed = training seed, so the walk noise that importance weights
 carry is part of the spread) and the same training seed, and reports each metric per seed and the paired
 difference of every model against the first one (same seed), with its mean, standard deviation and the number
-of seeds on which it is positive. Evaluation: ``pipeline.evaluate.evaluate_tables`` (protocol A, valid and test;
+of seeds on which it is positive, and the 95 % Student-t interval of its mean (``ci95``; a lead that holds
+across seeds has an interval above 0). Evaluation: ``pipeline.evaluate.evaluate_tables`` (protocol A, valid and test;
 no baselines, no protocol B).
 
 Findings (results/quality_pooling.json, generated 100k rows, 8 epochs, 3-5 seeds): with the default hashed
@@ -41,9 +42,12 @@ PinSage ahead of GraphSAGE-mean on hit@10 and MRR on every seed (test hit@10 +0.
 about 0.01 behind item-CF on hit@10 and MRR, with mean pooling level with importance (also at T=50,
 ``content32_noid_qid_t50``): item vectors that tell items apart (id rows, or content with item-specific noise)
 make the pooling weights irrelevant on this data. Trained for 32 epochs (``content32_noid_qid_e32``, 4 seeds,
-about 14 min per model) the id-free PinSage passes item-CF on hit@10, F1@10 and valid MRR on every seed and on
-test MRR on two of four (mean 0.260 vs 0.259), still ahead of GraphSAGE-mean on every seed (test hit@10 +0.014);
-importance and mean pooling stay within 0.005 of each other.
+about 14 min per model) the id-free PinSage passes item-CF on hit@10, F1@10 and valid MRR on every seed (95 %
+intervals of the difference above 0) and on test MRR on two of four (mean 0.260 vs 0.259, interval spanning 0),
+still ahead of GraphSAGE-mean on every seed (test hit@10 +0.014, interval [+0.005, +0.023]); importance - mean
+pooling spans 0 on every figure. With id rows and content together (``content32_ids_qid_tuned``, 16 epochs, 10
+seeds) every GNN leads item-CF on all six figures on every seed (PinSage test hit@10 0.456 vs 0.425, MRR 0.271
+vs 0.259), and the three GNNs tie: PinSage - GraphSAGE-mean and importance - mean both span 0 on every figure.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

@@ -42,8 +42,9 @@ class ModelConfig:
     of the mean difference: importance leads mean only when nothing else tells items apart, i.e. no id rows
     (``id_buckets=0``) and no content on the generated data (test hit@10 +0.022, interval [+0.010, +0.034], 5
     seeds); with id rows, or with content vectors that differ per item, the intervals span 0 on every figure (4-7
-    seeds per setting, neighbours ranked by visits; on Amazon with id rows importance is ahead by about 0.001, above 0 for valid MRR only);
-    on Amazon without id rows the item features carry too little for either to learn);
+    seeds per setting, neighbours ranked by visits; on Amazon with id rows importance is ahead by about 0.001,
+    above 0 for valid MRR only); on Amazon without id rows the item features carry too little for either to
+    learn);
     ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
     ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
     ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);

@@ -183,13 +183,14 @@ def main() -> int:
     t1, c1 = time.perf_counter(), time.process_time()
     embed_items(model, sampler, single, batch_size=1)
     single_s, single_cpu = time.perf_counter() - t1, time.process_time() - c1
-    naive: dict[str, Any] = {"batch_1024": {"items": int(sample.shape[0]), "seconds": round(naive_s, 2),
-                            "items_per_s": round(sample.shape[0] / naive_s, 1),
-                            "items_per_cpu_s": round(sample.shape[0] / naive_cpu, 1)},
-             "batch_1": {"items": int(single.shape[0]), "seconds": round(single_s, 2),
-                         "items_per_s": round(single.shape[0] / single_s, 1),
-                         "items_per_cpu_s": round(single.shape[0] / single_cpu, 1)},
-             "threads": 1, "note": "timed on a random sample, extrapolated to all items as items/s"}
+    naive: dict[str, Any] = {
+        "batch_1024": {"items": int(sample.shape[0]), "seconds": round(naive_s, 2),
+                       "items_per_s": round(sample.shape[0] / naive_s, 1),
+                       "items_per_cpu_s": round(sample.shape[0] / naive_cpu, 1)},
+        "batch_1": {"items": int(single.shape[0]), "seconds": round(single_s, 2),
+                    "items_per_s": round(single.shape[0] / single_s, 1),
+                    "items_per_cpu_s": round(single.shape[0] / single_cpu, 1)},
+        "threads": 1, "note": "timed on a random sample, extrapolated to all items as items/s"}
     naive["batch_1024"]["gflops_useful"] = round(naive["batch_1024"]["items_per_s"] * flops_item / 1e9, 3)
     result["naive"] = naive
 

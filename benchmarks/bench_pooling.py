@@ -143,6 +143,15 @@ def paired(per_seed: list[dict[str, dict[str, float]]], models: list[str]) -> di
     return out
 
 
+def model_means(per_seed: list[dict[str, Any]], models: list[str]) -> dict[str, dict[str, float]]:
+    """Each model's metrics averaged over the seeds of ``per_seed`` (rows with ``metrics``) that have it."""
+    out: dict[str, dict[str, float]] = {}
+    for m in models:
+        rows = [r["metrics"][m] for r in per_seed if m in r["metrics"]]
+        out[m] = {k: round(float(np.mean([row[k] for row in rows])), 5) for k in rows[0]}
+    return out
+
+
 def interval(ci95: list[float] | None) -> str:
     """``ci95`` of :func:`paired` for a terminal table: ``[lo, hi]`` to four places, or ``n/a`` for one seed."""
     return "[n/a]" if ci95 is None else f"[{ci95[0]:+.4f}, {ci95[1]:+.4f}]"
@@ -226,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         result["paired"] = paired([r["metrics"] for r in result["per_seed"]], models)
         save(args.out, args.name, result)  # after every seed, so a cut-short run keeps its seeds
-    mean = {m: {k: round(float(np.mean([r["metrics"][m][k] for r in result["per_seed"]])), 5)
-                for k in result["per_seed"][0]["metrics"][m]} for m in models}
-    result["mean"] = mean
+    result["mean"] = model_means(result["per_seed"], models)
     result["machine"] = {"nproc": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                          "platform": platform.platform(), "torch": torch.__version__, "torch_threads": 1}
     result["command"] = " ".join(["python", *sys.argv])

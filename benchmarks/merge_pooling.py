@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_pooling import ci95, paired
+from benchmarks.bench_pooling import ci95, model_means, paired
 from pipeline.rundir import write_json_atomic
 
 REFERENCE = "pinsage"
@@ -70,8 +70,7 @@ def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any
             pair = paired([r["metrics"] for r in both], [REFERENCE, other])
             pair[f"{REFERENCE} - {other}"]["seeds"] = [r["seed"] for r in both]
             out["paired"].update(pair)
-    out["mean"] = {m: {k: round(float(np.mean([r["metrics"][m][k] for r in per_seed if m in r["metrics"]])), 5)
-                       for k in metrics} for m in models}
+    out["mean"] = model_means(per_seed, models)
     if baselines is not None:
         out["baselines_same_split"] = baselines
         out["baselines_note"] = f"scored by the run {baselines_command} on the same split"

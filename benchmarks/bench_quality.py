@@ -50,6 +50,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "pinsage": {"kind": "pinsage", "pooling": "importance"},
     "pinsage_mean": {"kind": "pinsage", "pooling": "mean"},
     "graphsage": {"kind": "graphsage"},
+    "graphsage_distinct": {"kind": "graphsage", "sage_neighbors": "distinct"},
 }
 
 

@@ -27,7 +27,7 @@ from benchmarks.bench_pooling import ci95, model_means, paired
 from pipeline.rundir import write_json_atomic
 
 REFERENCE = "pinsage"
-ORDER = ("pinsage", "pinsage_mean", "graphsage")
+ORDER = ("pinsage", "pinsage_mean", "graphsage", "graphsage_distinct")
 SETTING = ("dataset", "generate", "generate_overrides", "model_overrides", "train_overrides", "walk_overrides",
            "split", "items", "users")
 

@@ -15,8 +15,9 @@ Which neighbours an item has at layer k must depend on (item, k) only, or no onc
 the forward pass. PinSage neighbourhoods are fixed (top-T by visit count, the same at every layer):
 :func:`layer_neighbors_for` gives :class:`WalkLayerNeighbors`, and the reference is the model's own
 ``build_sampler``. GraphSAGE samples at random per batch; inference uses a *frozen seeded sample*
-(:class:`FrozenCoInteraction`): slot s of item i at layer k is the two-step co-interaction draw of the training
-sampler with its two uniforms taken from a counter-based hash of (seed, k, i, s) — the same distribution, but a
+(:class:`FrozenCoInteraction`): slot s of item i at layer k is the co-interaction draw of the training sampler
+(two-step or distinct, ``ModelConfig.sage_neighbors``) with its uniforms taken from a counter-based hash of
+(seed, k, i, s) — the same distribution, but a
 function of the item. Its reference is ``embed_items`` with :class:`LayerNeighborSampler` over the same table
 (:func:`reference_sampler`). Pure PyTorch / numpy; ``pipeline/infer.py`` runs the blocks on Dask.
 """
@@ -36,12 +37,13 @@ from torch import nn
 
 from gnn.graphstore import GraphStore
 from gnn.layers import PinSageConv, SAGEConv
-from gnn.models import ItemEncoder, ModelConfig, build_sampler
+from gnn.models import ItemEncoder, ModelConfig, build_sampler, sage_neighbors_for
 from gnn.sampler import (
     CoInteractionNeighbors,
     NeighborhoodsLike,
     RowSource,
     Sampler,
+    UniformNeighbors,
     WalkNeighbors,
     _BlockSampler,
     _uniform_pick,
@@ -96,17 +98,19 @@ def counter_uniforms(seed: int, layer: int, item_ids: np.ndarray, slots: int, st
 
 
 class FrozenCoInteraction:
-    """GraphSAGE neighbours frozen for inference: ``fanouts[layer]`` draws i → u → j per item and layer, as the
-    training sampler's :class:`gnn.sampler.CoInteractionNeighbors` draws them, with the uniforms of slot s of item i
-    at layer k taken from :func:`counter_uniforms` (seed, k, i, s). Any block of items, on any worker, sees the
-    same sample.
+    """GraphSAGE neighbours frozen for inference: ``fanouts[layer]`` draws per item and layer, as the training
+    sampler draws them — i → u → j for :class:`gnn.sampler.CoInteractionNeighbors`, one uniform pick of a CSR row
+    for :class:`gnn.sampler.UniformNeighbors` (e.g. ``DistinctCoInteractionNeighbors``) — with the uniforms of slot
+    s of item i at layer k taken from :func:`counter_uniforms` (seed, k, i, s). Any block of items, on any worker,
+    sees the same sample.
 
     Shapes: ``__call__(layer, ids (n,)) -> (ids (n, fanouts[layer]) int64, -1 padded; weights in {0, 1})``.
     """
 
     layer_independent = False
 
-    def __init__(self, neighbors: CoInteractionNeighbors, *, fanouts: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, neighbors: CoInteractionNeighbors | UniformNeighbors, *, fanouts: tuple[int, ...],
+                 seed: int = 0) -> None:
         if not fanouts or min(fanouts) < 1:
             raise ValueError(f"fanouts={fanouts}: need one positive sample size per layer, e.g. (25, 10)")
         self.neighbors, self.fanouts, self.seed = neighbors, tuple(int(f) for f in fanouts), int(seed)
@@ -116,6 +120,9 @@ class FrozenCoInteraction:
         fanout = self.fanouts[layer]
         flat = np.repeat(ids, fanout)
         r_user = counter_uniforms(self.seed, layer, ids, fanout, 0).ravel()
+        if isinstance(self.neighbors, UniformNeighbors):  # one draw from the item's own CSR row
+            nbr = _uniform_pick(self.neighbors.indptr, self.neighbors.indices, flat, r_user).reshape(-1, fanout)
+            return nbr, (nbr >= 0).astype(np.float32)
         r_item = counter_uniforms(self.seed, layer, ids, fanout, 1).ravel()
         users = _uniform_pick(*self.neighbors.item_users, flat, r_user)
         items = _uniform_pick(*self.neighbors.user_items, np.maximum(users, 0), r_item)
@@ -134,9 +141,7 @@ def layer_neighbors_for(config: ModelConfig, *, neighborhoods: NeighborhoodsLike
         if neighborhoods is None:
             raise ValueError("neighborhoods: a PinSage model needs the walk neighbourhoods (gnn.walks.Neighborhoods)")
         return WalkLayerNeighbors(neighborhoods, n_neighbors=config.n_neighbors)
-    if store is None:
-        raise ValueError("store: a GraphSAGE model samples the co-interaction graph; pass the GraphStore")
-    return FrozenCoInteraction(CoInteractionNeighbors.from_graph_store(store), fanouts=config.fanouts, seed=seed)
+    return FrozenCoInteraction(sage_neighbors_for(config, store), fanouts=config.fanouts, seed=seed)
 
 
 class LayerNeighborSampler(_BlockSampler):

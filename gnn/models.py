@@ -20,6 +20,7 @@ from gnn.graphstore import GraphStore
 from gnn.layers import PinSageConv, Pooling, SAGEConv, l2_normalize
 from gnn.sampler import (
     CoInteractionNeighbors,
+    DistinctCoInteractionNeighbors,
     GraphSageSampler,
     NeighborhoodsLike,
     PinSageSampler,
@@ -31,6 +32,7 @@ from gnn.sampler import (
 logger = logging.getLogger(__name__)
 
 ModelKind = Literal["pinsage", "graphsage"]
+SageNeighbors = Literal["two_step", "distinct"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,12 @@ class ModelConfig:
     above 0 for valid MRR only); on Amazon without id rows the item features carry too little for either to
     learn);
     ``n_layers`` K (2); ``n_neighbors`` T, PinSage neighbours per item (10);
-    ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``input_dim`` width of the input encoder (64);
+    ``fanouts`` GraphSAGE (S_1, ..., S_K) ((25, 10)); ``sage_neighbors`` how GraphSAGE draws an item's
+    co-interaction neighbours ("two_step"): "two_step" by one walk item -> user -> item
+    (:class:`gnn.sampler.CoInteractionNeighbors`, never builds the item-item graph, so it scales; it favours
+    items that share many users, much as visit counts do), "distinct" uniformly over the distinct items that share
+    a user (:class:`gnn.sampler.DistinctCoInteractionNeighbors`, Hamilton et al.'s uniform sampler on the simple
+    graph; builds that graph, sum of squared user degrees in memory); ``input_dim`` width of the input encoder (64);
     ``hidden_dim`` width of every convolution (128); ``embed_dim`` output width (64); ``n_categories`` (1);
     ``category_dim`` (16); ``id_buckets`` hashed item-id rows, 0 = none (65536); ``id_dim`` (64);
     ``n_numeric`` (4); ``content_dim`` (0); ``normalize_output`` L2-normalise embeddings (True);
@@ -68,6 +75,7 @@ class ModelConfig:
     n_layers: int = 2
     n_neighbors: int = 10
     fanouts: tuple[int, ...] = (25, 10)
+    sage_neighbors: SageNeighbors = "two_step"
     input_dim: int = 64
     hidden_dim: int = 128
     embed_dim: int = 64
@@ -88,6 +96,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.kind={self.kind!r}: use 'pinsage' or 'graphsage'")
         if self.pooling not in ("importance", "mean"):
             raise ValueError(f"ModelConfig.pooling={self.pooling!r}: use 'importance' or 'mean'")
+        if self.sage_neighbors not in ("two_step", "distinct"):
+            raise ValueError(f"ModelConfig.sage_neighbors={self.sage_neighbors!r}: use 'two_step' or 'distinct'")
         object.__setattr__(self, "fanouts", tuple(int(f) for f in self.fanouts))
         if self.kind == "graphsage" and len(self.fanouts) != self.n_layers:
             raise ValueError(f"ModelConfig.fanouts={self.fanouts}: give one sample size per layer "
@@ -222,7 +232,15 @@ def build_sampler(config: ModelConfig, *, rows: RowSource, neighborhoods: Neighb
             raise ValueError("neighborhoods: a PinSage model needs the walk neighbourhoods (gnn.walks.Neighborhoods)")
         return PinSageSampler(neighbors=WalkNeighbors(neighborhoods, n_neighbors=config.n_neighbors), rows=rows,
                               n_layers=config.n_layers)
+    return GraphSageSampler(neighbors=sage_neighbors_for(config, store), rows=rows, fanouts=config.fanouts)
+
+
+def sage_neighbors_for(config: ModelConfig,
+                       store: GraphStore | None) -> CoInteractionNeighbors | DistinctCoInteractionNeighbors:
+    """GraphSAGE's neighbour sampler over the co-interaction graph of ``store``, as ``config.sage_neighbors``
+    says (the training samplers and inference share it)."""
     if store is None:
         raise ValueError("store: a GraphSAGE model samples the co-interaction graph; pass the GraphStore")
-    return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
-                            fanouts=config.fanouts)
+    if config.sage_neighbors == "distinct":
+        return DistinctCoInteractionNeighbors.from_graph_store(store)
+    return CoInteractionNeighbors.from_graph_store(store)

@@ -15,7 +15,7 @@ functions, and this is where the distributed trainer puts its remote-row cache /
 * PinSage: ``neighbors(item_ids) -> (ids (n, T) int64 (-1 = none), weights (n, T) float32)``
   (:class:`NeighborSource`, e.g. :class:`WalkNeighbors` over the walks engineer's ``Neighborhoods``);
 * GraphSAGE: ``sample(item_ids, fanout, rng) -> (ids (n, S), weights (n, S))`` (:class:`NeighborSampler`,
-  e.g. :class:`CoInteractionNeighbors` or :class:`UniformNeighbors`).
+  e.g. :class:`CoInteractionNeighbors`, :class:`DistinctCoInteractionNeighbors` or :class:`UniformNeighbors`).
 
 All sampling is vectorised numpy or a GIL-free numba kernel (no per-node Python loop) and draws only from the
 ``rng`` it is handed, so a batch is a pure function of its seed.
@@ -191,6 +191,65 @@ class CoInteractionNeighbors:
     def __repr__(self) -> str:
         return (f"CoInteractionNeighbors(n_items={self.item_users[0].shape[0] - 1}, "
                 f"n_users={self.user_items[0].shape[0] - 1})")
+
+
+class CoInteractionGraphTooLarge(ValueError):
+    """The simple co-interaction graph would hold more user-item-item triples than the given limit."""
+
+
+def co_interaction_graph(*, user_items_indptr: np.ndarray, user_items_indices: np.ndarray, n_items: int,
+                         max_pairs: int = 200_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """The item-item co-interaction graph as a simple graph: CSR ``(indptr (n_items + 1,), indices (E,))`` where
+    ``indices[indptr[i]:indptr[j]]`` are the distinct items j != i that share at least one user with item i,
+    ascending. Repeated interactions and the number of shared users do not matter (that is what makes it the
+    graph of Hamilton et al.'s uniform sampler, not a walk distribution).
+
+    Building it costs ``sum_u deg(u)^2`` user-item-item triples; above ``max_pairs`` it raises
+    :class:`CoInteractionGraphTooLarge` instead of exhausting memory (use ``sage_neighbors="two_step"``, which
+    never builds the graph, on such data).
+    """
+    import scipy.sparse as sp
+
+    indptr = np.asarray(user_items_indptr, dtype=np.int64)
+    indices = np.asarray(user_items_indices, dtype=np.int64)
+    n_users = indptr.shape[0] - 1
+    a = sp.csr_matrix((np.ones(indices.shape[0], dtype=np.float32), indices, indptr), shape=(n_users, n_items))
+    a.sum_duplicates()
+    deg = np.diff(a.indptr).astype(np.int64)
+    triples = int((deg * deg).sum())
+    if triples > max_pairs:
+        raise CoInteractionGraphTooLarge(
+            f"co_interaction_graph: {triples:,} user-item-item triples exceed max_pairs={max_pairs:,} "
+            f"(the most active user has {int(deg.max())} distinct items); use sage_neighbors='two_step', which "
+            "samples the same graph without building it, or raise max_pairs")
+    a.data[:] = 1.0
+    c = (a.T @ a).tocsr()
+    c.setdiag(0)
+    c.eliminate_zeros()
+    c.sort_indices()
+    return c.indptr.astype(np.int64), c.indices.astype(np.int64)
+
+
+class DistinctCoInteractionNeighbors(UniformNeighbors):
+    """GraphSAGE neighbours of items drawn uniformly, with replacement, from their distinct co-interaction
+    neighbours (:func:`co_interaction_graph`): every item that shares a user with i is equally likely, however
+    many users it shares. This is Hamilton et al.'s sampler on the simple item-item graph; the two-step walk of
+    :class:`CoInteractionNeighbors` instead favours items that share many (or little active) users.
+
+    Shapes: ``__call__(ids (n,), fanout, rng) -> (ids (n, fanout) int64, -1 padded; weights (n, fanout) in {0, 1})``.
+    """
+
+    @classmethod
+    def from_graph_store(cls, store: object, *, max_pairs: int = 200_000_000) -> DistinctCoInteractionNeighbors:
+        """Built from a ``gnn.graphstore.GraphStore``'s user -> item CSR (see :func:`co_interaction_graph`)."""
+        ui = store.user_items  # type: ignore[attr-defined]
+        indptr, indices = co_interaction_graph(user_items_indptr=ui.indptr, user_items_indices=ui.indices,
+                                               n_items=int(store.n_items), max_pairs=max_pairs)  # type: ignore[attr-defined]
+        return cls(indptr, indices)
+
+    def __repr__(self) -> str:
+        return (f"DistinctCoInteractionNeighbors(n_items={self.indptr.shape[0] - 1}, "
+                f"n_edges={self.indices.shape[0]})")
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,10 @@ class TrainStageConfig:
     hidden_dim: int = field(default=128, metadata={"help": "width of the convolutions"})
     embed_dim: int = field(default=64, metadata={"help": "embedding width"})
     n_neighbors: int = field(default=10, metadata={"help": "PinSage neighbours per item (T)"})
+    sage_neighbors: Literal["two_step", "distinct"] = field(
+        default="two_step", metadata={"help": "GraphSAGE's draw of co-interaction neighbours: two_step (item -> "
+                                              "user -> item, never builds the item-item graph) or distinct "
+                                              "(uniform over the distinct items that share a user; builds it)"})
     id_buckets: int = field(default=0, metadata={"help": "rows of the hashed item-id embedding; 0 = one row per item "
                                                          f"(no collisions) up to {MAX_AUTO_ID_BUCKETS}, hashed "
                                                          "into that many beyond"})
@@ -203,6 +207,8 @@ class TrainStageConfig:
                      "producer_threads", "queue_size", "presample_batches"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"train.{name}",
                   getattr(self, name), "must be an integer >= 1")
+        check(self.sage_neighbors in ("two_step", "distinct"), "train.sage_neighbors", self.sage_neighbors,
+              "must be two_step or distinct")
         check(self.temperature > 0, "train.temperature", self.temperature, "must be positive (try 0.1)")
         check(self.hard_cap >= 0, "train.hard_cap", self.hard_cap, "must be >= 0")
         check(self.id_buckets >= 0, "train.id_buckets", self.id_buckets, "must be >= 0 (0 = one row per item)")
@@ -455,8 +461,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     from gnn.batches import PairBatcher, TrainingPairs
     from gnn.checkpoint import restore_checkpoint, save_checkpoint
     from gnn.graphstore import load_graph_store
-    from gnn.models import ModelConfig, build_model
-    from gnn.sampler import CoInteractionNeighbors, GraphSageSampler, PinSageSampler
+    from gnn.models import ModelConfig, build_model, sage_neighbors_for
+    from gnn.sampler import GraphSageSampler, PinSageSampler
     from gnn.trainer import TrainConfig, Trainer, make_loss, make_optimizer
     from gnn.walks import load_neighborhoods
     from pipeline.remote_rows import BatchScopedSampler, ShardRows, actor_fetcher
@@ -467,7 +473,8 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     store = load_graph_store(job.graph_path)
     nb = load_neighborhoods(job.walks_path)
     local = LocalOwnerTable(server.items, server.features, server.neighbors, server.neighbor_weights, owner=rank)
-    mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, hidden_dim=cfg.hidden_dim,
+    mc = ModelConfig(kind=cfg.model, n_neighbors=cfg.n_neighbors, sage_neighbors=cfg.sage_neighbors,
+                     hidden_dim=cfg.hidden_dim,
                      id_buckets=id_buckets_for(store.n_items, cfg.id_buckets) if cfg.item_ids else 0,
                      embed_dim=cfg.embed_dim, n_categories=store.n_categories,
                      content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
@@ -476,8 +483,7 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
     def make_sampler(neighbors: Any, rows: Any) -> Any:
         if cfg.model == "pinsage":
             return PinSageSampler(neighbors=neighbors, rows=rows, n_layers=mc.n_layers)
-        return GraphSageSampler(neighbors=CoInteractionNeighbors.from_graph_store(store), rows=rows,
-                                fanouts=mc.fanouts)
+        return GraphSageSampler(neighbors=sage_neighbors_for(mc, store), rows=rows, fanouts=mc.fanouts)
 
     def make_batches(sampler: Any, seed: int) -> PairBatcher:
         return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,

@@ -22,7 +22,7 @@ from gnn.inference import (
 )
 from gnn.layers import weighted_mean
 from gnn.models import ModelConfig, build_model
-from gnn.sampler import CoInteractionNeighbors
+from gnn.sampler import CoInteractionNeighbors, DistinctCoInteractionNeighbors
 from gnn.trainer import embed_items
 from tests.gnn.model_graphs import co_count_neighborhoods, community_store, tiny_neighborhoods
 
@@ -36,15 +36,16 @@ def small_config(kind: str, **over: object) -> ModelConfig:
     return ModelConfig(**base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kind", "pooling", "n_layers"), [
-    ("pinsage", "importance", 2), ("pinsage", "mean", 2), ("pinsage", "importance", 3), ("graphsage", "importance", 2),
-    ("graphsage", "importance", 1)])
-def test_layerwise_equals_embed_items_for_every_item(kind: str, pooling: str, n_layers: int) -> None:
+@pytest.mark.parametrize(("kind", "pooling", "n_layers", "sage"), [
+    ("pinsage", "importance", 2, "two_step"), ("pinsage", "mean", 2, "two_step"),
+    ("pinsage", "importance", 3, "two_step"), ("graphsage", "importance", 2, "two_step"),
+    ("graphsage", "importance", 1, "two_step"), ("graphsage", "importance", 2, "distinct")])
+def test_layerwise_equals_embed_items_for_every_item(kind: str, pooling: str, n_layers: int, sage: str) -> None:
     store = community_store(n_items=48)
     nb = co_count_neighborhoods(store)
     rows = ItemFeatureTable.from_graph_store(store)
     fanouts = (4, 3, 2)[:n_layers]
-    config = small_config(kind, pooling=pooling, n_layers=n_layers, fanouts=fanouts)
+    config = small_config(kind, pooling=pooling, n_layers=n_layers, fanouts=fanouts, sage_neighbors=sage)
     model = build_model(config, seed=1)
     table = layer_neighbors_for(config, neighborhoods=nb, store=store, seed=7)
     ref = embed_items(model, reference_sampler(config, rows=rows, neighborhoods=nb, store=store, seed=7),
@@ -81,6 +82,20 @@ def test_frozen_graphsage_sample_is_a_function_of_item_and_layer() -> None:
         users = set(store.item_users.row(i).tolist())
         for j in row[row >= 0]:
             assert users & set(store.item_users.row(int(j)).tolist())
+    assert np.array_equal(wa, (a >= 0).astype(np.float32))
+
+
+def test_frozen_distinct_sample_draws_distinct_co_interaction_neighbours() -> None:
+    store = community_store()
+    neighbors = DistinctCoInteractionNeighbors.from_graph_store(store)
+    frozen = layer_neighbors_for(small_config("graphsage", sage_neighbors="distinct"), store=store, seed=4)
+    assert isinstance(frozen, FrozenCoInteraction) and frozen.neighbors.indices.shape == neighbors.indices.shape
+    ids = np.arange(store.n_items)
+    a, wa = frozen(0, ids)
+    assert np.array_equal(a, frozen(0, ids[::-1].copy())[0][::-1])  # a function of the item, not the block
+    for i, row in enumerate(a):
+        allowed = set(neighbors.indices[neighbors.indptr[i]:neighbors.indptr[i + 1]].tolist())
+        assert set(row[row >= 0].tolist()) <= allowed and (row >= 0).any() == bool(allowed)
     assert np.array_equal(wa, (a >= 0).astype(np.float32))
 
 

@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from gnn.features import TensorRows
+from gnn.models import ModelConfig, build_sampler
 from gnn.sampler import (
+    CoInteractionGraphTooLarge,
     CoInteractionNeighbors,
+    DistinctCoInteractionNeighbors,
     GraphSageSampler,
     NeighborhoodsLike,
     PinSageSampler,
     UniformNeighbors,
     WalkNeighbors,
+    co_interaction_graph,
     expand_hop,
 )
 from tests.gnn.model_graphs import community_store, tiny_neighborhoods
@@ -96,6 +100,55 @@ def test_co_interaction_draws_follow_the_two_step_walk() -> None:
     freq = np.bincount(ids.ravel(), minlength=4) / 40000
     np.testing.assert_allclose(freq, [0.375, 0.25, 0.125, 0.25], atol=0.01)
     assert w.min() == 1.0
+
+
+# users: u0 (items 0, 1), u1 (items 0, 2, 3, 3), u2 (items 0, 1), u3 (item 4 only)
+UI_INDPTR, UI_INDICES = np.array([0, 2, 6, 8, 9]), np.array([0, 1, 0, 2, 3, 3, 0, 1, 4])
+
+
+def test_co_interaction_graph_holds_each_distinct_neighbour_once() -> None:
+    indptr, indices = co_interaction_graph(user_items_indptr=UI_INDPTR, user_items_indices=UI_INDICES, n_items=6)
+    rows = [indices[indptr[i]:indptr[i + 1]].tolist() for i in range(6)]
+    # item 1 shares two users with item 0 and item 3 is repeated by u1: each still appears once; no self loops;
+    # item 4 (a one-item user) and item 5 (no user) have no neighbours
+    assert rows == [[1, 2, 3], [0], [0, 3], [0, 2], [], []]
+
+
+def test_co_interaction_graph_refuses_what_would_not_fit() -> None:
+    # sum of squared distinct degrees: 4 + 9 + 4 + 1 = 18 triples
+    co_interaction_graph(user_items_indptr=UI_INDPTR, user_items_indices=UI_INDICES, n_items=5, max_pairs=18)
+    with pytest.raises(CoInteractionGraphTooLarge, match=r"18 user-item-item triples exceed max_pairs=17 .*two_step"):
+        co_interaction_graph(user_items_indptr=UI_INDPTR, user_items_indices=UI_INDICES, n_items=5, max_pairs=17)
+
+
+def test_distinct_draws_are_uniform_over_neighbours_not_walk_weighted() -> None:
+    indptr, indices = co_interaction_graph(user_items_indptr=UI_INDPTR, user_items_indices=UI_INDICES, n_items=5)
+    ids, w = DistinctCoInteractionNeighbors(indptr, indices)(np.array([0, 4]), 30000, np.random.default_rng(0))
+    freq = np.bincount(ids[0], minlength=4) / 30000
+    # uniform over {1, 2, 3}; the two-step walk would give item 1 (two shared users) 1/3 and item 2 1/12
+    np.testing.assert_allclose(freq, [0.0, 1 / 3, 1 / 3, 1 / 3], atol=0.01)
+    assert (ids[1] == -1).all() and w[1].max() == 0.0 and w[0].min() == 1.0
+
+
+def test_model_config_picks_the_graphsage_neighbour_draw() -> None:
+    store = community_store()
+    rows = id_rows(store.n_items)
+    base = dict(kind="graphsage", n_categories=4, fanouts=(3, 2))
+    distinct = build_sampler(ModelConfig(**base, sage_neighbors="distinct"), rows=rows, store=store)  # type: ignore[arg-type]
+    two_step = build_sampler(ModelConfig(**base), rows=rows, store=store)  # type: ignore[arg-type]
+    assert isinstance(distinct.neighbors, DistinctCoInteractionNeighbors)
+    assert type(two_step.neighbors) is CoInteractionNeighbors
+    sub = distinct.sample(np.arange(6), np.random.default_rng(0))
+    ui = store.user_items
+    indptr, indices = co_interaction_graph(user_items_indptr=ui.indptr, user_items_indices=ui.indices,
+                                           n_items=store.n_items)
+    block = sub.blocks[0]
+    for d in range(block.n_dst):  # every drawn source of every target is one of its distinct neighbours
+        item = int(sub.node_ids[0][d])
+        drawn = sub.node_ids[1][block.nbr_index[d][block.nbr_weight[d] > 0]].tolist()
+        assert drawn and set(drawn) <= set(indices[indptr[item]:indptr[item + 1]].tolist())
+    with pytest.raises(ValueError, match="sage_neighbors='walk'"):
+        ModelConfig(sage_neighbors="walk")  # type: ignore[arg-type]
 
 
 def test_uniform_neighbors_pad_isolated_nodes() -> None:

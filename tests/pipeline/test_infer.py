@@ -90,10 +90,11 @@ def assert_equal_to_reference(run_dir: Path, ref: torch.Tensor) -> None:
     assert float((queries - expected).abs().max()) <= TOL
 
 
-@pytest.mark.parametrize("kind", ["pinsage", "graphsage"])
-def test_map_reduce_equals_embed_items_on_1_and_2_workers(tmp_path: Path, kind: str, dask_client: Client,
-                                                         dask_client_1: Client) -> None:
-    store, nb = make_run(tmp_path, kind)
+@pytest.mark.parametrize(("kind", "sage"), [("pinsage", "two_step"), ("graphsage", "two_step"),
+                                          ("graphsage", "distinct")])
+def test_map_reduce_equals_embed_items_on_1_and_2_workers(tmp_path: Path, kind: str, sage: str,
+                                                         dask_client: Client, dask_client_1: Client) -> None:
+    store, nb = make_run(tmp_path, kind, sage_neighbors=sage)
     ref = reference(tmp_path, store, nb, seed=3)
     cfg = InferConfig(block_items=13, sample_seed=3)
     two = run_infer(tmp_path, cfg, dask_client, progress=False)

@@ -247,6 +247,17 @@ def test_compression_and_sync_run_end_to_end(small_run: Path, dask_client: Clien
     assert np.isfinite(rep["epochs"][0]["mean_loss"])
 
 
+@pytest.mark.parametrize("sage", ["two_step", "distinct"])
+def test_graphsage_trains_on_two_workers_with_either_neighbour_draw(small_run: Path, dask_client: Client,
+                                                                   sage: str) -> None:
+    cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=3, model="graphsage", sage_neighbors=sage,  # type: ignore[arg-type]
+                           record_weights=True, **SMALL)  # type: ignore[arg-type]
+    rep = _report(train(small_run, cfg, dask_client))
+    assert rep["replicas_identical"] is True and np.isfinite(rep["epochs"][0]["mean_loss"])
+    config = load_checkpoint(small_run / "train" / "checkpoint.pt").model_config
+    assert (config.kind, config.sage_neighbors) == ("graphsage", sage)
+
+
 def test_gathered_candidates_keep_identical_replicas_and_change_the_steps(small_run: Path, dask_client: Client,
                                                                          trained: Trained) -> None:
     cfg = TrainStageConfig(workers=2, epochs=1, steps_per_epoch=4, gather_candidates=True, record_weights=True,
@@ -353,6 +364,8 @@ def test_dgc_local_table_is_merged_by_rows_end_to_end(small_run: Path, dask_clie
 def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"train\.workers=0"):
         TrainStageConfig(workers=0)
+    with pytest.raises(ConfigError, match=r"train\.sage_neighbors='walk'.*two_step or distinct"):
+        TrainStageConfig(sage_neighbors="walk")  # type: ignore[arg-type]
     assert TrainStageConfig(compression="dgc", optimizer="adam").comm_config().dgc.momentum == 0.0
     with pytest.raises(ConfigError, match=r"train\.dgc_correction='adam'.*--optimizer adam"):
         TrainStageConfig(compression="dgc", dgc_correction="adam")

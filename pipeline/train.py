@@ -480,10 +480,14 @@ def _train_rank(info: Any, job: RankJob, servers: dict[int, Any], server: Any, n
                      content_dim=0 if store.item_content is None else int(store.item_content.shape[1]))
     pairs = TrainingPairs.from_arrays(job.query, job.positive, job.weight)
 
+    # GraphSAGE's draw over the co-interaction graph, made once per rank ("distinct" builds that graph) and shared
+    # by the pre-sampling pass and training
+    sage_neighbors = sage_neighbors_for(mc, store) if cfg.model == "graphsage" else None
+
     def make_sampler(neighbors: Any, rows: Any) -> Any:
-        if cfg.model == "pinsage":
+        if sage_neighbors is None:
             return PinSageSampler(neighbors=neighbors, rows=rows, n_layers=mc.n_layers)
-        return GraphSageSampler(neighbors=sage_neighbors_for(mc, store), rows=rows, fanouts=mc.fanouts)
+        return GraphSageSampler(neighbors=sage_neighbors, rows=rows, fanouts=mc.fanouts)
 
     def make_batches(sampler: Any, seed: int) -> PairBatcher:
         return PairBatcher(pairs, sampler, n_items=store.n_items, batch_size=cfg.batch_size,

@@ -9,6 +9,11 @@ error), pairs PinSage against every other model on the seeds that have both (``b
 or of ``--baselines-from``, which must be on the same split), and stores the record under ``--name`` in
 ``--into`` with every run's command, seconds and machine.
 
+``--walk-free-from FILE`` adds the rows of the models that never read the walks (GraphSAGE, either draw, while the
+hard-negative curriculum is off: ``hard_cap`` 0) from runs of a setting that differs only in ``walk_overrides``: a
+new walk setting then needs only PinSage retrained. A seed and model present in both must agree to the last
+digit (it is the same training), which the merge checks.
+
 Run: ``PYTHONPATH=$PWD python benchmarks/merge_pooling.py --name content32_ids_qid_tuned
 --into results/quality_pooling.json --note-file note.txt --baselines-from base.json s0.json s1.json``
 """
@@ -24,17 +29,46 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench_pooling import ci95, model_means, paired
+from gnn.trainer import TrainConfig
 from pipeline.rundir import write_json_atomic
 
 REFERENCE = "pinsage"
 ORDER = ("pinsage", "pinsage_mean", "graphsage", "graphsage_distinct")
 SETTING = ("dataset", "generate", "generate_overrides", "model_overrides", "train_overrides", "walk_overrides",
            "split", "items", "users")
+WALK_FREE = ("graphsage", "graphsage_distinct")  # models whose training reads no walk output (with hard_cap 0)
+
+
+def walk_free_rows(first: dict[str, Any], first_name: str, runs: list[dict[str, Any]], names: list[str]
+                   ) -> dict[int, dict[str, Any]]:
+    """``{seed: {"training": ..., "metrics": ...}}`` of the walk-free models (``WALK_FREE``) of ``runs``, which
+    must share ``first``'s setting except ``walk_overrides``."""
+    hard_cap = first.get("train_overrides", {}).get("hard_cap", TrainConfig.hard_cap)
+    if hard_cap:
+        raise SystemExit(f"--walk-free-from: hard_cap={hard_cap} in {first_name}: GraphSAGE then trains on the "
+                         "walks' hard negatives; retrain it with the new walk setting instead")
+    out: dict[int, dict[str, Any]] = {}
+    for name, run in zip(names, runs, strict=True):
+        for key in SETTING:
+            if key != "walk_overrides" and run.get(key) != first.get(key):
+                raise SystemExit(f"--walk-free-from {name}: {key} differs from {first_name} ({run.get(key)!r} vs "
+                                 f"{first.get(key)!r}); only walk_overrides may differ")
+        for row in run.get("per_seed", []):
+            entry = out.setdefault(row["seed"], {"training": {}, "metrics": {}})
+            for model in WALK_FREE:
+                if model in row["metrics"]:
+                    if model in entry["metrics"]:
+                        raise SystemExit(f"--walk-free-from {name}: seed {row['seed']} of {model!r} is also in an "
+                                         "earlier file; give each seed and model once")
+                    entry["metrics"][model] = row["metrics"][model]
+                    entry["training"][model] = row["training"].get(model)
+    return out
 
 
 def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any] | None,
-          baselines_command: str | None) -> dict[str, Any]:
-    """One record from bench_pooling results ``runs`` (read from files ``names``) of the same setting."""
+          baselines_command: str | None, walk_free: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One record from bench_pooling results ``runs`` (read from files ``names``) of the same setting, with the
+    rows of ``walk_free`` (:func:`walk_free_rows`) added where a seed lacks them and checked where it has them."""
     first = runs[0]
     for name, run in zip(names[1:], runs[1:], strict=True):
         for key in SETTING:
@@ -53,6 +87,20 @@ def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any
                                  "give each seed and model once")
             entry["training"].update(row["training"])
             entry["metrics"].update(row["metrics"])
+    borrowed: list[str] = []
+    for seed, extra in sorted((walk_free or {}).items()):
+        if seed not in by_seed:
+            continue  # a seed PinSage was not trained on pairs with nothing
+        entry = by_seed[seed]
+        for model, values in extra["metrics"].items():
+            if model in entry["metrics"]:
+                if entry["metrics"][model] != values:
+                    raise SystemExit(f"--walk-free-from: seed {seed} of {model!r} differs between the walk "
+                                     "settings, so its training reads the walks; retrain it instead")
+            else:
+                entry["metrics"][model] = values
+                entry["training"][model] = extra["training"][model]
+                borrowed.append(f"{model} seed {seed}")
     per_seed = [by_seed[s] for s in sorted(by_seed)]
     present = {m for row in per_seed for m in row["metrics"]}
     models = [m for m in ORDER if m in present] + sorted(present - set(ORDER))
@@ -85,6 +133,8 @@ def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any
                                               "seeds": [r["seed"] for r in rows], "mean": round(float(d.mean()), 5),
                                               "ci95": ci95(d), "n_positive": int((d > 0).sum())}
         out["vs_baselines"] = vs
+    if borrowed:
+        out["walk_free_borrowed"] = borrowed
     out["command"] = [run.get("command", f"(unfinished run: {name})") for name, run in zip(names, runs, strict=True)]
     out["seconds"] = [run.get("seconds") for run in runs]
     out["machine"] = [run.get("machine") for run in runs]
@@ -100,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines-from", type=Path, default=None,
                     help="a bench_pooling --baselines result on the same split (default: the first input that has "
                          "baselines_same_split)")
+    ap.add_argument("--walk-free-from", type=Path, action="append", default=[],
+                    help="bench_pooling results of the same setting except walk_overrides: their GraphSAGE rows "
+                         "(which read no walks) are added, and checked where the files have them too")
     args = ap.parse_args(argv)
     runs = []
     for path in args.files:
@@ -118,7 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         source = [(str(args.baselines_from), base_run)]
     baselines = source[0][1]["baselines_same_split"] if source else None
     command = (source[0][1].get("command") or source[0][0]) if source else None
-    record = merge(runs, [str(p) for p in args.files], baselines, command)
+    walk_free = None
+    if args.walk_free_from:
+        extra = []
+        for path in args.walk_free_from:
+            try:
+                extra.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                ap.error(f"--walk-free-from {path}: not a readable bench_pooling result ({err})")
+        walk_free = walk_free_rows(runs[0], str(args.files[0]), extra, [str(p) for p in args.walk_free_from])
+    record = merge(runs, [str(p) for p in args.files], baselines, command, walk_free)
+    if args.walk_free_from:
+        record["walk_free_commands"] = [r.get("command", str(p)) for p, r in zip(args.walk_free_from, extra,
+                                                                                strict=True)]
     if args.note_file is not None:
         record["note"] = args.note_file.read_text().strip()
     into = json.loads(args.into.read_text()) if args.into.is_file() else {}

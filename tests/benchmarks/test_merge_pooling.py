@@ -80,3 +80,37 @@ def test_merge_refuses_other_settings_a_model_given_twice_and_foreign_baselines(
     with pytest.raises(SystemExit, match="no finished seed"):
         main([str(empty), "--name", "x", "--into", str(into)])
     assert not into.exists()  # nothing written by a refused merge
+
+
+def test_walk_free_rows_come_from_another_walk_setting_and_are_checked_where_both_have_them(tmp_path: Path) -> None:
+    walks500 = {"walk_overrides": {"n_walks": 500}}
+    a = write(tmp_path / "w500.json", run([(0, {"pinsage": metrics(0.47, 0.24), "graphsage": metrics(0.44, 0.23)}),
+                                           (1, {"pinsage": metrics(0.42, 0.20), "pinsage_mean": metrics(0.41, 0.2)})],
+                                          **walks500))
+    old = write(tmp_path / "w50.json", run([(0, {"pinsage": metrics(0.45, 0.22), "graphsage": metrics(0.44, 0.23)}),
+                                            (1, {"pinsage": metrics(0.41, 0.19), "graphsage": metrics(0.39, 0.18),
+                                                 "graphsage_distinct": metrics(0.38, 0.17)}),
+                                            (2, {"graphsage": metrics(0.5, 0.3)})]))
+    into = tmp_path / "pool.json"
+    assert main([str(a), "--name", "w500", "--into", str(into), "--walk-free-from", str(old)]) == 0
+    rec = json.loads(into.read_text())["runs"]["w500"]
+    assert rec["seeds"] == [0, 1] and rec["models"] == ["pinsage", "pinsage_mean", "graphsage", "graphsage_distinct"]
+    seed1 = rec["per_seed"][1]["metrics"]
+    assert seed1["pinsage"] == metrics(0.42, 0.20)  # PinSage reads the walks: never taken from the other setting
+    assert seed1["graphsage"] == metrics(0.39, 0.18) and seed1["graphsage_distinct"] == metrics(0.38, 0.17)
+    assert rec["walk_free_borrowed"] == ["graphsage seed 1", "graphsage_distinct seed 1"]
+    assert rec["paired"]["pinsage - graphsage"]["test hit@10"]["per_seed"] == [0.03, 0.03]
+    assert rec["walk_free_commands"] == ["python bench_pooling.py --seeds 0"]
+
+    drifted = write(tmp_path / "drift.json", run([(0, {"graphsage": metrics(0.43, 0.23)})]))
+    with pytest.raises(SystemExit, match="seed 0 of 'graphsage' differs between the walk settings"):
+        main([str(a), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(drifted)])
+    other = write(tmp_path / "o.json", {**run([(0, {"graphsage": metrics(0.44, 0.23)})]),
+                                        "model_overrides": {"embed_dim": 16}})
+    with pytest.raises(SystemExit, match=r"o\.json: model_overrides differs .* only walk_overrides may differ"):
+        main([str(a), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(other)])
+    hard = write(tmp_path / "h.json", run([(0, {"pinsage": metrics(0.47, 0.24)})], **walks500,
+                                          train_overrides={"epochs": 2, "hard_cap": 3}))
+    with pytest.raises(SystemExit, match="hard_cap=3"):
+        main([str(hard), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(old)])
+    assert not (tmp_path / "n.json").exists()

@@ -63,6 +63,13 @@ way (test hit@10 0.085 vs 0.073), while it is level with the two-step variant (+
 the uniform GraphSAGE does not pass item-CF on MRR. In the id-free generated content setting at 48 epochs
 (``content32_noid_qid_e48``, seeds 0-5) the two draws are level and PinSage leads ``graphsage_distinct`` on all
 six figures with every interval above 0 (test hit@10 +0.013 [+0.010, +0.016], MRR +0.0067 [+0.0046, +0.0088]).
+The default 50 walks per item leave the top-T noisy (benchmarks/probe_walk_convergence.py: on Amazon half of the
+top-10 slots hold items visited at most twice). With 500 walks (``--walk-set n_walks=500``, ``amazon_ids_e10_w500``,
+7 seeds, GraphSAGE rows borrowed from ``amazon_ids_e10`` because GraphSAGE reads no walks) PinSage gains on every
+seed and figure (test hit@10 +0.0032) and leads the two-step GraphSAGE-mean on all six figures with every interval
+above 0 (test hit@10 +0.0036 [+0.0025, +0.0047], MRR +0.0026 [+0.0018, +0.0034]); mean pooling gains as much, so
+importance - mean stays small (test MRR +0.0007 [+0.0001, +0.0012], valid figures level). On generated data with
+id rows (``t10_w500``, 3 seeds) 500 walks change nothing beyond seed noise.
 
 Run (generated data, T=10 vs T=50 neighbours):
 ``PYTHONPATH=$PWD nice -n 19 python benchmarks/bench_pooling.py --dataset generated --gen-rows 100000

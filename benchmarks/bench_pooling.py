@@ -50,8 +50,9 @@ about 18-26 min per model) the id-free PinSage leads item-CF on all six figures 
 above 0 (test MRR 0.263 vs 0.259, [+0.003, +0.005]), and leads GraphSAGE-mean with every interval above 0
 (test hit@10 +0.012 [+0.010, +0.015], MRR +0.006 [+0.005, +0.008], F1@10 +0.002 [+0.001, +0.003]), while
 GraphSAGE-mean trails item-CF on test MRR on every seed (-0.002 [-0.003, -0.001]): the walk neighbourhood is
-what lifts the id-free tower past item-CF. PinSage-mean is not measured at that length. With id rows and
-content together (``content32_ids_qid_tuned``, 16 epochs, 10 seeds) every GNN leads item-CF on all six figures
+what lifts the id-free tower past item-CF. PinSage-mean there (seeds 0 and 1) is level with PinSage
+(importance - mean test hit@10 -0.0015 and -0.0017, F1@10 +0.0013 and +0.0014, MRR and the valid figures split).
+With id rows and content together (``content32_ids_qid_tuned``, 16 epochs, 10 seeds) every GNN leads item-CF on all six figures
 on every seed (PinSage test hit@10 0.456 vs 0.425, MRR 0.271 vs 0.259), and the three GNNs tie: PinSage -
 GraphSAGE-mean and importance - mean both span 0 on every figure. GraphSAGE-mean above draws an item's
 neighbours by a two-step walk item -> user -> item (``graphsage``), which weights a neighbour by its shared users

@@ -52,9 +52,9 @@ above 0 (test MRR 0.263 vs 0.259, [+0.003, +0.005]), and leads GraphSAGE-mean wi
 GraphSAGE-mean trails item-CF on test MRR on every seed (-0.002 [-0.003, -0.001]): the walk neighbourhood is
 what lifts the id-free tower past item-CF. PinSage-mean there (seeds 0 and 1) is level with PinSage
 (importance - mean test hit@10 -0.0015 and -0.0017, F1@10 +0.0013 and +0.0014, MRR and the valid figures split).
-With id rows and content together (``content32_ids_qid_tuned``, 16 epochs, 10 seeds) every GNN leads item-CF on all six figures
-on every seed (PinSage test hit@10 0.456 vs 0.425, MRR 0.271 vs 0.259), and the three GNNs tie: PinSage -
-GraphSAGE-mean and importance - mean both span 0 on every figure. GraphSAGE-mean above draws an item's
+With id rows and content together (``content32_ids_qid_tuned``, 16 epochs, 10 seeds) every GNN leads item-CF on
+all six figures on every seed (PinSage test hit@10 0.456 vs 0.425, MRR 0.271 vs 0.259), and the three GNNs tie:
+PinSage - GraphSAGE-mean and importance - mean both span 0 on every figure. GraphSAGE-mean above draws an item's
 neighbours by a two-step walk item -> user -> item (``graphsage``), which weights a neighbour by its shared users
 much as visit counts weight PinSage's top-T; ``graphsage_distinct`` draws uniformly over the distinct
 co-interaction neighbours (Hamilton et al.'s sampler, ``ModelConfig.sage_neighbors="distinct"``). On Amazon with

@@ -154,15 +154,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="bench_pooling results of the same setting except walk_overrides: their GraphSAGE rows "
                          "(which read no walks) are added, and checked where the files have them too")
     args = ap.parse_args(argv)
-    runs = []
-    for path in args.files:
+
+    def read(path: Path, option: str = "") -> dict[str, Any]:
         try:
-            runs.append(json.loads(path.read_text()))
+            result: dict[str, Any] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            ap.error(f"{path}: not a readable bench_pooling result ({err})")
+            ap.error(f"{option}{path}: not a readable bench_pooling result ({err})")
+        return result
+
+    runs = [read(path) for path in args.files]
     source = [(str(p), r) for p, r in zip(args.files, runs, strict=True) if "baselines_same_split" in r]
     if args.baselines_from is not None:
-        base_run = json.loads(args.baselines_from.read_text())
+        base_run = read(args.baselines_from, "--baselines-from ")
         if "baselines_same_split" not in base_run:
             ap.error(f"--baselines-from {args.baselines_from}: no baselines_same_split (run bench_pooling with "
                      "--baselines)")
@@ -171,17 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         source = [(str(args.baselines_from), base_run)]
     baselines = source[0][1]["baselines_same_split"] if source else None
     command = (source[0][1].get("command") or source[0][0]) if source else None
-    walk_free = None
-    if args.walk_free_from:
-        extra = []
-        for path in args.walk_free_from:
-            try:
-                extra.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                ap.error(f"--walk-free-from {path}: not a readable bench_pooling result ({err})")
-        walk_free = walk_free_rows(runs[0], str(args.files[0]), extra, [str(p) for p in args.walk_free_from])
+    extra = [read(path, "--walk-free-from ") for path in args.walk_free_from]
+    walk_free = walk_free_rows(runs[0], str(args.files[0]), extra, [str(p) for p in args.walk_free_from]) \
+        if extra else None
     record = merge(runs, [str(p) for p in args.files], baselines, command, walk_free)
-    if args.walk_free_from:
+    if extra:
         record["walk_free_commands"] = [r.get("command", str(p)) for p, r in zip(args.walk_free_from, extra,
                                                                                 strict=True)]
     if args.note_file is not None:

@@ -489,10 +489,42 @@ def _version(number: int, store: GraphStore, nb: Neighborhoods, item_visits: np.
                         touched, n_interactions)
 
 
-def base_version(store: GraphStore, cfg: WalkConfig) -> tuple[GraphVersion, WalkTraces]:
-    """Version 0 of ``store`` (every item walked) and the walk traces the writer keeps."""
+def writer_bytes(store: GraphStore, cfg: WalkConfig) -> int:
+    """Upper bound on the bytes the live graph's writer keeps beside the published versions: the walk traces (items
+    and users, int32, ``n_items * n_walks * hops`` entries each) and their :class:`DepartureIndex` (one int32 entry
+    per item left before a walk's last traversal and per user passed, plus int64 row pointers; the deltas between
+    compactions add at most a quarter of it). Walks that stop early take less."""
+    walks = store.n_items * cfg.n_walks
+    index = walks * (2 * cfg.hops - 1) * 4 + (store.n_items + store.n_users + 2) * 8
+    return 2 * walks * cfg.hops * 4 + index + index // 4
+
+
+def check_writer_bytes(store: GraphStore, cfg: WalkConfig, limit: int | None = None) -> int:
+    """Raise a one-line ``ValueError`` before the walks when :func:`writer_bytes` exceeds ``limit`` (default: half
+    of the memory available now, ``psutil.virtual_memory().available // 2``, leaving the rest to the versions that
+    readers hold and the one being built). Returns the bytes needed."""
+    need = writer_bytes(store, cfg)
+    if limit is None:
+        import psutil  # a dependency of distributed; imported here so that the module stays light
+
+        limit, what = int(psutil.virtual_memory().available) // 2, "half of the memory available now"
+    else:
+        what = "max_writer_bytes"
+    if need > limit:
+        raise ValueError(f"live graph: the walk traces and their index need up to {need / 2**30:.2f} GiB "
+                         f"({store.n_items} items x walks.n_walks={cfg.n_walks} x hops={cfg.hops}) but {what} is "
+                         f"{limit / 2**30:.2f} GiB: lower n_walks in the [walks] section (the memory is linear in it) "
+                         f"or run where more memory is free")
+    return need
+
+
+def base_version(store: GraphStore, cfg: WalkConfig, *,
+                 max_writer_bytes: int | None = None) -> tuple[GraphVersion, WalkTraces]:
+    """Version 0 of ``store`` (every item walked) and the walk traces the writer keeps; refuses (``ValueError``)
+    before walking when those would exceed ``max_writer_bytes`` (see :func:`check_writer_bytes`)."""
     if store.n_items == 0:
         raise ValueError("the graph store has no items: nothing to walk from; build the graph first")
+    check_writer_bytes(store, cfg, max_writer_bytes)
     rows = walk_starts(store, cfg, np.arange(store.n_items, dtype=np.int64))
     item_visits, user_visits = _counts(rows.items, store.n_items), _counts(rows.users, store.n_users)
     indptr = np.zeros(store.n_items + 1, np.int64)
@@ -607,13 +639,17 @@ class LiveGraph:
         edge_weight: ``sum`` (default) or ``max``: how a pair's interactions combine (``[graph] edge_weight``).
         on_logged: called with the record's version number after the record is durable and before the version is
             published (default None; tests use it to crash exactly there).
+        max_writer_bytes: the most memory the writer's walk traces and their index may take (default None: half of
+            the memory available at start; :func:`writer_bytes` gives the need). A larger need is refused with a
+            ``ValueError`` before any walk runs, instead of the process dying of memory half-way.
 
     Readers: ``v = live.current`` (one attribute load; keep ``v`` for the whole minibatch). Writer: :meth:`append`,
     serialised by a writer-only lock (and an ``flock`` on the log against other processes).
     """
 
     def __init__(self, base: GraphStore, cfg: WalkConfig, *, log_path: str | Path | None = None,
-                 edge_weight: EdgeWeight = "sum", on_logged: Callable[[int], None] | None = None) -> None:
+                 edge_weight: EdgeWeight = "sum", on_logged: Callable[[int], None] | None = None,
+                 max_writer_bytes: int | None = None) -> None:
         if edge_weight not in ("sum", "max"):
             raise ValueError(f"edge_weight={edge_weight!r}: must be 'sum' or 'max' (as [graph] edge_weight)")
         self.cfg = cfg
@@ -622,7 +658,7 @@ class LiveGraph:
         self.log = UpdateLog(log_path) if log_path is not None else None
         self._writer = threading.Lock()
         self._log_offset = 0
-        self._current, self._traces = base_version(base, cfg)
+        self._current, self._traces = base_version(base, cfg, max_writer_bytes=max_writer_bytes)
         if self.log is not None:
             with self._writer, self.log.locked():
                 self.log.recover()

@@ -66,8 +66,10 @@ class WalkConfig:
       Amazon half of the top-10 slots hold items visited at most twice (results/walk_convergence.json), and 500
       walks train a better PinSage there (results/quality_pooling.json ``amazon_ids_e10_w500``) for 10x the walk
       time (1.75 s against 0.16 s on Amazon's 22k items). The default stays 50 because the evolving graph
-      (gnn/evolving.py) keeps every walk's trace, ``n_items * n_walks * hops * 8`` bytes (4.8 GB at 4M items and
-      50 walks, ten times that at 500); set ``walks.n_walks = 500`` for static training where the memory allows.
+      (gnn/evolving.py) keeps every walk's trace, ``n_items * n_walks * hops * 8`` bytes, and an index of it of
+      about the same size (``gnn.evolving.writer_bytes``: up to 9.9 GB at 4M items and 50 walks, ten times that at
+      500; a live graph whose bound exceeds half of the free memory is refused before it walks); set
+      ``walks.n_walks = 500`` for static training where the memory allows.
     * ``bias`` (``"uniform"``): ``"uniform"`` or ``"weight"`` (transition probability proportional to the edge's
       behaviour weight).
     * ``top_t`` (20): neighbours kept per item; ``include_self`` (False): may an item be its own neighbour.

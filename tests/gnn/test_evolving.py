@@ -27,6 +27,7 @@ from gnn.evolving import (
     build_store,
     merge_batches,
     touched_items,
+    writer_bytes,
 )
 from gnn.features import ItemFeatureTable
 from gnn.graphstore import GraphStore, load_graph_store, write_graph_store
@@ -480,3 +481,20 @@ def test_cached_rows_are_refreshed_within_the_staleness_bound() -> None:
             want, _ = versions[ver].neighbors(np.array([i]))
             np.testing.assert_array_equal(nbr, want[0])  # the row is that version's row
     assert cache.stats.refreshes > 0 and cache.stats.hits > 0
+
+
+def test_writer_memory_is_bounded_before_walking_and_too_much_is_refused() -> None:
+    store = History().store()
+    need = writer_bytes(store, CFG)
+    live = LiveGraph(store, CFG, max_writer_bytes=need)  # exactly the bound is allowed
+    traces = live._traces
+    assert traces.index is not None
+    trace_bytes = traces.items.nbytes + traces.users.nbytes
+    assert trace_bytes == 2 * N_ITEMS * CFG.n_walks * CFG.hops * 4
+    index_bytes = sum(a.nbytes for a in traces.index.base)
+    assert index_bytes > 0 and trace_bytes + index_bytes <= need
+    with pytest.raises(ValueError, match=r"walks.n_walks=8 x hops=3\) but max_writer_bytes is .*lower n_walks"):
+        LiveGraph(store, CFG, max_writer_bytes=need - 1)
+    huge = WalkConfig(n_walks=2**28, hops=3, top_t=5)  # > 2 TiB for 300 items: refused before any walk runs
+    with pytest.raises(ValueError, match="but half of the memory available now is"):
+        LiveGraph(store, huge)

@@ -10,9 +10,9 @@ or of ``--baselines-from``, which must be on the same split), and stores the rec
 ``--into`` with every run's command, seconds and machine.
 
 ``--walk-free-from FILE`` adds the rows of the models that never read the walks (GraphSAGE, either draw, while the
-hard-negative curriculum is off: ``hard_cap`` 0) from runs of a setting that differs only in ``walk_overrides``: a
-new walk setting then needs only PinSage retrained. A seed and model present in both must agree to the last
-digit (it is the same training), which the merge checks.
+hard-negative curriculum is off: ``hard_cap`` 0) from runs of a setting that differs only in ``walk_overrides`` and
+PinSage's ``n_neighbors`` (T): a new walk setting or T then needs only PinSage retrained. A seed and model present
+in both must agree to the last digit (it is the same training), which the merge checks.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/merge_pooling.py --name content32_ids_qid_tuned
 --into results/quality_pooling.json --note-file note.txt --baselines-from base.json s0.json s1.json``
@@ -37,6 +37,20 @@ ORDER = ("pinsage", "pinsage_mean", "graphsage", "graphsage_distinct")
 SETTING = ("dataset", "generate", "generate_overrides", "model_overrides", "train_overrides", "walk_overrides",
            "split", "items", "users")
 WALK_FREE = ("graphsage", "graphsage_distinct")  # models whose training reads no walk output (with hard_cap 0)
+PINSAGE_ONLY = ("n_neighbors",)  # model fields only PinSage's walk sampler reads (T): may differ for WALK_FREE rows
+
+
+def setting_mismatch(run: dict[str, Any], first: dict[str, Any]) -> str | None:
+    """The first ``SETTING`` key on which a walk-free source differs from ``first``, ignoring ``walk_overrides``
+    and the ``PINSAGE_ONLY`` model fields (tests/benchmarks/test_bench_pooling.py checks that GraphSAGE's
+    embeddings do not depend on them); None when none does."""
+    for key in SETTING:
+        a, b = run.get(key), first.get(key)
+        if key == "model_overrides":
+            a, b = ({k: v for k, v in (d or {}).items() if k not in PINSAGE_ONLY} for d in (a, b))
+        if key != "walk_overrides" and a != b:
+            return key
+    return None
 
 
 def walk_free_rows(first: dict[str, Any], first_name: str, runs: list[dict[str, Any]], names: list[str]
@@ -49,10 +63,11 @@ def walk_free_rows(first: dict[str, Any], first_name: str, runs: list[dict[str, 
                          "walks' hard negatives; retrain it with the new walk setting instead")
     out: dict[int, dict[str, Any]] = {}
     for name, run in zip(names, runs, strict=True):
-        for key in SETTING:
-            if key != "walk_overrides" and run.get(key) != first.get(key):
-                raise SystemExit(f"--walk-free-from {name}: {key} differs from {first_name} ({run.get(key)!r} vs "
-                                 f"{first.get(key)!r}); only walk_overrides may differ")
+        key = setting_mismatch(run, first)
+        if key is not None:
+            raise SystemExit(f"--walk-free-from {name}: {key} differs from {first_name} ({run.get(key)!r} vs "
+                             f"{first.get(key)!r}); only walk_overrides and the model's {', '.join(PINSAGE_ONLY)} "
+                             "may differ")
         for row in run.get("per_seed", []):
             entry = out.setdefault(row["seed"], {"training": {}, "metrics": {}})
             for model in WALK_FREE:

@@ -12,7 +12,7 @@ import pytest
 from benchmarks.bench_pooling import interval, main, paired, save, walk_config, weight_profile
 from benchmarks.bench_quality import load, overrides, training_inputs
 from benchmarks.quality_lib import train_gnn
-from gnn.models import ModelConfig
+from gnn.models import ModelConfig, ModelKind
 from gnn.trainer import TrainConfig
 from gnn.walks import WalkConfig
 
@@ -66,6 +66,27 @@ def test_a_training_seed_fixes_the_trained_embeddings_and_another_seed_changes_t
     first, again, other = embeddings(3), embeddings(3), embeddings(4)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
+
+
+@pytest.mark.slow
+def test_graphsage_reads_neither_the_walks_nor_pinsages_t_but_pinsage_reads_both() -> None:
+    """What ``merge_pooling --walk-free-from`` relies on: with the hard-negative curriculum off (``hard_cap`` 0,
+    the default) GraphSAGE's trained embeddings do not depend on the walk settings or on ``n_neighbors``."""
+    tables, _ = load("generated", Path("unused"), 6000)
+    train, store, n_categories = training_inputs(tables)
+
+    def embeddings(kind: ModelKind, n_neighbors: int, n_walks: int) -> np.ndarray:
+        mc = ModelConfig(kind=kind, n_categories=n_categories, hidden_dim=16, input_dim=16, embed_dim=8,
+                         id_buckets=512, n_neighbors=n_neighbors, fanouts=(5, 3))
+        tc = TrainConfig(mode="sync", log_every=0, epochs=1, batch_size=128, seed=2)
+        res = train_gnn(train, mc, tc, walk_cfg=walk_config({"n_walks": n_walks}, n_neighbors, 2), store=store)
+        return res.scorer.emb.numpy()
+
+    assert TrainConfig().hard_cap == 0
+    np.testing.assert_array_equal(embeddings("graphsage", 10, 10), embeddings("graphsage", 25, 40))
+    pinsage = embeddings("pinsage", 10, 10)
+    assert not np.allclose(pinsage, embeddings("pinsage", 25, 10))
+    assert not np.allclose(pinsage, embeddings("pinsage", 10, 40))
 
 
 @pytest.mark.slow

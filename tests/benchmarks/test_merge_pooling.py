@@ -107,8 +107,12 @@ def test_walk_free_rows_come_from_another_walk_setting_and_are_checked_where_bot
         main([str(a), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(drifted)])
     other = write(tmp_path / "o.json", {**run([(0, {"graphsage": metrics(0.44, 0.23)})]),
                                         "model_overrides": {"embed_dim": 16}})
-    with pytest.raises(SystemExit, match=r"o\.json: model_overrides differs .* only walk_overrides may differ"):
+    with pytest.raises(SystemExit, match=r"o\.json: model_overrides differs .* and the model's n_neighbors may differ"):
         main([str(a), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(other)])
+    t25 = write(tmp_path / "t25.json", {**run([(0, {"pinsage": metrics(0.48, 0.25)})], **walks500),
+                                        "model_overrides": {"embed_dim": 8, "n_neighbors": 25}})  # T: PinSage only
+    assert main([str(t25), "--name", "t25", "--into", str(into), "--walk-free-from", str(old)]) == 0
+    assert json.loads(into.read_text())["runs"]["t25"]["per_seed"][0]["metrics"]["graphsage"] == metrics(0.44, 0.23)
     hard = write(tmp_path / "h.json", run([(0, {"pinsage": metrics(0.47, 0.24)})], **walks500,
                                           train_overrides={"epochs": 2, "hard_cap": 3}))
     with pytest.raises(SystemExit, match="hard_cap=3"):

@@ -764,6 +764,11 @@ def train(run_dir: str | Path, cfg: TrainStageConfig, client: Any, *, backend: s
     run = Path(run_dir)
     inputs = stage_inputs(run, cfg, partition=True)
     graph, walks, part_out = inputs["graph"], inputs["walks"], inputs.get("partition")
+    top_t = walks.manifest.get("config", {}).get("top_t")
+    if cfg.model == "pinsage" and top_t is not None and cfg.n_neighbors > int(top_t):
+        raise ValueError(f"train.n_neighbors={cfg.n_neighbors} is above the walks stage's top_t={top_t} "
+                         f"({walks.path}): its neighbourhoods hold at most {top_t} items each; rerun the walks with "
+                         f"`pinsage walks --top-t {cfg.n_neighbors} --force` or lower n_neighbors")
     resume_dir = resume_path(run, cfg).parent
     key = resume_dir.name
 

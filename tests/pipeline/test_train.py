@@ -408,6 +408,12 @@ def test_config_errors_name_the_setting() -> None:
         TrainStageConfig(gather_candidates=True, loss="max_margin")
 
 
+def test_more_neighbours_than_the_walks_kept_is_refused(small_run: Path, dask_client: Client) -> None:
+    """T above the walks' top_t would silently pad every row to the walks' length; the stage says so instead."""
+    with pytest.raises(ValueError, match=r"train\.n_neighbors=21 is above the walks stage's top_t=20 .*--top-t 21"):
+        train(small_run, TrainStageConfig(epochs=1, steps_per_epoch=1, n_neighbors=21, **SMALL), dask_client)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("mode", "scale"), [("none", 1.0), ("sqrt", 2 ** 0.5), ("linear", 2.0),
                                              ("adam-sqrt", 2 ** 0.5)])
 def test_lr_scaling_multiplies_lr_for_two_workers_only(mode: str, scale: float) -> None:

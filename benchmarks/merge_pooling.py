@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a bench_pooling --baselines result on the same split (default: the first input that has "
                          "baselines_same_split)")
     ap.add_argument("--walk-free-from", type=Path, action="append", default=[],
-                    help="bench_pooling results of the same setting except walk_overrides: their GraphSAGE rows "
-                         "(which read no walks) are added, and checked where the files have them too")
+                    help="bench_pooling results of the same setting except walk_overrides and n_neighbors: their "
+                         "GraphSAGE rows (which read neither) are added, and checked where the files have them too")
     args = ap.parse_args(argv)
 
     def read(path: Path, option: str = "") -> dict[str, Any]:

@@ -499,10 +499,10 @@ def writer_bytes(store: GraphStore, cfg: WalkConfig) -> int:
     return 2 * walks * cfg.hops * 4 + index + index // 4
 
 
-def check_writer_bytes(store: GraphStore, cfg: WalkConfig, limit: int | None = None) -> int:
+def check_writer_bytes(store: GraphStore, cfg: WalkConfig, limit: int | None = None) -> None:
     """Raise a one-line ``ValueError`` before the walks when :func:`writer_bytes` exceeds ``limit`` (default: half
     of the memory available now, ``psutil.virtual_memory().available // 2``, leaving the rest to the versions that
-    readers hold and the one being built). Returns the bytes needed."""
+    readers hold and the one being built)."""
     need = writer_bytes(store, cfg)
     if limit is None:
         import psutil  # a dependency of distributed; imported here so that the module stays light
@@ -515,7 +515,6 @@ def check_writer_bytes(store: GraphStore, cfg: WalkConfig, limit: int | None = N
                          f"({store.n_items} items x walks.n_walks={cfg.n_walks} x hops={cfg.hops}) but {what} is "
                          f"{limit / 2**30:.2f} GiB: lower n_walks in the [walks] section (the memory is linear in it) "
                          f"or run where more memory is free")
-    return need
 
 
 def base_version(store: GraphStore, cfg: WalkConfig, *,

@@ -218,18 +218,24 @@ def slot_runs(cores: int) -> dict[str, dict[str, Any]]:
 
 
 def part_limit(run: Path, client: Client, steps: int, repeats: int, batch: int,
-               settings: dict[str, Any], slot_cores: int = 0) -> dict[str, Any]:
+               settings: dict[str, Any], slot_cores: int = 0, warmup_steps: int = 0) -> dict[str, Any]:
     """The ``--part limit`` section: each 1-worker setting and the 2-worker run (``settings``) timed for ``steps``
     steps, in turn, ``repeats`` times; medians of pairs/s, the speed-ups of 2 workers over each 1-worker setting,
     and 2 workers' share of the ceiling, twice the rate of one worker on one slot's cores.
 
     ``slot_cores`` 0: the settings of :data:`LIMIT_RUNS` (a 2-core host: a slot is one core, the 2 workers are not
-    pinned); C > 0: :func:`slot_runs` and 2 workers pinned to C cores each (a host with at least 2C cores)."""
+    pinned); C > 0: :func:`slot_runs` and 2 workers pinned to C cores each (a host with at least 2C cores).
+    ``warmup_steps`` > 0: first one untimed 2-worker run of that many steps (both worker processes then have
+    their compiled kernels and thread pools; the first run of a fresh cluster is otherwise the slowest)."""
     one_worker = slot_runs(slot_cores) if slot_cores else LIMIT_RUNS
     two = {"workers": 2, **({"cpus_per_rank": slot_cores} if slot_cores else {}), **settings}
     slot = next(iter(one_worker)) if slot_cores else "one_worker_1_core"
     names = [*one_worker, "two_workers"]
     rates: dict[str, list[float]] = {n: [] for n in names}
+    warmup = None
+    if warmup_steps > 0:
+        warmup = one(run, client, epochs=1, steps_per_epoch=warmup_steps, batch_size=batch, **two)["pairs_per_s"]
+        print(json.dumps({"limit": "warmup", "pairs_per_s": warmup}), file=sys.stderr, flush=True)
     for _ in range(repeats):
         for name in names:
             kw = one_worker.get(name, two)
@@ -241,6 +247,7 @@ def part_limit(run: Path, client: Client, steps: int, repeats: int, batch: int,
     ceiling = 2 * med[slot]
     return {
         "settings": {n: one_worker.get(n, two) for n in names}, "pairs_per_s": rates, "slot_cores": slot_cores or 1,
+        "warmup_steps": warmup_steps, "warmup_pairs_per_s": warmup,
         "median_pairs_per_s": med, "ceiling_two_slots": ceiling,
         "speedup_two_workers_vs": {n: round(med["two_workers"] / med[n], 3) for n in one_worker},
         "ceiling_speedup_vs": {n: round(ceiling / med[n], 3) for n in one_worker},
@@ -397,6 +404,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=512, help="scaling: pairs per step (per rank, or global)")
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="scaling, baseline: time this many steps per rank only (no quality)")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="limit: one untimed 2-worker run of this many steps before the timed rounds")
     parser.add_argument("--timing-repeats", type=int, default=1,
                         help="scaling: with --timing-steps, time 1 and 2 workers this many times in turn")
     parser.add_argument("--seeds", default="0", help="scaling, baseline: comma-separated seeds")
@@ -467,7 +476,7 @@ def main() -> int:
                 section["reference_1_worker"] = {"section": args.reference, "command": reference.get("command")}
         elif args.part == "limit":
             section = part_limit(run, client, args.timing_steps, args.timing_repeats, args.batch, scaling_settings,
-                                 args.slot_cores)
+                                 args.slot_cores, args.warmup_steps)
         elif args.timing_steps:
             section = part_baseline_timing(run, client, args.timing_steps)
         else:

@@ -9,6 +9,10 @@ error), pairs PinSage against every other model on the seeds that have both (``b
 or of ``--baselines-from``, which must be on the same split), and stores the record under ``--name`` in
 ``--into`` with every run's command, seconds and machine.
 
+``--extend`` adds the seeds of FILES to the record already stored under ``--name`` (whose runs' files may be gone):
+that record is read as the first input, and its commands, machines, borrowed walk-free rows and (without
+``--note-file``) its note are kept.
+
 ``--walk-free-from FILE`` adds the rows of the models that never read the walks (GraphSAGE, either draw, while the
 hard-negative curriculum is off: ``hard_cap`` 0) from runs of a setting that differs only in ``walk_overrides`` and
 PinSage's ``n_neighbors`` (T): a new walk setting or T then needs only PinSage retrained. A seed and model present
@@ -150,10 +154,25 @@ def merge(runs: list[dict[str, Any]], names: list[str], baselines: dict[str, Any
         out["vs_baselines"] = vs
     if borrowed:
         out["walk_free_borrowed"] = borrowed
-    out["command"] = [run.get("command", f"(unfinished run: {name})") for name, run in zip(names, runs, strict=True)]
-    out["seconds"] = [run.get("seconds") for run in runs]
-    out["machine"] = [run.get("machine") for run in runs]
+    out["command"], out["seconds"], out["machine"] = [], [], []
+    for name, run in zip(names, runs, strict=True):  # a stored record (--extend) holds a list of each
+        for key, default in (("command", f"(unfinished run: {name})"), ("seconds", None), ("machine", None)):
+            value = run.get(key, default)
+            out[key].extend(value if run.get("stored_record") else [value])
     return out
+
+
+def stored_run(into: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    """The record ``runs[name]`` of ``into`` (read from ``path``) as a merge input: its setting, seeds, commands,
+    seconds and machines (lists, flagged ``stored_record``), walk-free rows and baselines."""
+    record = into.get("runs", {}).get(name)
+    if not isinstance(record, dict) or not record.get("per_seed"):
+        raise SystemExit(f"--extend: {path} holds no record runs.{name} with seeds to extend; drop --extend to "
+                         "write a new record, or name the stored one")
+    return {**{k: record[k] for k in SETTING if k in record}, "per_seed": record["per_seed"],
+            "stored_record": True, **{k: record.get(k, []) for k in ("command", "seconds", "machine")},
+            **{k: record[k] for k in ("baselines_same_split", "baselines_note", "walk_free_borrowed",
+                                     "walk_free_commands", "note") if k in record}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--walk-free-from", type=Path, action="append", default=[],
                     help="bench_pooling results of the same setting except walk_overrides and n_neighbors: their "
                          "GraphSAGE rows (which read neither) are added, and checked where the files have them too")
+    ap.add_argument("--extend", action="store_true",
+                    help="add the files' seeds to the record already stored under --name in --into (its runs' "
+                         "files need not exist any more)")
     args = ap.parse_args(argv)
 
     def read(path: Path, option: str = "") -> dict[str, Any]:
@@ -178,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     runs = [read(path) for path in args.files]
-    source = [(str(p), r) for p, r in zip(args.files, runs, strict=True) if "baselines_same_split" in r]
+    names = [str(p) for p in args.files]
+    if args.extend:
+        if not args.into.is_file():
+            ap.error(f"--extend: {args.into} does not exist; drop --extend to write a new record")
+        runs.insert(0, stored_run(read(args.into, "--into "), args.name, args.into))
+        names.insert(0, f"{args.into} (runs.{args.name})")
+    source = [(name, r) for name, r in zip(names, runs, strict=True) if "baselines_same_split" in r]
     if args.baselines_from is not None:
         base_run = read(args.baselines_from, "--baselines-from ")
         if "baselines_same_split" not in base_run:
@@ -190,14 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     baselines = source[0][1]["baselines_same_split"] if source else None
     command = (source[0][1].get("command") or source[0][0]) if source else None
     extra = [read(path, "--walk-free-from ") for path in args.walk_free_from]
-    walk_free = walk_free_rows(runs[0], str(args.files[0]), extra, [str(p) for p in args.walk_free_from]) \
-        if extra else None
-    record = merge(runs, [str(p) for p in args.files], baselines, command, walk_free)
+    walk_free = walk_free_rows(runs[0], names[0], extra, [str(p) for p in args.walk_free_from]) if extra else None
+    record = merge(runs, names, baselines, command, walk_free)
+    if baselines is not None and source[0][1].get("stored_record"):
+        record["baselines_note"] = source[0][1]["baselines_note"]  # the stored record's own source
     if extra:
         record["walk_free_commands"] = [r.get("command", str(p)) for p, r in zip(args.walk_free_from, extra,
                                                                                 strict=True)]
+    stored = runs[0] if args.extend else {}
+    for key in ("walk_free_borrowed", "walk_free_commands"):  # the stored record's, then this merge's new ones
+        kept = list(stored.get(key, []))
+        kept += [x for x in record.get(key, []) if x not in kept]
+        if kept:
+            record[key] = kept
     if args.note_file is not None:
         record["note"] = args.note_file.read_text().strip()
+    elif "note" in stored:
+        record["note"] = stored["note"]  # kept until a --note-file restates it for the added seeds
     into = json.loads(args.into.read_text()) if args.into.is_file() else {}
     into.setdefault("runs", {})[args.name] = record
     write_json_atomic(args.into, into, sort_keys=False)

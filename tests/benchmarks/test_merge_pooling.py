@@ -118,3 +118,42 @@ def test_walk_free_rows_come_from_another_walk_setting_and_are_checked_where_bot
     with pytest.raises(SystemExit, match="hard_cap=3"):
         main([str(hard), "--name", "x", "--into", str(tmp_path / "n.json"), "--walk-free-from", str(old)])
     assert not (tmp_path / "n.json").exists()
+
+
+def test_extend_adds_seeds_to_a_stored_record_whose_files_are_gone(tmp_path: Path) -> None:
+    base = {"itemcf": metrics(0.40, 0.20), "cooccurrence": metrics(0.30, 0.10)}
+    walks500 = {"walk_overrides": {"n_walks": 500}}
+    old = write(tmp_path / "w50.json", run([(0, {"graphsage": metrics(0.44, 0.23)}),
+                                            (2, {"graphsage": metrics(0.40, 0.21)})], baselines_same_split=base))
+    s0 = write(tmp_path / "s0.json", run([(0, {"pinsage": metrics(0.47, 0.24), "pinsage_mean": metrics(0.46, 0.24)})],
+                                         **walks500))
+    into = tmp_path / "pool.json"
+    note = tmp_path / "note.txt"
+    note.write_text("seed 0\n")
+    assert main([str(s0), "--name", "w500", "--into", str(into), "--walk-free-from", str(old),
+                 "--baselines-from", str(old), "--note-file", str(note)]) == 0
+    s0.unlink()  # the raw file of the stored seed is gone by the time more seeds are trained
+    s1 = write(tmp_path / "s1.json", run([(1, {"pinsage": metrics(0.43, 0.21), "pinsage_mean": metrics(0.41, 0.20)})],
+                                         **walks500))
+    s2 = write(tmp_path / "s2.json", run([(2, {"pinsage": metrics(0.45, 0.22), "pinsage_mean": metrics(0.45, 0.21)})],
+                                         **walks500))
+    assert main([str(s1), str(s2), "--name", "w500", "--into", str(into), "--extend",
+                 "--walk-free-from", str(old)]) == 0
+    rec = json.loads(into.read_text())["runs"]["w500"]
+    assert rec["seeds"] == [0, 1, 2] and rec["note"] == "seed 0"  # the stored note stays until restated
+    assert rec["per_seed"][0]["metrics"]["pinsage"] == metrics(0.47, 0.24)
+    assert rec["paired"]["pinsage - pinsage_mean"]["test hit@10"]["per_seed"] == [0.01, 0.02, 0.0]
+    assert rec["paired"]["pinsage - graphsage"]["seeds"] == [0, 2]  # seed 1 has no walk-free row anywhere
+    assert rec["walk_free_borrowed"] == ["graphsage seed 0", "graphsage seed 2"]
+    assert rec["baselines_same_split"] == base and "python bench_pooling.py --seeds 0" in rec["baselines_note"]
+    assert rec["vs_baselines"]["pinsage - itemcf"]["test hit@10"]["per_seed"] == [0.07, 0.03, 0.05]
+    assert rec["command"] == [f"python bench_pooling.py --seeds {s}" for s in (0, 1, 2)]
+    assert len(rec["machine"]) == 3 and rec["walk_free_commands"] == ["python bench_pooling.py --seeds 0"]
+
+    with pytest.raises(SystemExit, match=r"seed 1 of \['pinsage', 'pinsage_mean'\] is also in an earlier file"):
+        main([str(s1), "--name", "w500", "--into", str(into), "--extend"])
+    other = write(tmp_path / "o.json", run([(3, {"pinsage": metrics(0.4, 0.2)})]))  # 50 walks: another setting
+    with pytest.raises(SystemExit, match=r"o\.json: walk_overrides differs"):
+        main([str(other), "--name", "w500", "--into", str(into), "--extend"])
+    with pytest.raises(SystemExit, match=r"holds no record runs\.nothing"):
+        main([str(other), "--name", "nothing", "--into", str(into), "--extend"])

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     walk_free = walk_free_rows(runs[0], names[0], extra, [str(p) for p in args.walk_free_from]) if extra else None
     record = merge(runs, names, baselines, command, walk_free)
     if baselines is not None and source[0][1].get("stored_record"):
-        record["baselines_note"] = source[0][1]["baselines_note"]  # the stored record's own source
+        record["baselines_note"] = source[0][1].get("baselines_note", record["baselines_note"])  # its own source
     if extra:
         record["walk_free_commands"] = [r.get("command", str(p)) for p, r in zip(args.walk_free_from, extra,
                                                                                 strict=True)]
